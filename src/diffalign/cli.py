@@ -1,0 +1,341 @@
+"""The `diffalign` command line: parses arguments into configs and calls the library (no logic here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Align diffusion models with human preferences, measured on the built-in Shapes world.",
+)
+shapeseval_app = typer.Typer(no_args_is_help=True, help="The ShapesEval set and GenEval-style scoring.")
+world_app = typer.Typer(
+    no_args_is_help=True, help="The Shapes world: render prompts, generate training sets."
+)
+app.add_typer(shapeseval_app, name="shapeseval")
+app.add_typer(world_app, name="world")
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code=2)
+
+
+def _score_table(results: dict, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("task", "accuracy", "95% CI", "images"):
+        table.add_column(col, justify="right" if col != "task" else "left")
+    for tag, cat in results["categories"].items():
+        lo, hi = cat["ci95"]
+        table.add_row(tag, f"{cat['accuracy']:.3f}", f"[{lo:.3f}, {hi:.3f}]", str(cat["images"]))
+    lo, hi = results["overall"]["ci95"]
+    table.add_row(
+        "[bold]overall[/]",
+        f"[bold]{results['overall']['score']:.3f}[/]",
+        f"[{lo:.3f}, {hi:.3f}]",
+        str(results["n_images"]),
+    )
+    return table
+
+
+# --- shapeseval ---------------------------------------------------------------------------------
+
+
+@shapeseval_app.command("prompts")
+def shapeseval_prompts(out: Annotated[Path, typer.Option(help="Where to write the metadata JSONL.")]) -> None:
+    """Write the ShapesEval set (GenEval's metadata schema, one JSON object a line)."""
+    from diffalign.world.shapeseval import load_shapeseval, to_jsonl
+
+    lines = load_shapeseval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(to_jsonl(lines), encoding="utf-8")
+    console.print(f"wrote {len(lines)} prompts to {out}")
+
+
+@shapeseval_app.command("score")
+def shapeseval_score(
+    folder: Annotated[
+        Path, typer.Argument(help="GenEval layout: DIR/00000/metadata.jsonl, DIR/00000/samples/0000.png")
+    ],
+    out: Annotated[Path, typer.Option(help="Results JSON (per image, per task, overall).")] = Path(
+        "results.json"
+    ),
+    size: Annotated[int, typer.Option(help="Resize images to size x size first (0 keeps their size).")] = 32,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the 95% intervals.")] = 1000,
+) -> None:
+    """Score a folder of generated images against their metadata, as GenEval does."""
+    from diffalign.evaluate.geneval_layout import LayoutError, score_folder
+
+    try:
+        results = score_folder(folder, size=size or None, n_boot=bootstrap)
+    except (LayoutError, ValueError) as err:
+        _fail(str(err))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    Console().print(_score_table(results, f"ShapesEval score of {folder}"))
+    console.print(f"per-image results in {out}")
+
+
+# --- world --------------------------------------------------------------------------------------
+
+
+@world_app.command("render")
+def world_render(
+    prompt: Annotated[str, typer.Option(help="A Shapes-world prompt, e.g. 'a red circle left of a square'.")],
+    out: Annotated[Path, typer.Option(help="PNG grid to write.")] = Path("scene.png"),
+    n: Annotated[int, typer.Option("-n", help="Number of scenes.")] = 16,
+    seed: int = 0,
+    size: Annotated[int, typer.Option(help="Canvas size in pixels.")] = 32,
+) -> None:
+    """Render ground-truth scenes for a prompt (what a perfect model would draw)."""
+    import torch
+
+    from diffalign.evaluate.report import image_grid
+    from diffalign.world.grammar import GrammarError, parse_prompt
+    from diffalign.world.render import render_batch, to_uint8
+    from diffalign.world.scene import sample_scenes, templates_from_metadata
+
+    try:
+        meta = parse_prompt(prompt)
+    except GrammarError as err:
+        _fail(str(err))
+    scenes = sample_scenes(
+        templates_from_metadata([meta]),
+        torch.zeros(n, dtype=torch.long),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    image_grid(to_uint8(render_batch(scenes, size))).save(out)
+    console.print(f"wrote {n} scenes of {prompt!r} to {out}")
+
+
+@world_app.command("generate")
+def world_generate(
+    out: Annotated[Path, typer.Option(help="Output folder (images.npy + examples.jsonl).")],
+    n: Annotated[int, typer.Option("-n", help="Number of examples.")] = 100000,
+    seed: int = 0,
+    size: Annotated[int, typer.Option(help="Canvas size in pixels.")] = 32,
+) -> None:
+    """Generate a training set of (scene, prompt, image) examples."""
+    import time
+
+    from diffalign.world.dataset import DatasetConfig, write_dataset
+
+    start = time.time()
+    write_dataset(out, n, seed=seed, config=DatasetConfig(canvas_size=size))
+    elapsed = time.time() - start
+    console.print(f"wrote {n} examples to {out} in {elapsed:.1f} s ({n / elapsed:.0f} examples/s)")
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def _sampler_config(sampler: str | None, steps: int, guidance: float, eta: float, noise_level: float, model):
+    from diffalign.diffusion.sampling import SamplerConfig
+
+    name = sampler or ("flow_euler" if model.prediction_type == "flow" else "ddim")
+    try:
+        config = SamplerConfig(
+            sampler=name, num_steps=steps, guidance_scale=guidance, eta=eta, noise_level=noise_level
+        )
+        config.check_prediction_type(model.prediction_type)
+    except ValueError as err:
+        _fail(str(err))
+    return config
+
+
+def _load(model: str, device: str):
+    from diffalign.models.registry import load_model
+
+    try:
+        return load_model(model, device=_device(device))
+    except (FileNotFoundError, NotImplementedError) as err:
+        _fail(str(err))
+
+
+def _device(device: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+ModelOpt = Annotated[str, typer.Option(help="'base', 'base-flow', a model folder or a run folder.")]
+SamplerOpt = Annotated[
+    str | None, typer.Option(help="ddim | ddpm (epsilon models), flow_euler | flow_sde (flow models).")
+]
+
+
+@app.command("sample")
+def sample_cmd(
+    prompt: Annotated[str, typer.Option(help="The prompt.")],
+    model: ModelOpt = "base",
+    n: Annotated[int, typer.Option("-n", help="Number of images.")] = 16,
+    sampler: SamplerOpt = None,
+    steps: int = 20,
+    guidance: float = 3.0,
+    eta: Annotated[float, typer.Option(help="DDIM eta (0 = deterministic).")] = 0.0,
+    noise_level: Annotated[float, typer.Option(help="Flow SDE noise level a.")] = 0.7,
+    seed: int = 0,
+    out: Path = Path("grid.png"),
+    device: str = "auto",
+) -> None:
+    """Draw images from a model into a PNG grid."""
+    import torch
+
+    from diffalign.diffusion.sampling import sample
+    from diffalign.evaluate.report import image_grid
+    from diffalign.models.tokenizer import UnknownWordError
+    from diffalign.world.render import to_uint8
+
+    m = _load(model, device)
+    config = _sampler_config(sampler, steps, guidance, eta, noise_level, m)
+    try:
+        with torch.no_grad():
+            traj = sample(m, [prompt] * n, config=config, seeds=[seed + i for i in range(n)])
+    except (UnknownWordError, ValueError) as err:
+        _fail(str(err))
+    image_grid(to_uint8(traj.images)).save(out)
+    console.print(f"wrote {n} samples of {prompt!r} to {out}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelOpt = "base",
+    out: Annotated[Path, typer.Option(help="Folder for the GenEval-layout samples and results.json.")] = Path(
+        "eval_out"
+    ),
+    samples_per_prompt: Annotated[
+        int, typer.Option(help="Samples per ShapesEval prompt (GenEval uses 4).")
+    ] = 4,
+    sampler: SamplerOpt = None,
+    steps: int = 20,
+    guidance: float = 3.0,
+    eta: float = 0.0,
+    noise_level: float = 0.7,
+    batch_size: int = 100,
+    seed: int = 0,
+    device: str = "auto",
+) -> None:
+    """Sample ShapesEval with a model, in GenEval's layout, and score it."""
+    from rich.progress import Progress
+
+    from diffalign.evaluate.shapeseval_run import evaluate_on_shapeseval
+
+    m = _load(model, device)
+    config = _sampler_config(sampler, steps, guidance, eta, noise_level, m)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("sampling", total=1)
+        results = evaluate_on_shapeseval(
+            m,
+            out,
+            config,
+            samples_per_prompt,
+            batch_size,
+            seed,
+            on_batch=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    Console().print(
+        _score_table(results, f"ShapesEval: {model} ({config.sampler}, {steps} steps, guidance {guidance})")
+    )
+    console.print(f"samples and results.json in {out}")
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    out: Annotated[Path, typer.Option(help="Run folder (checkpoints, metrics.jsonl, model/).")],
+    parameterization: Annotated[str, typer.Option(help="epsilon or flow.")] = "epsilon",
+    architecture: Annotated[str, typer.Option(help="unet-xs, unet-s or unet-m.")] = "unet-s",
+    steps: int = 20000,
+    batch_size: int = 128,
+    lr: float = 5e-4,
+    lr_schedule: Annotated[str, typer.Option(help="cosine or constant.")] = "cosine",
+    warmup_steps: int = 500,
+    ema_decay: float = 0.999,
+    seed: int = 0,
+    device: str = "auto",
+    checkpoint_every: int = 1000,
+    snapshot: Annotated[
+        list[int] | None, typer.Option(help="Also write the EMA model at these steps.")
+    ] = None,
+    time_limit: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds (with a checkpoint).")
+    ] = None,
+    data_pool: Annotated[
+        int, typer.Option(help="Pre-render this many examples and draw batches from them (GPU).")
+    ] = 0,
+    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast on CUDA.")] = True,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out.")] = False,
+) -> None:
+    """Train a tiny Shapes-world base model on generated scenes (resumable)."""
+    from diffalign.models.pretrain import NonFiniteLossError, PretrainConfig, pretrain
+
+    config = PretrainConfig(
+        parameterization=parameterization,
+        architecture=architecture,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        lr_schedule=lr_schedule,
+        warmup_steps=warmup_steps,
+        ema_decay=ema_decay,
+        seed=seed,
+        device=device,
+        checkpoint_every=checkpoint_every,
+        snapshot_steps=list(snapshot or []),
+        data_pool=data_pool,
+        bf16=bf16,
+    )
+    if parameterization not in ("epsilon", "flow"):
+        _fail(f"--parameterization must be epsilon or flow, got {parameterization!r}")
+
+    def log(record: dict) -> None:
+        console.print(
+            f"step {record['step']:>7}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+            f"{record['images_per_s']:.0f} img/s  {record['elapsed_s']:.0f} s"
+        )
+
+    try:
+        pretrain(config, out, resume=resume, on_log=log, time_limit=time_limit)
+    except (NonFiniteLossError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"model written to {out / 'model'}")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for the report and its data.")] = Path("demo_out"),
+    model: ModelOpt = "base",
+    samples_per_prompt: Annotated[int, typer.Option(help="Samples per ShapesEval prompt.")] = 1,
+    steps: Annotated[
+        int, typer.Option(help="Sampling steps (10 keeps the demo under 2 minutes on 2 CPU cores).")
+    ] = 10,
+    guidance: float = 3.0,
+    device: str = "auto",
+) -> None:
+    """The main job: sample the base model on ShapesEval, score it, write an HTML report."""
+    from diffalign.evaluate.demo import run_demo
+
+    m = _load(model, device)
+    config = _sampler_config(None, steps, guidance, 0.0, 0.7, m)
+    report = run_demo(m, model, out, config, samples_per_prompt=samples_per_prompt, log=console.print)
+    console.print(f"[bold green]report:[/] {report}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
