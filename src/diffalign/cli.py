@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -22,11 +23,11 @@ world_app = typer.Typer(
 )
 app.add_typer(shapeseval_app, name="shapeseval")
 app.add_typer(world_app, name="world")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code=2)
 
 
@@ -90,7 +91,7 @@ def shapeseval_score(
 
 @world_app.command("render")
 def world_render(
-    prompt: Annotated[str, typer.Option(help="A Shapes-world prompt, e.g. 'a red circle left of a square'.")],
+    prompt: Annotated[str, typer.Option(help="A Shapes-world prompt, e.g. 'a circle left of a square'.")],
     out: Annotated[Path, typer.Option(help="PNG grid to write.")] = Path("scene.png"),
     n: Annotated[int, typer.Option("-n", help="Number of scenes.")] = 16,
     seed: int = 0,
@@ -168,6 +169,26 @@ def _device(device: str) -> str:
 
 
 ModelOpt = Annotated[str, typer.Option(help="'base', 'base-flow', a model folder or a run folder.")]
+PromptsOpt = Annotated[
+    Path | None, typer.Option(help="A metadata JSONL in GenEval's schema instead of ShapesEval.")
+]
+
+
+def _metadata(path: Path | None):
+    if path is None:
+        return None
+    from diffalign.world.grammar import GrammarError
+    from diffalign.world.shapeseval import load_shapeseval
+
+    try:
+        lines = load_shapeseval(path)
+    except (GrammarError, OSError) as err:
+        _fail(str(err))
+    if not lines:
+        _fail(f"{path}: no prompts")
+    return lines
+
+
 SamplerOpt = Annotated[
     str | None, typer.Option(help="ddim | ddpm (epsilon models), flow_euler | flow_sde (flow models).")
 ]
@@ -222,6 +243,7 @@ def eval_cmd(
     noise_level: float = 0.7,
     batch_size: int = 100,
     seed: int = 0,
+    prompts: PromptsOpt = None,
     device: str = "auto",
 ) -> None:
     """Sample ShapesEval with a model, in GenEval's layout, and score it."""
@@ -231,6 +253,7 @@ def eval_cmd(
 
     m = _load(model, device)
     config = _sampler_config(sampler, steps, guidance, eta, noise_level, m)
+    metadata = _metadata(prompts)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("sampling", total=1)
         results = evaluate_on_shapeseval(
@@ -240,6 +263,7 @@ def eval_cmd(
             samples_per_prompt,
             batch_size,
             seed,
+            metadata=metadata,
             on_batch=lambda done, total: progress.update(task, completed=done, total=total),
         )
     Console().print(
@@ -318,6 +342,7 @@ def demo_cmd(
         int, typer.Option(help="Sampling steps (10 keeps the demo under 2 minutes on 2 CPU cores).")
     ] = 10,
     guidance: float = 3.0,
+    prompts: PromptsOpt = None,
     device: str = "auto",
 ) -> None:
     """The main job: sample the base model on ShapesEval, score it, write an HTML report."""
@@ -325,7 +350,15 @@ def demo_cmd(
 
     m = _load(model, device)
     config = _sampler_config(None, steps, guidance, 0.0, 0.7, m)
-    report = run_demo(m, model, out, config, samples_per_prompt=samples_per_prompt, log=console.print)
+    report = run_demo(
+        m,
+        model,
+        out,
+        config,
+        samples_per_prompt=samples_per_prompt,
+        metadata=_metadata(prompts),
+        log=console.print,
+    )
     console.print(f"[bold green]report:[/] {report}")
 
 

@@ -44,6 +44,7 @@ def run_demo(
     sampler: SamplerConfig,
     samples_per_prompt: int = 1,
     seed: int = 0,
+    metadata: list[dict] | None = None,
     log: Callable[[str], None] = print,
 ) -> Path:
     """Sample, score, and write `out_dir/report.html`; returns the report's path."""
@@ -52,7 +53,7 @@ def run_demo(
     start = time.time()
     log(f"sampling ShapesEval with {model_name} ({samples_per_prompt} per prompt, {sampler.num_steps} steps)")
     results = evaluate_on_shapeseval(
-        model, samples, sampler, samples_per_prompt=samples_per_prompt, seed=seed
+        model, samples, sampler, samples_per_prompt=samples_per_prompt, seed=seed, metadata=metadata
     )
     elapsed = time.time() - start
     rows = [

@@ -1,0 +1,187 @@
+"""End-to-end tests of the command line (typer's CliRunner, in-process)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffalign.cli import app
+from diffalign.evaluate.geneval_layout import write_prompt_folder
+from diffalign.world.render import render_batch, to_uint8
+from diffalign.world.scene import sample_scenes, templates_from_metadata
+from diffalign.world.shapeseval import load_shapeseval, to_jsonl
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _ground_truth_folder(root, lines, per_prompt=1, size=32, seed=0):
+    template = templates_from_metadata(lines)
+    ids = torch.arange(len(lines)).repeat_interleave(per_prompt)
+    images = to_uint8(
+        render_batch(sample_scenes(template, ids, generator=torch.Generator().manual_seed(seed)), size)
+    )
+    for i, meta in enumerate(lines):
+        write_prompt_folder(root, i, meta, images[i * per_prompt : (i + 1) * per_prompt])
+    return root
+
+
+def test_shapeseval_prompts(tmp_path):
+    result = _invoke("shapeseval", "prompts", "--out", tmp_path / "p.jsonl")
+    assert result.exit_code == 0
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert len(lines) == len(load_shapeseval())
+    assert json.loads(lines[0])["tag"] == "single_object"
+
+
+def test_score_rendered_ground_truth_is_at_least_099(tmp_path):
+    folder = _ground_truth_folder(tmp_path / "gt", load_shapeseval())
+    result = _invoke("shapeseval", "score", folder, "--out", tmp_path / "results.json", "--bootstrap", 200)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["overall"]["score"] >= 0.99
+    assert set(results["categories"]) == {m["tag"] for m in load_shapeseval()}
+    lo, hi = results["overall"]["ci95"]
+    assert lo <= results["overall"]["score"] <= hi
+    record = results["images"][0]
+    assert {"file", "tag", "prompt", "correct", "clauses", "objects"} <= set(record)
+    assert record["clauses"][0]["held"] is True
+
+
+def test_score_resizes_other_sizes_and_reports_wrong_images(tmp_path):
+    lines = load_shapeseval()[:: len(load_shapeseval()) // 12][:12]
+    folder = _ground_truth_folder(tmp_path / "big", lines, size=96)
+    wrong = Image.new("RGB", (96, 96), "white")  # an empty image is wrong for every prompt
+    wrong.save(folder / "00000" / "samples" / "0001.png")
+    result = _invoke("shapeseval", "score", folder, "--out", tmp_path / "r.json", "--bootstrap", 100)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "r.json").read_text())
+    verdicts = {r["file"]: r["correct"] for r in results["images"]}
+    assert verdicts["00000/samples/0001.png"] is False
+    assert sum(verdicts.values()) == len(lines)
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("empty", "no prompt folders"),
+        ("no_images", "no images found"),
+        ("bad_json", "metadata.jsonl: not valid JSON"),
+        ("bad_schema", "metadata.jsonl"),
+        ("bad_image", "0000.png"),
+    ],
+)
+def test_score_errors_name_the_problem(tmp_path, breakage, message):
+    lines = load_shapeseval()[:2]
+    folder = tmp_path / "f"
+    folder.mkdir()
+    if breakage != "empty":
+        _ground_truth_folder(folder, lines)
+    if breakage == "no_images":
+        for png in folder.glob("*/samples/*.png"):
+            png.unlink()
+    if breakage == "bad_json":
+        (folder / "00001" / "metadata.jsonl").write_text("{oops\n")
+    if breakage == "bad_schema":
+        (folder / "00001" / "metadata.jsonl").write_text(
+            '{"tag": "colors", "include": [{"class": "dog", "count": 1}]}\n'
+        )
+    if breakage == "bad_image":
+        (folder / "00001" / "samples" / "0000.png").write_bytes(b"\x89PNG broken")
+    result = runner.invoke(app, ["shapeseval", "score", str(folder), "--out", str(tmp_path / "r.json")])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_world_render_and_generate(tmp_path):
+    assert (
+        _invoke(
+            "world",
+            "render",
+            "--prompt",
+            "a circle left of a square",
+            "--out",
+            tmp_path / "s.png",
+            "-n",
+            4,
+        ).exit_code
+        == 0
+    )
+    assert Image.open(tmp_path / "s.png").size[0] > 32
+    bad = runner.invoke(app, ["world", "render", "--prompt", "a dog", "--out", str(tmp_path / "x.png")])
+    assert bad.exit_code == 2 and "not a Shapes-world prompt" in bad.output
+    assert _invoke("world", "generate", "--out", tmp_path / "ds", "-n", 50).exit_code == 0
+    assert np.load(tmp_path / "ds" / "images.npy").shape == (50, 32, 32, 3)
+
+
+def test_sample_eval_and_demo_on_the_base_models(tmp_path):
+    assert (
+        _invoke(
+            "sample", "--prompt", "two squares", "-n", 2, "--steps", 2, "--out", tmp_path / "g.png"
+        ).exit_code
+        == 0
+    )
+    assert (tmp_path / "g.png").is_file()
+    unknown = runner.invoke(
+        app, ["sample", "--prompt", "a pink hexagon", "-n", 1, "--steps", 1, "--out", str(tmp_path / "h.png")]
+    )
+    assert unknown.exit_code == 2 and "'pink'" in unknown.output
+    wrong_sampler = runner.invoke(
+        app, ["sample", "--model", "base-flow", "--prompt", "a circle", "--sampler", "ddim"]
+    )
+    assert wrong_sampler.exit_code == 2 and "flow" in wrong_sampler.output
+
+    subset = tmp_path / "subset.jsonl"
+    subset.write_text(to_jsonl(load_shapeseval()[::50]))
+    out = tmp_path / "eval"
+    result = _invoke(
+        "eval",
+        "--model",
+        "base-flow",
+        "--out",
+        out,
+        "--samples-per-prompt",
+        2,
+        "--steps",
+        3,
+        "--prompts",
+        subset,
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_images"] == 2 * len(load_shapeseval()[::50])
+    assert (out / "00000" / "samples" / "0001.png").is_file()
+
+    demo = _invoke("demo", "--out", tmp_path / "demo", "--steps", 2, "--prompts", subset)
+    assert demo.exit_code == 0, demo.output
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert "ShapesEval score" in html and html.count("data:image/png;base64") == len(
+        {m["tag"] for m in load_shapeseval()[::50]}
+    )
+
+
+def test_pretrain_command_and_missing_model(tmp_path):
+    result = _invoke(
+        "pretrain",
+        "--out",
+        tmp_path / "run",
+        "--architecture",
+        "unet-xs",
+        "--steps",
+        2,
+        "--batch-size",
+        4,
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "model" / "diffalign_model.json").is_file()
+    missing = runner.invoke(app, ["sample", "--model", str(tmp_path / "nope"), "--prompt", "a circle"])
+    assert missing.exit_code == 2 and "no such folder" in missing.output
