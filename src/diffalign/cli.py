@@ -154,11 +154,11 @@ def _sampler_config(sampler: str | None, steps: int, guidance: float, eta: float
 
 
 def _load(model: str, device: str):
-    from diffalign.models.registry import load_model
+    from diffalign.models.registry import UnsupportedModelError, load_model
 
     try:
         return load_model(model, device=_device(device))
-    except (FileNotFoundError, NotImplementedError) as err:
+    except (FileNotFoundError, UnsupportedModelError) as err:
         _fail(str(err))
 
 

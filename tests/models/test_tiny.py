@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffalign.diffusion import Conditioning, DiffusionModel, SamplerConfig, recompute_step, sample
-from diffalign.models.registry import load_model, resolve_model_folder
+from diffalign.models.registry import UnsupportedModelError, load_model, resolve_model_folder
 from diffalign.models.tiny import TinyDiffusionModel
 from diffalign.models.tokenizer import ShapesTokenizer, UnknownWordError
 from diffalign.world.geneval import score_image
@@ -113,7 +113,7 @@ def test_registry_errors(tmp_path):
         resolve_model_folder(str(tmp_path / "missing"))
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
-    with pytest.raises(NotImplementedError, match="diffusers pipeline"):
+    with pytest.raises(UnsupportedModelError, match="diffusers pipeline"):
         resolve_model_folder(str(tmp_path / "pipe"))
 
 
@@ -128,9 +128,18 @@ def test_shipped_base_models_draw_the_simple_prompts(name, sampler):
     assert correct >= 6
 
 
-def test_stored_trajectory_ratio_is_one_on_the_shipped_model():
-    model = load_model("base")
-    config = SamplerConfig(sampler="ddim", num_steps=4, eta=1.0, guidance_scale=3.0)
+@pytest.mark.parametrize(
+    "name, sampler, guidance",
+    [
+        ("base", "ddim", 3.0),
+        ("base", "ddpm", 1.0),
+        ("base-flow", "flow_sde", 3.0),
+        ("base-flow", "flow_sde", 1.0),
+    ],
+)
+def test_stored_trajectory_ratio_is_one_on_the_shipped_models(name, sampler, guidance):
+    model = load_model(name)
+    config = SamplerConfig(sampler=sampler, num_steps=4, eta=1.0, guidance_scale=guidance)
     with torch.no_grad():
         traj = sample(
             model,
@@ -156,3 +165,15 @@ def test_conditioning_helpers():
     both = Conditioning.cat([cond, cond[0]])
     assert len(both) == 4 and torch.equal(both.tensors["input_ids"][3], cond.tensors["input_ids"][0])
     assert len(cond.repeat_interleave(2)) == 6
+
+
+def test_shipped_model_sample_does_not_depend_on_its_batch():
+    model = load_model("base-flow")
+    config = SamplerConfig(sampler="flow_sde", num_steps=3, guidance_scale=3.0)
+    prompts = ["a circle", "three squares", "a red triangle and a blue circle", "a square above a circle"]
+    with torch.no_grad():
+        batch = sample(model, prompts, config=config, seeds=[10, 11, 12, 13])
+        again = sample(model, prompts, config=config, seeds=[10, 11, 12, 13])
+        alone = sample(model, prompts[2:3], config=config, seeds=[12])
+    assert torch.equal(batch.images, again.images)
+    assert torch.allclose(alone.latents[0], batch.latents[2], atol=1e-4)

@@ -20,6 +20,10 @@ from diffalign.models.tiny import MODEL_FILE, TinyDiffusionModel
 BUILTIN = {"base": "base", "base-flow": "base-flow"}
 
 
+class UnsupportedModelError(ValueError):
+    """A model folder of a kind this release cannot load (a diffusers pipeline)."""
+
+
 def builtin_path(name: str) -> Path:
     return Path(str(resources.files("diffalign.models") / "weights" / BUILTIN[name]))
 
@@ -43,7 +47,7 @@ def resolve_model_folder(spec: str) -> Path:
     if (path / "model" / MODEL_FILE).is_file():
         return path / "model"
     if (path / "model_index.json").is_file():
-        raise NotImplementedError(
+        raise UnsupportedModelError(
             f"--model {spec!r} is a diffusers pipeline; diffusers adapters are not part of this release"
         )
     raise FileNotFoundError(f"--model {spec!r}: no {MODEL_FILE} in it or in its model/ subfolder")
