@@ -10,6 +10,7 @@ scenes) for tools that want files.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,11 +73,8 @@ class ShapesGenerator:
             raise ValueError(f"category_weights: unknown task(s) {sorted(unknown)}; expected {CATEGORIES}")
         self.metadata: list[Metadata] = all_metadata()
         self.template = templates_from_metadata(self.metadata)
-        weights = []
-        for meta in self.metadata:
-            tag = meta["tag"]
-            n_tag = sum(1 for m in self.metadata if m["tag"] == tag)
-            weights.append(self.config.category_weights.get(tag, 0.0) / n_tag)
+        per_tag = Counter(m["tag"] for m in self.metadata)
+        weights = [self.config.category_weights.get(m["tag"], 0.0) / per_tag[m["tag"]] for m in self.metadata]
         w = torch.tensor(weights, dtype=torch.float64)
         if not (w >= 0).all() or w.sum() <= 0:
             raise ValueError("category_weights must be non-negative with a positive sum")

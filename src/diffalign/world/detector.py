@@ -211,6 +211,12 @@ def _polygons_coverage(polys: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.
     return np.clip(0.5 + np.where(inside, dist, -dist), 0.0, 1.0)
 
 
+def _centroid(cov: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[float, float]:
+    """Coverage-weighted centroid (row, column) of a patch whose pixels sit at rows x cols."""
+    total = cov.sum()
+    return float(cov.sum(axis=1) @ (rows + 0.5) / total), float(cov.sum(axis=0) @ (cols + 0.5) / total)
+
+
 def classify(
     cov: np.ndarray,
     rows: np.ndarray,
@@ -231,8 +237,7 @@ def classify(
     if total <= 0:
         return dict.fromkeys(SHAPES, 0.0)
     rr, cc = np.meshgrid(rows + 0.5, cols + 0.5, indexing="ij")
-    cy = (cov * rr).sum() / total
-    cx = (cov * cc).sum() / total
+    cy, cx = _centroid(cov, rows, cols)
     cut = outward != (0.0, 0.0)
     shifts = (0.0, 0.75, 1.5, 2.5) if cut else (0.0,)
     growth = (1.0, 1.15, 1.3, 1.5) if cut else (1.0,)
@@ -299,8 +304,7 @@ def detect(
             patch = np.where(region, cov[r0:r1, c0:c1], 0.0)
             rows, cols = np.arange(r0, r1), np.arange(c0, c1)
             total = patch.sum()
-            rr, cc = np.meshgrid(rows + 0.5, cols + 0.5, indexing="ij")
-            cy, cx = (patch * rr).sum() / total, (patch * cc).sum() / total
+            cy, cx = _centroid(patch, rows, cols)
             # An object cut by the image border: extend the patch outside the image (invisible).
             ox = float(sl[1].stop >= w) - float(sl[1].start <= 0)
             oy = float(sl[0].stop >= h) - float(sl[0].start <= 0)

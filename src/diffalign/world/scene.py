@@ -14,7 +14,7 @@ required relation) draw again. `SceneBatch` is the tensor form the renderer cons
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -291,7 +291,6 @@ class SlotTemplate:
     shape: Tensor
     color: Tensor
     relation: Tensor
-    slots: int = field(default=4)
 
 
 def templates_from_metadata(metas: list[dict], slots: int = 4) -> SlotTemplate:
@@ -312,7 +311,7 @@ def templates_from_metadata(metas: list[dict], slots: int = 4) -> SlotTemplate:
                 k += 1
             if "position" in clause:
                 relation[i] = RELATIONS.index(clause["position"][0])
-    return SlotTemplate(shape, color, relation, slots)
+    return SlotTemplate(shape, color, relation)
 
 
 def sample_scenes(
