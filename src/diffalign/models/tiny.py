@@ -192,13 +192,19 @@ class TinyDiffusionModel:
     def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         return self._call(self.unet, x_t, t, cond)
 
+    def freeze_reference(self) -> None:
+        """Fix the reference model now: a frozen copy of the current weights (nothing for LoRA, whose
+        reference is the adapters switched off). Trainers call this before any step or checkpoint load,
+        so that a resumed run's reference is the base model, not its half-trained weights."""
+        if not self.lora and self._reference is None:
+            self._reference = copy.deepcopy(self.unet).requires_grad_(False).eval()
+
     def reference_predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         with torch.no_grad():
             if self.lora:
                 with self.adapters_disabled():
                     return self._call(self.unet, x_t, t, cond)
-            if self._reference is None:
-                self._reference = copy.deepcopy(self.unet).requires_grad_(False).eval()
+            self.freeze_reference()
             return self._call(self._reference, x_t, t, cond)
 
     def encode(self, images: Tensor) -> Tensor:

@@ -9,8 +9,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+
+from diffalign.cli.common import console
+from diffalign.cli.common import fail as _fail
+from diffalign.cli.common import load_model_arg as _load
 
 app = typer.Typer(
     add_completion=False,
@@ -23,12 +26,6 @@ world_app = typer.Typer(
 )
 app.add_typer(shapeseval_app, name="shapeseval")
 app.add_typer(world_app, name="world")
-console = Console(stderr=True, soft_wrap=True)
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}")
-    raise typer.Exit(code=2)
 
 
 def _score_table(results: dict, title: str) -> Table:
@@ -151,21 +148,6 @@ def _sampler_config(sampler: str | None, steps: int, guidance: float, eta: float
     except ValueError as err:
         _fail(str(err))
     return config
-
-
-def _load(model: str, device: str):
-    from diffalign.models.registry import UnsupportedModelError, load_model
-
-    try:
-        return load_model(model, device=_device(device))
-    except (FileNotFoundError, UnsupportedModelError) as err:
-        _fail(str(err))
-
-
-def _device(device: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 ModelOpt = Annotated[str, typer.Option(help="'base', 'base-flow', a model folder or a run folder.")]
@@ -360,6 +342,17 @@ def demo_cmd(
         log=console.print,
     )
     console.print(f"[bold green]report:[/] {report}")
+
+
+def _register_subcommands() -> None:
+    from diffalign.cli import align, prefs, reward
+
+    app.add_typer(prefs.app, name="prefs")
+    app.add_typer(reward.app, name="reward")
+    app.add_typer(align.app, name="align")
+
+
+_register_subcommands()
 
 
 def main() -> None:

@@ -1,0 +1,207 @@
+"""Benchmark of offline Diffusion-DPO on the Shapes world (issue 6's acceptance).
+
+For each parameterisation (`base`: epsilon, `base-flow`: rectified flow) and each data size:
+1. simulate preference pairs: two samples of the base model per prompt, labelled by the simulated
+   rater panel (`diffalign.prefs.simulate.simulate_preferences`, seed 0; a store is extended, never
+   re-sampled, so the 500-pair set is the first 500 pairs of the 8,000-pair set);
+2. fine-tune the base model with Diffusion-DPO on the first N pairs (ties left out);
+3. judge: sample the tuned model and the base on the ShapesEval prompts with the *same* seeds, and
+   ask the gold rater panel which it prefers (`RaterPanel.preference_prob`, the pooled panel's expected
+   choice); the win rate is the mean over prompts, with a 95% bootstrap interval over prompts. The
+   GenEval-style accuracy (share of images whose every clause holds) of both is reported beside it.
+
+Acceptance: with 2,000 pairs the win rate is >= 65% with the interval above 50%, for both models.
+
+    nice python benchmarks/dpo.py --out bench_dpo/                       # the full benchmark
+    python benchmarks/dpo.py --pairs 64 --steps 20 --out /tmp/bench_dpo  # a smoke run
+    python benchmarks/dpo.py --timing                                    # ms per DPO step only
+
+Prints a markdown table and writes results.json into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from diffalign.align.dpo import DPOConfig, train_dpo
+from diffalign.align.runtime import RuntimeConfig
+from diffalign.diffusion.sampling import SamplerConfig, sample
+from diffalign.evaluate.stats import bootstrap_mean_ci
+from diffalign.models.registry import load_model
+from diffalign.prefs.pairs import PreferencePairs
+from diffalign.prefs.simulate import simulate_preferences
+from diffalign.prefs.store import PreferenceStore
+from diffalign.world.raters import RaterPanel
+from diffalign.world.shapeseval import load_shapeseval
+
+KEY = re.compile(r"^simulated:(\d+):(\d+)$")
+
+
+def first_pairs(pairs: PreferencePairs, n: int, seed: int = 0) -> PreferencePairs:
+    """The pairs of simulated comparisons 0..n-1 of run seed `seed` (keys simulated:<seed>:<i>)."""
+    keep = []
+    for row, key in enumerate(pairs.keys):
+        match = KEY.match(key)
+        if match and int(match.group(1)) == seed and int(match.group(2)) < n:
+            keep.append(row)
+    return pairs.select(keep)
+
+
+def generate(model, prompts: list[str], sampler: SamplerConfig, seed: int, batch: int) -> torch.Tensor:
+    """uint8 images, image i sampled with seed `seed + i` (the same seeds for every model)."""
+    out = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        with torch.no_grad():
+            traj = sample(model, chunk, config=sampler, seeds=[seed + start + i for i in range(len(chunk))])
+        out.append((traj.images.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
+def judge(panel: RaterPanel, tuned: torch.Tensor, base: torch.Tensor, prompts: list[str]) -> dict:
+    """Win rate of `tuned` over `base` by the pooled panel, with a 95% bootstrap interval over prompts."""
+    features_tuned = panel.features(tuned, prompts)
+    features_base = panel.features(base, prompts)
+    p = panel.preference_prob(features_tuned, features_base).numpy()
+    lo, hi = bootstrap_mean_ci(p, n_boot=2000)
+    return {
+        "win_rate": float(p.mean()),
+        "ci95": [lo, hi],
+        "accuracy_tuned": float(features_tuned.correct.double().mean()),
+        "accuracy_base": float(features_base.correct.double().mean()),
+        "prompts": len(prompts),
+    }
+
+
+def timing(args: argparse.Namespace) -> None:
+    """ms per DPO step of the shipped models at several batch sizes (rendered pairs, no sampling)."""
+    from diffalign.world.dataset import ShapesGenerator
+
+    gen = ShapesGenerator()
+    g = torch.Generator().manual_seed(0)
+    first = gen.sample(64, g)
+    second = gen.render(gen.scenes_for(first.prompt_ids, g))
+    u8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
+    pairs = PreferencePairs(first.prompts, u8(first.images), u8(second), torch.ones(64))
+    for spec in args.models:
+        for batch in args.timing_batches:
+            run = Path(args.out) / "timing" / f"{spec}-b{batch}"
+            cfg = DPOConfig(
+                model=spec,
+                steps=args.timing_steps,
+                batch_size=batch,
+                log_every=args.timing_steps,
+                checkpoint_every=0,
+                log_with="none",
+                runtime=RuntimeConfig(device=args.device),
+            )
+            lines = []
+            train_dpo(cfg, pairs, run, on_log=lines.append)
+            print(f"{spec} batch {batch} pairs: {1000 * lines[-1]['seconds_per_step']:.0f} ms per step")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="bench_dpo")
+    parser.add_argument("--models", type=lambda s: s.split(","), default=["base", "base-flow"])
+    parser.add_argument("--pairs", type=lambda s: [int(x) for x in s.split(",")], default=[500, 2000, 8000])
+    parser.add_argument("--steps", type=int, default=1000, help="DPO steps per run")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=None, help="default: DPOConfig's")
+    parser.add_argument("--beta", type=float, default=None, help="default: DPOConfig's per family")
+    parser.add_argument("--eval-prompts", type=int, default=0, help="first N ShapesEval prompts (0: all)")
+    parser.add_argument("--sample-batch", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--timing", action="store_true", help="only measure ms per DPO step")
+    parser.add_argument("--timing-batches", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16])
+    parser.add_argument("--timing-steps", type=int, default=10)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: a busy CPU runs tiny models fastest)"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.timing:
+        timing(args)
+        return 0
+
+    panel = RaterPanel()
+    prompts = [m["prompt"] for m in load_shapeseval()]
+    if args.eval_prompts:
+        prompts = prompts[: args.eval_prompts]
+    results: dict = {"args": vars(args), "runs": []}
+    for spec in args.models:
+        base = load_model(spec, device=args.device)
+        sampler = SamplerConfig.for_prediction_type(base.prediction_type)
+        # 1. Simulated pairs (the store is extended to the largest size, never re-sampled).
+        started = time.perf_counter()
+        store = PreferenceStore.open(out / spec / "prefs.db")
+        report = simulate_preferences(
+            base, store, max(args.pairs), batch_size=args.sample_batch, model_name=spec
+        )
+        all_pairs = store.pairs(size=base.latent_shape[-1], include_ties=True)
+        simulate_s = time.perf_counter() - started
+        print(f"{spec}: {report.sampled} pairs simulated in {simulate_s:.0f} s ({len(all_pairs)} stored)")
+        started = time.perf_counter()
+        base_images = generate(base, prompts, sampler, seed=10_000, batch=args.sample_batch)
+        base_s = time.perf_counter() - started
+        for n in args.pairs:
+            subset = first_pairs(all_pairs, n)
+            overrides = {k: v for k, v in (("lr", args.lr), ("beta", args.beta)) if v is not None}
+            cfg = DPOConfig(
+                model=spec,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                log_every=max(1, args.steps // 20),
+                checkpoint_every=0,
+                log_with="none",
+                runtime=RuntimeConfig(device=args.device),
+                **overrides,
+            )
+            run = out / spec / f"dpo-{n}"
+            started = time.perf_counter()
+            lines: list[dict] = []
+            tuned = train_dpo(cfg, subset, run, resume=(run / "checkpoints").is_dir(), on_log=lines.append)
+            train_s = time.perf_counter() - started
+            started = time.perf_counter()
+            tuned_images = generate(tuned, prompts, sampler, seed=10_000, batch=args.sample_batch)
+            verdict = judge(panel, tuned_images, base_images, prompts)
+            eval_s = time.perf_counter() - started
+            row = {
+                "model": spec,
+                "pairs": n,
+                "pairs_used": int((subset.prob_a != 0.5).sum()),
+                **verdict,
+                "final_implicit_acc": lines[-1]["implicit_acc"] if lines else None,
+                "seconds": {"simulate": simulate_s, "base_samples": base_s, "train": train_s, "eval": eval_s},
+            }
+            results["runs"].append(row)
+            lo, hi = verdict["ci95"]
+            print(
+                f"{spec} {n} pairs: win rate {verdict['win_rate']:.3f} [{lo:.3f}, {hi:.3f}], accuracy "
+                f"{verdict['accuracy_base']:.3f} -> {verdict['accuracy_tuned']:.3f} (train {train_s:.0f} s)"
+            )
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print("\n| model | pairs | win rate vs base | 95% CI | accuracy base -> tuned |")
+    print("|---|---|---|---|---|")
+    for r in results["runs"]:
+        lo, hi = r["ci95"]
+        print(
+            f"| {r['model']} | {r['pairs']} | {r['win_rate']:.3f} | [{lo:.3f}, {hi:.3f}] | "
+            f"{r['accuracy_base']:.3f} -> {r['accuracy_tuned']:.3f} |"
+        )
+    print(f"\nresults: {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,597 @@
+"""Offline preference fine-tuning of diffusion models: Diffusion-DPO and Diffusion-KTO.
+
+Diffusion-DPO (Wallace et al. 2023, arXiv:2311.12908) trains on pairs (prompt, winner, loser): both
+images of a pair are noised with the *same* noise, at the *same* timestep, under the *same* prompt
+dropout; policy and reference predict the target (noise, v or flow velocity) for both; the loss
+(`diffalign.align.losses.diffusion_dpo_loss`) rewards the policy for lowering the winner's error more
+than the loser's, relative to the reference. Diffusion-KTO (Li et al. 2024, arXiv:2404.04465) trains on
+single images marked liked or disliked (here: the winners and losers of the pairs, taken apart).
+
+The reference is the model as loaded (`TinyDiffusionModel.reference_predict`): a frozen copy for full
+fine-tuning, the network with its LoRA adapters switched off when `lora_rank > 0` (no second copy). It
+is fixed before any checkpoint is loaded, so a resumed run's reference is still the base model.
+
+`train_dpo` is one explicit loop (read it top to bottom). What it shares with the other trainers lives
+in small modules: `runtime` (Accelerate, seeding, the data-sharding rule), `run_dir` (the run folder,
+atomic checkpoints), `tracking` (metrics.jsonl, trackers, progress bar), `guard` (NaN/inf stop).
+Every step's examples, noise, timesteps and prompt dropout are a function of (seed, step) only, so a
+resumed run reproduces the uninterrupted run step for step. Ties carry no preference and are left out.
+What this module leaves out: online DPO and SPIN (pairs generated during training), and the
+soft-label (tie) variant of the loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from diffalign.align.config_io import to_dict
+from diffalign.align.guard import FiniteGuard
+from diffalign.align.losses import diffusion_dpo_loss, diffusion_kto_loss, per_sample_mse
+from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
+from diffalign.align.runtime import (
+    RuntimeConfig,
+    epoch_indices,
+    global_batch_slice,
+    make_accelerator,
+    seed_everything,
+    step_generator,
+)
+from diffalign.align.tracking import Tracker, resolve_log_with
+from diffalign.diffusion.protocol import Conditioning
+from diffalign.diffusion.schedules import FLOW_TIME_DISTRIBUTIONS, training_target
+from diffalign.models.registry import load_model
+from diffalign.prefs.pairs import PreferencePairs
+
+METHODS = ("dpo", "kto")
+
+#: beta when the config leaves it unset, by (method, model family), set from the error scale of the
+#: shipped tiny models (docs/align.md): their per-image errors on simulated pairs are ~0.002-0.015
+#: (epsilon) and ~0.03-0.06 (flow velocity), so these values put 0.5 * beta * (error difference) at
+#: O(0.1-1) in the first steps. Flow's is 4x smaller, as velocity errors are 5-10x larger (the
+#: literature likewise: SD epsilon 5000, SD3 flow 100-2000). Not yet tuned by win rate (benchmarks/dpo.py).
+DEFAULT_BETA: dict[tuple[str, str], float] = {
+    ("dpo", "epsilon"): 2000.0,
+    ("dpo", "v_prediction"): 2000.0,
+    ("dpo", "flow"): 500.0,
+    ("kto", "epsilon"): 1000.0,
+    ("kto", "v_prediction"): 1000.0,
+    ("kto", "flow"): 250.0,
+}
+
+
+@dataclass
+class DPOConfig:
+    """Everything a Diffusion-DPO / Diffusion-KTO run depends on.
+
+    Attributes:
+        method: "dpo" (pairs; Wallace et al. 2023) or "kto" (liked/disliked images; Li et al. 2024).
+        model: the model to fine-tune: "base", "base-flow", or a model / run folder.
+        beta: the KL weight. DPO uses the 0.5 * beta convention of the reference code
+            (inside = -0.5 beta ((err_w - err_l) - (ref_w - ref_l))): Stable Diffusion uses 5000,
+            flow models 100 to 2000. None picks `DEFAULT_BETA[(method, family)]`.
+        kto_lambda_desirable: KTO's weight lambda_D of liked images.
+        kto_lambda_undesirable: KTO's weight lambda_U of disliked images.
+        steps: optimiser steps in total.
+        batch_size: pairs (DPO) or images (KTO) per micro-batch on each process; the effective batch
+            is batch_size * processes * runtime.gradient_accumulation_steps.
+        lr: AdamW learning rate after the warm-up (constant afterwards, as in the reference code).
+            1e-4 damaged the shipped tiny models within 20 steps (policy errors 3-6x the reference's,
+            win rate vs the base 0.08); 1e-5 kept them within a few percent (docs/align.md).
+        warmup_steps: linear learning-rate warm-up.
+        weight_decay: AdamW weight decay.
+        grad_clip: gradient-norm clip (0 disables clipping; the norm is still logged).
+        prompt_dropout: probability of training an example on the empty prompt (the pair shares it).
+        flow_timesteps: "logit_normal" (SD3) or "uniform" training times for flow models.
+        lora_rank: 0 fine-tunes every weight; > 0 trains LoRA adapters of this rank (peft) and the
+            reference is the adapters switched off.
+        lora_alpha: LoRA scale numerator (0: equal to the rank).
+        log_every: steps between metrics lines (metrics are averaged over the steps in between).
+        checkpoint_every: steps between resumable checkpoints (0: only at the end or at `stop_after`).
+        keep_checkpoints: how many checkpoints to keep.
+        log_with: Accelerate trackers: "auto" (TensorBoard when installed), "none", or names such as
+            "tensorboard", "wandb", "mlflow" (comma-separated).
+        runtime: device, mixed precision, gradient accumulation and seed (`RuntimeConfig`).
+    """
+
+    method: str = "dpo"
+    model: str = "base"
+    beta: float | None = None
+    kto_lambda_desirable: float = 1.0
+    kto_lambda_undesirable: float = 1.0
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    prompt_dropout: float = 0.0
+    flow_timesteps: str = "logit_normal"
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_with: str = "auto"
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.beta is not None and not self.beta > 0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
+        for name in ("steps", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "checkpoint_every", "lora_rank"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        if not 0.0 <= self.prompt_dropout <= 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1], got {self.prompt_dropout}")
+        if self.flow_timesteps not in FLOW_TIME_DISTRIBUTIONS:
+            raise ValueError(
+                f"flow_timesteps must be one of {FLOW_TIME_DISTRIBUTIONS}, got {self.flow_timesteps!r}"
+            )
+        if isinstance(self.runtime, dict):
+            self.runtime = RuntimeConfig(**self.runtime)
+
+
+class PreferenceDataError(ValueError):
+    """The preference data cannot train this method (empty, only ties, wrong image size)."""
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    """The examples a run draws from, held as uint8 images.
+
+    DPO: `images` are the winners and `others` the losers of N pairs. KTO: `images` are single images
+    (the winners and the losers of the pairs, taken apart), `liked` says which are liked, `others` is None.
+
+    Attributes:
+        prompts: the distinct prompts; `prompt_index` points into them.
+        prompt_index: [N] prompt of each example.
+        images: uint8 [N, 3, H, W].
+        others: uint8 [N, 3, H, W] (DPO losers) or None.
+        liked: [N] bool (KTO) or None.
+        ties_dropped: ties left out of the pairs.
+        fingerprint: sha256 of the examples (a resumed run refuses other data).
+    """
+
+    prompts: list[str]
+    prompt_index: Tensor
+    images: Tensor
+    others: Tensor | None
+    liked: Tensor | None
+    ties_dropped: int
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def to(self, device: torch.device) -> TrainingData:
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return TrainingData(
+            self.prompts,
+            self.prompt_index.to(device),
+            self.images.to(device),
+            move(self.others),
+            move(self.liked),
+            self.ties_dropped,
+            self.fingerprint,
+        )
+
+
+def training_data(pairs: PreferencePairs, method: str = "dpo") -> TrainingData:
+    """Winners and losers of the non-tied pairs (DPO), or the same images as liked / disliked (KTO).
+
+    Raises `PreferenceDataError` for empty or tie-only data."""
+    if len(pairs) == 0:
+        raise PreferenceDataError("the preference data is empty: DPO needs pairs with a winner")
+    ties = int(pairs.is_tie.sum())
+    kept = pairs.without_ties()
+    if len(kept) == 0:
+        raise PreferenceDataError(
+            f"the preference data holds only ties ({ties} pairs): DPO and KTO need pairs with a winner"
+        )
+    a_wins = (kept.prob_a > 0.5)[:, None, None, None]
+    winners = torch.where(a_wins, kept.images_a, kept.images_b).to(torch.uint8)
+    losers = torch.where(a_wins, kept.images_b, kept.images_a).to(torch.uint8)
+    prompts = list(dict.fromkeys(kept.prompts))
+    lookup = {p: i for i, p in enumerate(prompts)}
+    index = torch.tensor([lookup[p] for p in kept.prompts], dtype=torch.long)
+    digest = hashlib.sha256()
+    digest.update(method.encode())
+    digest.update("\n".join(kept.prompts).encode())
+    digest.update(winners.contiguous().numpy().tobytes())
+    digest.update(losers.contiguous().numpy().tobytes())
+    if method == "dpo":
+        return TrainingData(prompts, index, winners, losers, None, ties, digest.hexdigest())
+    n = len(kept)
+    liked = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
+    return TrainingData(
+        prompts,
+        torch.cat([index, index]),
+        torch.cat([winners, losers]),
+        None,
+        liked,
+        ties,
+        digest.hexdigest(),
+    )
+
+
+@dataclass
+class StepDraw:
+    """The random choices of one optimiser step for its whole global batch (see runtime.py).
+
+    Attributes:
+        indices: [G] examples.
+        noise: [G, C, H, W] noise (one per pair for DPO: winner and loser share it).
+        t: [G] training timesteps (shared by a pair).
+        drop: [G] bool, prompt replaced by the empty prompt (shared by a pair).
+    """
+
+    indices: Tensor
+    noise: Tensor
+    t: Tensor
+    drop: Tensor
+
+    def rows(self, rows: slice) -> StepDraw:
+        return StepDraw(self.indices[rows], self.noise[rows], self.t[rows], self.drop[rows])
+
+
+def draw_step(model, config: DPOConfig, n_examples: int, step: int, global_size: int) -> StepDraw:
+    """Step `step`'s examples, noise, timesteps and prompt dropout: a function of (seed, step) only,
+    drawn on the CPU so that every device and process count draws the same numbers."""
+    seed = config.runtime.seed
+    indices = epoch_indices(n_examples, seed, step * global_size, global_size)
+    gen = step_generator(seed, step)
+    noise = torch.randn((global_size, *model.latent_shape), generator=gen)
+    if model.prediction_type == "flow":
+        t = model.schedule.sample_training_timesteps(
+            global_size, generator=gen, distribution=config.flow_timesteps
+        )
+    else:
+        t = model.schedule.sample_training_timesteps(global_size, generator=gen)
+    drop = torch.rand(global_size, generator=gen) < config.prompt_dropout
+    return StepDraw(indices, noise, t, drop)
+
+
+@dataclass
+class DenoisingBatch:
+    """Inputs and targets of one forward pass. For DPO the first half holds the winners and the second
+    half the losers of the same pairs, with the same noise, timesteps and prompt tokens.
+
+    Attributes:
+        x_t: [M, C, H, W] noisy inputs.
+        t: [M] timesteps.
+        target: [M, C, H, W] regression targets (`training_target`).
+        input_ids, attention_mask: [M, L] prompt tokens (the empty prompt where dropped).
+    """
+
+    x_t: Tensor
+    t: Tensor
+    target: Tensor
+    input_ids: Tensor
+    attention_mask: Tensor
+
+
+def denoising_batch(model, x0: Tensor, noise: Tensor, t: Tensor, ids: Tensor, mask: Tensor) -> DenoisingBatch:
+    """Noise x0 at t and compute the model family's target (noise, v, or the flow velocity)."""
+    x_t = model.schedule.add_noise(x0, noise, t)
+    target = training_target(x0, noise, t, model.prediction_type, model.schedule)
+    return DenoisingBatch(x_t, t, target, ids, mask)
+
+
+def _prompt_tokens(
+    data: TrainingData, draw: StepDraw, tokens: tuple[Tensor, Tensor, Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(indices, token ids, attention mask) of `draw`'s examples, the empty prompt where dropped."""
+    table_ids, table_mask, empty_ids, empty_mask = tokens
+    device = data.images.device
+    idx = draw.indices.to(device)
+    drop = draw.drop.to(device)[:, None]
+    prompt = data.prompt_index[idx]
+    ids = torch.where(drop, empty_ids, table_ids[prompt])
+    mask = torch.where(drop, empty_mask, table_mask[prompt])
+    return idx, ids, mask
+
+
+def pair_batch(model, data: TrainingData, draw: StepDraw, tokens: tuple[Tensor, Tensor, Tensor, Tensor]):
+    """The DPO batch of `draw`: winners then losers, sharing noise, timestep and prompt dropout."""
+    device = data.images.device
+    idx, ids, mask = _prompt_tokens(data, draw, tokens)
+    x0 = model.encode(torch.cat([data.images[idx], data.others[idx]]).float() / 255)
+    noise = draw.noise.to(device)
+    t = draw.t.to(device)
+    return denoising_batch(
+        model, x0, torch.cat([noise, noise]), torch.cat([t, t]), ids.repeat(2, 1), mask.repeat(2, 1)
+    )
+
+
+def image_batch(model, data: TrainingData, draw: StepDraw, tokens: tuple[Tensor, Tensor, Tensor, Tensor]):
+    """The KTO batch of `draw`: single images with their own noise, and their like/dislike labels."""
+    device = data.images.device
+    idx, ids, mask = _prompt_tokens(data, draw, tokens)
+    x0 = model.encode(data.images[idx].float() / 255)
+    batch = denoising_batch(model, x0, draw.noise.to(device), draw.t.to(device), ids, mask)
+    return batch, data.liked[idx]
+
+
+# --- losses of one micro-batch ---------------------------------------------------------------------
+
+DPO_METRICS = ("loss", "implicit_acc", "reward_margin", "err_w", "err_l", "ref_err_w", "ref_err_l")
+KTO_METRICS = ("loss", "implicit_acc", "reference_point", "err", "ref_err")
+
+
+def _errors(model, unet, batch: DenoisingBatch) -> tuple[Tensor, Tensor]:
+    """Per-sample errors of the policy (through `unet`, with gradients) and of the reference."""
+    pred = model.forward_network(unet, batch.x_t, batch.t, batch.input_ids, batch.attention_mask)
+    cond = Conditioning({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
+    ref = model.reference_predict(batch.x_t, batch.t, cond)
+    return per_sample_mse(pred, batch.target), per_sample_mse(ref, batch.target)
+
+
+def dpo_micro_loss(model, unet, batch: DenoisingBatch, beta: float) -> tuple[Tensor, Tensor]:
+    """(loss, metrics [len(DPO_METRICS)]) of one DPO micro-batch (winners first, losers second)."""
+    err, ref = _errors(model, unet, batch)
+    half = err.shape[0] // 2
+    out = diffusion_dpo_loss(err[:half], err[half:], ref[:half], ref[half:], beta)
+    metrics = torch.stack(
+        [
+            out.loss.detach(),
+            out.implicit_acc,
+            out.reward_margin.detach(),
+            err[:half].detach().mean(),
+            err[half:].detach().mean(),
+            ref[:half].mean(),
+            ref[half:].mean(),
+        ]
+    )
+    return out.loss, metrics
+
+
+def kto_micro_loss(model, unet, batch: DenoisingBatch, liked: Tensor, beta: float, config: DPOConfig):
+    """(loss, metrics [len(KTO_METRICS)]) of one KTO micro-batch."""
+    err, ref = _errors(model, unet, batch)
+    out = diffusion_kto_loss(
+        err, ref, liked, beta, config.kto_lambda_desirable, config.kto_lambda_undesirable
+    )
+    metrics = torch.stack(
+        [out.loss.detach(), out.implicit_acc(liked), out.reference_point, err.detach().mean(), ref.mean()]
+    )
+    return out.loss, metrics
+
+
+def learning_rate(step: int, config: DPOConfig) -> float:
+    """Linear warm-up to `lr`, then constant (the Diffusion-DPO reference code's schedule)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    return config.lr
+
+
+def resolved_beta(config: DPOConfig, prediction_type: str) -> float:
+    return config.beta if config.beta is not None else DEFAULT_BETA[(config.method, prediction_type)]
+
+
+def trainable_state(unet: torch.nn.Module) -> dict[str, Tensor]:
+    """The weights the optimiser updates (all of them, or the LoRA adapters), by name."""
+    return {name: p.detach() for name, p in unet.named_parameters() if p.requires_grad}
+
+
+# --- the training loop -----------------------------------------------------------------------------
+
+
+def train_dpo(
+    config: DPOConfig,
+    pairs: PreferencePairs,
+    run_dir: str | Path,
+    resume: bool = False,
+    stop_after: int | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    *,
+    data_spec: dict | None = None,
+    show_progress: bool = False,
+):
+    """Fine-tune `config.model` on `pairs` with Diffusion-DPO (or KTO); returns the trained model.
+
+    Writes the run folder (`diffalign.align.run_dir`), whose `model/` is the final model.
+
+    Args:
+        config: the run's config.
+        pairs: the preference pairs (ties are left out); images must have the model's size.
+        run_dir: the run folder.
+        resume: continue from the latest checkpoint in `run_dir`; refuses a different config or data.
+        stop_after: stop (with a checkpoint) after this many steps in total, as an interruption would.
+        on_log: called with every metrics record on the main process.
+        data_spec: where the pairs came from (e.g. {"store": path}), recorded in config.json.
+        show_progress: a rich progress bar on the main process.
+
+    Raises:
+        PreferenceDataError: empty or tie-only data, images of another size than the model's.
+        RunDirError: a fresh run into a used folder, a resume without a run or with another config.
+        NonFiniteError: a loss or gradient norm became NaN or inf (the last good checkpoint is kept).
+    """
+    run = RunDir(run_dir)
+    data = training_data(pairs, config.method)
+
+    # 1. Accelerate, seeding, the model and its reference.
+    accelerator = make_accelerator(config.runtime, resolve_log_with(config.log_with), run.logs_dir)
+    seed_everything(config.runtime.seed)
+    model = load_model(config.model, device=accelerator.device)
+    if tuple(data.images.shape[1:]) != tuple(model.latent_shape):
+        raise PreferenceDataError(
+            f"the preference images are {tuple(data.images.shape[1:])} but the model {config.model!r} "
+            f"works on {tuple(model.latent_shape)}; load the store with size={model.latent_shape[-1]}"
+        )
+    beta = resolved_beta(config, model.prediction_type)
+    record = {
+        "trainer": config.method,
+        "config": to_dict(config),
+        "model": {"spec": config.model, "prediction_type": model.prediction_type},
+        "data": {
+            **(data_spec or {}),
+            "examples": len(data),
+            "ties_dropped": data.ties_dropped,
+            "fingerprint": data.fingerprint,
+        },
+        "resolved": {"beta": beta},
+    }
+    run.start(record, resume, write=False)  # every process checks before the main one writes
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        run.write_record(record)
+    if config.lora_rank > 0:
+        model.enable_lora(config.lora_rank, alpha=config.lora_alpha or None)
+    model.freeze_reference()  # the reference is the model as loaded, before any checkpoint
+    model.unet.train()
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    # 2. Resume: trainable weights before `prepare`, optimiser state and RNG after it.
+    num_processes = accelerator.num_processes
+    accumulation = config.runtime.gradient_accumulation_steps
+    global_size = config.batch_size * num_processes * accumulation
+    names = DPO_METRICS if config.method == "dpo" else KTO_METRICS
+    window = {"sums": torch.zeros(len(names) + 1), "micro": 0, "steps": 0}  # + grad_norm
+    start = 0
+    checkpoint = None
+    if resume:
+        latest = run.latest_checkpoint()
+        if latest is None:
+            raise RunDirError(f"--resume: no checkpoint under {run.checkpoints}")
+        checkpoint = run.load_checkpoint(latest, record, accelerator.process_index)
+        own = trainable_state(model.unet)
+        if set(checkpoint.weights) != set(own):
+            raise RunDirError(f"checkpoint {latest}: its weights do not match the model's trainable weights")
+        model.unet.load_state_dict(checkpoint.weights, strict=False)
+        start = checkpoint.step
+        if checkpoint.data_cursor != start * global_size:
+            raise RunDirError(
+                f"checkpoint {latest} consumed {checkpoint.data_cursor} examples in {start} steps, a global "
+                f"batch of {checkpoint.data_cursor // max(1, start)}; this run's is {global_size} "
+                f"({num_processes} processes x {accumulation} accumulation x {config.batch_size}): resume "
+                "with the same number of processes"
+            )
+    unet, optimizer = accelerator.prepare(model.unet, optimizer)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint.optimizer)
+        if checkpoint.rng is not None:
+            set_rng_state(checkpoint.rng)
+        window = checkpoint.process_state.get("window", window)
+
+    # 3. Data on the device, every prompt tokenised once.
+    device = accelerator.device
+    data = data.to(device)
+    table_ids, table_mask = model.tokenizer(data.prompts, device=device)
+    empty_ids, empty_mask = model.tokenizer([""], device=device)
+    tokens = (table_ids, table_mask, empty_ids, empty_mask)
+    sums = window["sums"].to(device)
+    n_micro, n_steps = int(window["micro"]), int(window["steps"])
+
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+    guard = FiniteGuard(device)
+    tracker = Tracker(
+        accelerator,
+        run.metrics_path,
+        project=f"diffalign-{config.method}",
+        record=record,
+        total_steps=config.steps,
+        start_step=start,
+        show_progress=show_progress,
+    )
+    started = time.perf_counter()
+    done = start
+    try:
+        for step in range(start, end):
+            # 4. The step's global batch (a function of seed and step); this process takes its rows.
+            draw = draw_step(model, config, len(data), step, global_size)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, config)
+            for micro in range(accumulation):
+                mine = draw.rows(
+                    global_batch_slice(micro, accelerator.process_index, num_processes, config.batch_size)
+                )
+                # `accumulate` syncs gradients across processes, and lets the optimiser step, only on
+                # the last micro-batch; `backward` divides the loss by the accumulation steps.
+                with accelerator.accumulate(unet):
+                    with accelerator.autocast():
+                        if config.method == "dpo":
+                            loss, metrics = dpo_micro_loss(
+                                model, unet, pair_batch(model, data, mine, tokens), beta
+                            )
+                        else:
+                            batch, liked = image_batch(model, data, mine, tokens)
+                            loss, metrics = kto_micro_loss(model, unet, batch, liked, beta, config)
+                    guard.observe("loss", loss, step + 1)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip or math.inf)
+                        guard.observe("gradient norm", grad_norm, step + 1)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                sums[: len(names)] += metrics.float()
+                n_micro += 1
+            sums[len(names)] += grad_norm.float()
+            n_steps += 1
+            done = step + 1
+            tracker.advance(done)
+
+            # 5. Metrics: averaged over the micro-batches since the last line, and over processes.
+            # (Not at `stop_after`: the log of an interrupted and resumed run equals an uninterrupted one.)
+            if done % config.log_every == 0 or done == config.steps:
+                guard.check(run.latest_checkpoint())
+                mean = accelerator.reduce(sums.clone(), reduction="mean")
+                record_line = {"step": done, "lr": optimizer.param_groups[0]["lr"]}
+                record_line.update({k: float(mean[i]) / n_micro for i, k in enumerate(names)})
+                record_line["grad_norm"] = float(mean[len(names)]) / n_steps
+                record_line["seconds_per_step"] = (time.perf_counter() - started) / max(1, done - start)
+                tracker.log(record_line)
+                if on_log is not None and accelerator.is_main_process:
+                    on_log(record_line)
+                sums.zero_()
+                n_micro = n_steps = 0
+
+            # 6. Checkpoint (never after a non-finite value): every process writes its own state.
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end:
+                guard.check(run.latest_checkpoint())
+                if accelerator.is_main_process:
+                    run.begin_checkpoint(done)
+                accelerator.wait_for_everyone()
+                window = {"sums": sums.cpu(), "micro": n_micro, "steps": n_steps}
+                run.write_process_state(
+                    run.checkpoint_tmp(done), accelerator.process_index, {"window": window}
+                )
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    run.finish_checkpoint(
+                        done,
+                        weights=trainable_state(model.unet),
+                        optimizer=optimizer.state_dict(),
+                        data_cursor=done * global_size,
+                        record=record,
+                        keep=config.keep_checkpoints,
+                    )
+                accelerator.wait_for_everyone()
+    finally:
+        tracker.close()
+
+    # 7. The final model folder (what `load_model(run_dir)` and `diffalign sample --model` read).
+    if done == config.steps:
+        guard.check(run.latest_checkpoint())
+        if accelerator.is_main_process:
+            model.save(run.model_dir)
+        accelerator.wait_for_everyone()
+    model.unet.eval()
+    return model

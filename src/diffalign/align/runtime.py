@@ -1,0 +1,119 @@
+"""Where a trainer runs: the Accelerator, seeding, and how data is split across processes.
+
+Every trainer builds its `accelerate.Accelerator` with `make_accelerator(RuntimeConfig, ...)`, so the
+same config fields mean the same thing everywhere. Several processes are started by `accelerate launch`
+(or any launcher that sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT); inside, the code is the same
+as on one process.
+
+The data rule (`global_batch_slice`): the batch of optimiser step k is a *global* batch of
+`batch_size * num_processes * gradient_accumulation_steps` examples, a function of (seed, k) only.
+Micro-batch m of process r is the slice starting at `(m * num_processes + r) * batch_size`. So every
+example of the global batch is seen exactly once per step, whatever the process count, and a run on
+2 processes computes the same update as a run on 1 process with twice the accumulation steps (up to
+floating-point summation order).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DEVICES = ("auto", "cpu", "cuda")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class RuntimeConfig:
+    """How and where a trainer runs (Accelerate).
+
+    Attributes:
+        device: "cpu", "cuda" or "auto" (CUDA when available). Under `accelerate launch` with GPUs,
+            each process gets its own GPU.
+        mixed_precision: "no" (float32), "fp16" or "bf16" autocast of the forward passes (losses and
+            log-probabilities stay float32).
+        gradient_accumulation_steps: micro-batches per optimiser step on each process; the effective
+            batch is batch_size * processes * gradient_accumulation_steps.
+        seed: seeds initialisation, every step's data, noise and timesteps.
+    """
+
+    device: str = "auto"
+    mixed_precision: str = "no"
+    gradient_accumulation_steps: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"runtime.device must be one of {DEVICES}, got {self.device!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"runtime.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}"
+            )
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(
+                f"runtime.gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}"
+            )
+
+
+def make_accelerator(runtime: RuntimeConfig, log_with: list[str] | None = None, project_dir=None):
+    """An `accelerate.Accelerator` for `runtime` (device, mixed precision, accumulation, trackers)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if AcceleratorState._shared_state and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # One process running trainers one after another (tests, benchmarks): Accelerate keeps its state
+        # in a process-wide singleton that refuses a second, different mixed-precision setting.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    if runtime.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("runtime.device is 'cuda' but no CUDA device is available (use cpu or auto)")
+    if runtime.mixed_precision == "fp16" and runtime.device == "cpu":
+        raise ValueError("runtime.mixed_precision 'fp16' needs a GPU; use 'no' or 'bf16' on the CPU")
+    return Accelerator(
+        cpu=runtime.device == "cpu",
+        mixed_precision=runtime.mixed_precision,
+        gradient_accumulation_steps=runtime.gradient_accumulation_steps,
+        log_with=log_with,
+        project_dir=str(project_dir) if project_dir is not None else None,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every CUDA device) with `seed`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_generator(
+    seed: int, step: int, device: torch.device | str = "cpu", stream: int = 0
+) -> torch.Generator:
+    """The generator of optimiser step `step` (and an optional sub-stream): a function of its arguments
+    only, so a resumed run draws exactly what the uninterrupted run drew."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 31 + stream)
+
+
+def global_batch_slice(micro: int, process_index: int, num_processes: int, batch_size: int) -> slice:
+    """Rows of the step's global batch that micro-batch `micro` of process `process_index` takes."""
+    start = (micro * num_processes + process_index) * batch_size
+    return slice(start, start + batch_size)
+
+
+def epoch_indices(n: int, seed: int, start: int, count: int) -> torch.Tensor:
+    """Examples `start .. start + count - 1` of an endless stream over `n` examples that visits each
+    once per epoch in a seeded random order (epoch e's order is a function of (seed, e))."""
+    if n < 1:
+        raise ValueError("epoch_indices: there are no examples to draw from")
+    out = []
+    position = start
+    end = start + count
+    while position < end:
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = min(n - offset, end - position)
+        out.append(order[offset : offset + take])
+        position += take
+    return torch.cat(out)

@@ -1,0 +1,127 @@
+"""`diffalign align ...` commands: fine-tune a model on preferences (Diffusion-DPO, Diffusion-KTO)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from diffalign.cli.common import console, fail
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Align a model with preferences: fine-tuning methods writing a resumable run folder.",
+)
+
+StoreOpt = Annotated[str, typer.Option(help="The preference store (SQLite file or database URL).")]
+OutOpt = Annotated[
+    Path, typer.Option(help="The run folder (config.json, metrics.jsonl, checkpoints/, model/).")
+]
+ModelOpt = Annotated[
+    str | None, typer.Option(help="base, base-flow, or a model / run folder (default: the config's model).")
+]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A YAML file of config fields.")]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="Config overrides key=value (e.g. beta=2000 runtime.seed=1).")
+]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto (default: the config's).")]
+SourceOpt = Annotated[str | None, typer.Option(help="Only the store's comparisons from this source.")]
+
+
+def _run(
+    method: str,
+    store: str,
+    out: Path,
+    model: str | None,
+    config_file: Path | None,
+    overrides: list[str] | None,
+    resume: bool,
+    device: str | None,
+    source: str | None,
+) -> None:
+    from diffalign.align.config_io import ConfigError, load_config
+    from diffalign.align.dpo import DPOConfig, PreferenceDataError, train_dpo
+    from diffalign.align.guard import NonFiniteError
+    from diffalign.align.run_dir import RunDirError
+    from diffalign.models.registry import UnsupportedModelError, resolve_model_folder
+    from diffalign.models.tiny import TinyDiffusionModel
+    from diffalign.prefs.store import PreferenceStore, StoreError
+
+    extra = [f"method={method}"]
+    if model is not None:
+        extra.append(f"model={model}")
+    if device is not None:
+        extra.append(f"runtime.device={device}")
+    try:
+        config = load_config(DPOConfig, config_file, [*(overrides or []), *extra])
+    except ConfigError as err:
+        fail(str(err))
+    try:
+        folder = resolve_model_folder(config.model)
+    except (FileNotFoundError, UnsupportedModelError) as err:
+        fail(str(err))
+    size = TinyDiffusionModel.load(folder).latent_shape[-1]
+    if "://" not in store and not Path(store).is_file():
+        fail(f"--store {store}: no such preference store (create one with `diffalign prefs import|simulate`)")
+    try:
+        pairs = PreferenceStore.open(store, create=False).pairs(size=size, include_ties=True, source=source)
+    except StoreError as err:
+        fail(f"--store {store}: {err}")
+    console.print(f"{method}: {len(pairs)} pairs from {store}; run folder {out}")
+    try:
+        train_dpo(
+            config,
+            pairs,
+            out,
+            resume=resume,
+            data_spec={"store": str(store), "source": source},
+            show_progress=True,
+        )
+    except (PreferenceDataError, RunDirError, NonFiniteError, ValueError) as err:
+        fail(f"{err}")
+    from diffalign.align.tracking import read_metrics
+
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.is_file():
+        lines = read_metrics(metrics_path)
+        if lines:
+            last = lines[-1]
+            console.print(
+                f"step {last['step']}: loss {last['loss']:.4f}, implicit accuracy {last['implicit_acc']:.3f}"
+            )
+    if (out / "model").is_dir():
+        console.print(f"[bold green]run folder:[/] {out} (model: {out / 'model'}; use --model {out})")
+    else:
+        console.print(f"[bold]stopped:[/] resume with --resume --out {out}")
+
+
+@app.command("dpo")
+def dpo_cmd(
+    store: StoreOpt,
+    out: OutOpt,
+    overrides: OverridesArg = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = None,
+    source: SourceOpt = None,
+) -> None:
+    """Diffusion-DPO (Wallace et al. 2023) on the store's pairs (ties left out)."""
+    _run("dpo", store, out, model, config, overrides, resume, device, source)
+
+
+@app.command("kto")
+def kto_cmd(
+    store: StoreOpt,
+    out: OutOpt,
+    overrides: OverridesArg = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = None,
+    source: SourceOpt = None,
+) -> None:
+    """Diffusion-KTO (Li et al. 2024): the store's winners as liked, losers as disliked images."""
+    _run("kto", store, out, model, config, overrides, resume, device, source)

@@ -1,0 +1,305 @@
+"""`diffalign reward ...` commands: train a reward model on a preference store, evaluate it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from diffalign.cli.common import console, fail, resolve_device
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Reward models: train on a preference store, evaluate against the raters.",
+)
+
+SPLIT_FILE = "split.json"
+TRAIN_FILE = "train.json"
+
+
+def _open_store(store: str):
+    from diffalign.prefs.store import PreferenceStore, StoreError
+
+    if "://" not in store and not Path(store).exists():
+        fail(f"--store {store}: no such preference store (create one with `diffalign prefs import|simulate`)")
+    try:
+        opened = PreferenceStore.open(store, create=False)
+    except StoreError as err:
+        fail(f"--store {store}: {err}")
+    if opened.count() == 0:
+        fail(f"--store {store}: the store is empty; add comparisons first")
+    return opened
+
+
+def _load_pairs(opened, size: int, source: str | None = None):
+    from diffalign.prefs.store import StoreError
+
+    try:
+        return opened.pairs(size=size, source=source)
+    except StoreError as err:
+        fail(str(err))
+
+
+@app.command("train")
+def train_cmd(
+    store: Annotated[str, typer.Option(help="The preference store (SQLite file or database URL).")],
+    out: Annotated[Path, typer.Option(help="Folder for the reward model (or ensemble).")],
+    rater_conditioned: Annotated[
+        bool, typer.Option(help="Learn one reward per rater group plus a pooled one.")
+    ] = False,
+    ensemble: Annotated[int, typer.Option(help="Train K members on bootstrap resamples (1: one model).")] = 1,
+    epochs: int = 30,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    held_out: Annotated[float, typer.Option(help="Fraction of pairs held out for early stopping.")] = 0.1,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs (0: off).")] = 5,
+    size: Annotated[int, typer.Option(help="Resize the store's images to size x size.")] = 32,
+    pretrain_steps: Annotated[
+        int,
+        typer.Option(
+            help="Shapes-world caption pretraining steps before the preference data (world prompts only)."
+        ),
+    ] = 0,
+    seed: int = 0,
+    device: str = "auto",
+) -> None:
+    """Train a Bradley–Terry reward model on the store's pairs (ties as 0.5/0.5, as PickScore)."""
+    from diffalign.rewards.bt_training import (
+        NonFiniteLossError,
+        PreferenceDataError,
+        RewardTrainConfig,
+        train_reward_model,
+    )
+    from diffalign.rewards.ensemble import train_ensemble
+
+    if ensemble < 1:
+        fail(f"--ensemble must be at least 1, got {ensemble}")
+    try:
+        config = RewardTrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            held_out_fraction=held_out,
+            patience=patience,
+            seed=seed,
+            device=resolve_device(device),
+            pretrain_steps=pretrain_steps,
+        )
+    except ValueError as err:
+        fail(str(err))
+    pairs = _load_pairs(_open_store(store), size)
+    if pretrain_steps:
+        _require_world_prompts(pairs, "--pretrain-steps")
+    console.print(f"{len(pairs)} pairs ({int(pairs.is_tie.sum())} ties) from {store}")
+
+    def log(record: dict, member: int | None = None) -> None:
+        who = "" if member is None else f"member {member}  "
+        held = record["held_out_accuracy"]
+        extra = "" if held is None else f"  held-out loss {record['held_out_loss']:.4f}  acc {held:.3f}"
+        console.print(f"{who}epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f}{extra}")
+
+    try:
+        if ensemble == 1:
+            result = train_reward_model(pairs, config, rater_conditioned=rater_conditioned, on_log=log)
+            model, results = result.model, [result]
+        else:
+            model, results = train_ensemble(
+                pairs, ensemble, config, rater_conditioned=rater_conditioned, on_log=lambda i, r: log(r, i)
+            )
+    except (PreferenceDataError, NonFiniteLossError) as err:
+        fail(str(err))
+    model.save(out)
+    held = results[0].held_out
+    (out / SPLIT_FILE).write_text(
+        json.dumps({"seed": seed, "held_out_keys": sorted(set(held.keys)) if held is not None else []}),
+        encoding="utf-8",
+    )
+    (out / TRAIN_FILE).write_text(
+        json.dumps(
+            {
+                "store": store,
+                "pairs": len(pairs),
+                "rater_conditioned": rater_conditioned,
+                "ensemble": ensemble,
+                "config": {k: v for k, v in vars(config).items() if k != "model"},
+                "history": [r.history for r in results],
+                "best_epoch": [r.best_epoch for r in results],
+            },
+            indent=1,
+        ),
+        encoding="utf-8",
+    )
+    console.print(f"reward model written to {out}")
+
+
+def _require_world_prompts(pairs, option: str) -> None:
+    from diffalign.world.grammar import GrammarError, parse_prompt
+
+    for prompt in sorted(set(pairs.prompts)):
+        try:
+            parse_prompt(prompt)
+        except GrammarError as err:
+            fail(f"{option} pretrains on Shapes-world renderings, but the store has other prompts: {err}")
+
+
+def _held_out_keys(folder: Path) -> set[str]:
+    path = folder / SPLIT_FILE
+    if not path.is_file():
+        fail(f"--held-out-from {folder}: no {SPLIT_FILE} (written by `diffalign reward train`)")
+    try:
+        return set(json.loads(path.read_text(encoding="utf-8"))["held_out_keys"])
+    except (ValueError, KeyError, TypeError) as err:
+        fail(f"--held-out-from {folder}: bad {SPLIT_FILE}: {err}")
+
+
+def _panel_and_gold(opened, pairs):
+    """The default rater panel when every comparison was simulated (it can relabel them), and the
+    world's pooled utility as the gold reference; (None, None) when the prompts are not the world's."""
+    from diffalign.world.grammar import GrammarError
+    from diffalign.world.raters import PanelConfig, RaterPanel
+
+    settings: dict = {}
+    for comparison in opened.comparisons(source="simulated"):
+        settings = dict(comparison.meta.get("panel") or {})  # the simulation's temperature, tie margin
+        break
+    try:
+        panel = RaterPanel(PanelConfig(**settings))
+    except (TypeError, ValueError):
+        panel = RaterPanel()
+    try:
+        for prompt in set(pairs.prompts):
+            panel.metadata(prompt)
+    except GrammarError:
+        return None, None
+
+    def gold(images, prompts):
+        return panel.utility(images, prompts)
+
+    simulated = opened.count(source="simulated") == opened.count()
+    return (panel if simulated else None), gold
+
+
+@app.command("eval")
+def eval_cmd(
+    reward: Annotated[Path, typer.Option(help="A reward-model (or ensemble) folder.")],
+    store: Annotated[str, typer.Option(help="The preference store to evaluate on.")],
+    held_out_from: Annotated[
+        Path | None, typer.Option(help="Only the pairs this training folder held out (its split.json).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Results JSON (default: <reward>/eval.json).")] = None,
+    size: Annotated[int, typer.Option(help="Resize the store's images to size x size.")] = 32,
+    bins: Annotated[int, typer.Option(help="Equal-width bins of the calibration error.")] = 10,
+    bootstrap: Annotated[
+        int, typer.Option(help="Bootstrap resamples of the accuracy's 95% interval.")
+    ] = 1000,
+    device: str = "auto",
+) -> None:
+    """Held-out accuracy (95% CI) beside the raters' agreement ceiling, ECE and Spearman with gold."""
+    from diffalign.rewards.ensemble import load_reward_dir
+    from diffalign.rewards.rm_metrics import evaluate_reward, panel_ceiling
+
+    try:
+        model = load_reward_dir(reward, resolve_device(device))
+    except (FileNotFoundError, ValueError) as err:
+        fail(f"--reward: {err}")
+    opened = _open_store(store)
+    pairs = _load_pairs(opened, size)
+    if held_out_from is not None:
+        keys = _held_out_keys(held_out_from)
+        pairs = pairs.select([i for i, k in enumerate(pairs.keys) if k in keys])
+        if len(pairs) == 0:
+            fail(f"--held-out-from {held_out_from}: none of its held-out comparisons is in {store}")
+    if bool(pairs.is_tie.all()):
+        fail(f"--store {store}: all {len(pairs)} pairs are ties; accuracy needs pairs with a winner")
+    panel, gold = _panel_and_gold(opened, pairs)
+    ceiling = panel_ceiling(panel, pairs) if panel is not None else None
+    report = evaluate_reward(model, pairs, gold=gold, ceiling=ceiling, n_bins=bins, n_boot=bootstrap)
+    report["reward"], report["store"] = str(reward), store
+    report["held_out_from"] = None if held_out_from is None else str(held_out_from)
+
+    table = Table(title=f"reward model {reward} on {report['pairs']} pairs of {store}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    lo, hi = report["ci95"]
+    table.add_row("pairwise accuracy (non-tie)", f"{report['accuracy']:.3f}  [{lo:.3f}, {hi:.3f}]")
+    if ceiling is not None:
+        table.add_row("raters: two-rater agreement", f"{ceiling['two_rater']:.3f}")
+        table.add_row("raters: oracle ceiling", f"{ceiling['oracle']:.3f}")
+        table.add_row("raters: oracle told the group", f"{ceiling['oracle_by_group']:.3f}")
+    else:
+        table.add_row("raters' ceiling", "n/a (not all comparisons simulated)")
+    table.add_row(f"ECE ({bins} bins)", f"{report['ece']:.3f}")
+    table.add_row("BT loss", f"{report['bt_loss']:.4f}")
+    if "spearman_gold" in report:
+        table.add_row("Spearman with gold utility", f"{report['spearman_gold']:.3f}")
+    Console().print(table)
+    path = out or reward / "eval.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1), encoding="utf-8")
+    console.print(f"results in {path}")
+
+
+@app.command("curve")
+def curve_cmd(
+    store: Annotated[str, typer.Option(help="The preference store (SQLite file or database URL).")],
+    sizes: Annotated[
+        str, typer.Option(help="Training-set sizes, comma-separated.")
+    ] = "125,250,500,1000,2000",
+    test_fraction: Annotated[float, typer.Option(help="Fraction of pairs kept aside as the test set.")] = 0.2,
+    rater_conditioned: Annotated[bool, typer.Option(help="Rater-conditioned models.")] = False,
+    epochs: int = 30,
+    pretrain_steps: Annotated[int, typer.Option(help="World caption pretraining steps per model.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Results JSON.")] = None,
+    size: Annotated[int, typer.Option(help="Resize the store's images to size x size.")] = 32,
+    seed: int = 0,
+    device: str = "auto",
+) -> None:
+    """The data-scarcity curve: held-out accuracy of models trained on nested subsets of the pairs."""
+    from diffalign.rewards.bt_training import PreferenceDataError, RewardTrainConfig
+    from diffalign.rewards.rm_metrics import data_scarcity_curve
+
+    try:
+        size_list = [int(x) for x in sizes.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--sizes {sizes!r}: expected comma-separated integers")
+    if not size_list or min(size_list) < 2:
+        fail(f"--sizes {sizes!r}: expected sizes of at least 2 pairs")
+    try:
+        config = RewardTrainConfig(
+            epochs=epochs, seed=seed, device=resolve_device(device), pretrain_steps=pretrain_steps
+        )
+    except ValueError as err:
+        fail(str(err))
+    pairs = _load_pairs(_open_store(store), size)
+    if pretrain_steps:
+        _require_world_prompts(pairs, "--pretrain-steps")
+    table = Table(title=f"held-out accuracy against training pairs ({store})")
+    for column in ("pairs", "accuracy", "95% CI"):
+        table.add_column(column, justify="right")
+
+    def log(row: dict) -> None:
+        console.print(f"{row['size']} pairs: accuracy {row['accuracy']:.3f}")
+
+    try:
+        rows = data_scarcity_curve(
+            pairs,
+            size_list,
+            config=config,
+            test_fraction=test_fraction,
+            rater_conditioned=rater_conditioned,
+            on_log=log,
+        )
+    except (PreferenceDataError, ValueError) as err:
+        fail(str(err))
+    for row in rows:
+        lo, hi = row["ci95"]
+        table.add_row(str(row["size"]), f"{row['accuracy']:.3f}", f"[{lo:.3f}, {hi:.3f}]")
+    Console().print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+        console.print(f"results in {out}")

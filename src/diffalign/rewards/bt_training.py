@@ -1,0 +1,418 @@
+"""Bradley–Terry training of a learned reward model on labelled pairs.
+
+Bradley and Terry (1952) model a choice between A and B as P(A > B) = sigmoid(r(A) - r(B)). The loss is
+the soft-label cross-entropy PickScore (Kirstain et al. 2023) trains with, ties counting half for each
+side:
+
+    loss = -[p log sigmoid(r_A - r_B) + (1 - p) log sigmoid(r_B - r_A)],  p = prob_a in {1, 0, 0.5},
+
+averaged over the pairs of a batch. With p = 0.5 the loss is minimised at r_A = r_B, so a tie pulls the
+two rewards together. The loop below is explicit: seeded shuffling, AdamW with warm-up and cosine
+decay, gradient clipping, a held-out evaluation after every epoch, early stopping on the held-out loss
+(the best epoch's weights are kept), and an error on the first non-finite loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from diffalign.prefs.pairs import PreferencePairs
+from diffalign.rewards.learned import LearnedReward, RewardModelConfig, build_reward_model
+
+
+class PreferenceDataError(ValueError):
+    """The pairs cannot train a reward model (none at all, or only ties)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class RewardTrainConfig:
+    """How a reward model is trained.
+
+    Attributes:
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW decoupled weight decay.
+        epochs: passes over the training pairs (upper bound when early stopping is on).
+        max_steps: stop after this many optimiser steps (None: no limit beyond `epochs`).
+        batch_size: pairs per step (each step scores 2 x batch_size images).
+        warmup_steps: linear learning-rate warm-up; afterwards cosine decay to `min_lr_ratio` x lr.
+        min_lr_ratio: the final learning rate as a fraction of `lr`.
+        grad_clip: clip the global gradient norm to this (0: no clipping).
+        held_out_fraction: fraction of the pairs kept aside for early stopping and reporting (0: none;
+            ignored when `train_reward_model` is given `held_out` pairs explicitly).
+        patience: stop when the held-out loss has not improved for this many epochs (0: never stop
+            early); the weights of the best epoch are restored at the end.
+        swap_ab: exchange A and B (and p with 1 - p) in a random half of every batch. The BT loss on
+            r_A - r_B is symmetric, so this changes nothing for this model; it is kept for heads that
+            see both images at once and as a guard against a position bias in the data. Horizontal or
+            vertical flips are not offered: positions carry meaning in this world ("left of").
+        shift_pixels: translate every image by up to this many pixels (white fill), independently per
+            image: object positions relative to each other are unchanged, so labels are preserved.
+        group_dropout: when rater-conditioned, the fraction of training pairs whose group is replaced
+            by the pooled entry, so the pooled entry learns the population's preferences.
+        seed: seeds the initialisation, the split, the shuffling and the augmentations.
+        device: 'cpu', 'cuda', 'auto' (CUDA when available).
+        eval_batch_size: pairs per forward pass when evaluating.
+        pretrain_steps: steps of world-caption pretraining before the preference data (0: none): each
+            step is a Bradley–Terry batch preferring a Shapes-world rendering of the prompt to a
+            rendering of another prompt (`pretrain_matching`). It teaches the encoders what the
+            words look like from the world's captioned renderings, as real reward models start from
+            CLIP or BLIP; it never sees a rater's label.
+        model: the architecture (`RewardModelConfig`); groups are filled in for rater conditioning.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    epochs: int = 30
+    max_steps: int | None = None
+    batch_size: int = 64
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+    held_out_fraction: float = 0.1
+    patience: int = 5
+    swap_ab: bool = True
+    shift_pixels: int = 1
+    group_dropout: float = 0.2
+    seed: int = 0
+    device: str = "cpu"
+    eval_batch_size: int = 256
+    pretrain_steps: int = 0
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not 0.0 <= self.held_out_fraction < 1.0:
+            raise ValueError(f"held_out_fraction must be in [0, 1), got {self.held_out_fraction}")
+        if not 0.0 <= self.group_dropout <= 1.0:
+            raise ValueError(f"group_dropout must be in [0, 1], got {self.group_dropout}")
+
+
+@dataclass
+class TrainResult:
+    """What training produced.
+
+    Attributes:
+        model: the trained reward (weights of the best held-out epoch when there is a held-out set).
+        history: one record per epoch: epoch, step, train_loss, held_out_loss, held_out_accuracy, lr,
+            elapsed_s (held-out entries are None without a held-out set).
+        best_epoch: the epoch whose weights were kept.
+        stopped_early: whether early stopping ended training.
+        train_pairs: the pairs trained on.
+        held_out: the held-out pairs (None when there were none).
+    """
+
+    model: LearnedReward
+    history: list[dict]
+    best_epoch: int
+    stopped_early: bool
+    train_pairs: PreferencePairs
+    held_out: PreferencePairs | None
+
+
+def bt_loss(margin: Tensor, prob_a: Tensor, reduction: str = "mean") -> Tensor:
+    """Soft-label Bradley–Terry cross-entropy of `margin` = r_A - r_B against P(A preferred) = `prob_a`."""
+    loss = -(prob_a * F.logsigmoid(margin) + (1 - prob_a) * F.logsigmoid(-margin))
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def check_trainable(pairs: PreferencePairs, what: str = "pairs") -> None:
+    """Refuse data a reward model cannot learn from, with a message saying why."""
+    if len(pairs) == 0:
+        raise PreferenceDataError(f"no preference {what} to train on")
+    if bool(pairs.is_tie.all()):
+        raise PreferenceDataError(
+            f"all {len(pairs)} preference {what} are ties; "
+            "a reward model needs at least one pair with a winner"
+        )
+
+
+def to_float(images: Tensor, device: torch.device) -> Tensor:
+    """uint8 [N,3,H,W] -> float [0,1] on `device` (float input is passed through)."""
+    images = images.to(device)
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+
+
+def shift_images(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Translate each image by integer (dx, dy) in [-max_shift, max_shift], filling with white."""
+    if max_shift <= 0:
+        return images
+    n, _, h, w = images.shape
+    pad = F.pad(images, (max_shift,) * 4, value=1.0)
+    offs = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator).tolist()
+    return torch.stack([pad[i, :, dy : dy + h, dx : dx + w] for i, (dx, dy) in enumerate(offs)])
+
+
+@torch.no_grad()
+def score_pairs(
+    model: LearnedReward,
+    pairs: PreferencePairs,
+    *,
+    groups: Sequence[str | None] | str | None = "pairs",
+    batch_size: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """Rewards (r_A, r_B) [N] of every pair on the CPU. `groups='pairs'` scores each pair for its own
+    rater group (a rater-conditioned model); None scores everything with the pooled reward."""
+    was_training = model.net.training
+    model.eval()
+    ra, rb = [], []
+    for start in range(0, len(pairs), batch_size):
+        sl = slice(start, start + batch_size)
+        prompts = pairs.prompts[sl]
+        if isinstance(groups, str) and groups == "pairs":
+            g = pairs.groups[sl]
+        elif groups is None or isinstance(groups, str):
+            g = groups
+        else:
+            g = list(groups)[sl]
+        gid = model.group_ids(g, len(prompts))
+        a = to_float(pairs.images_a[sl], model.device)
+        b = to_float(pairs.images_b[sl], model.device)
+        r = model.forward(
+            torch.cat([a, b]), prompts + prompts, None if gid is None else torch.cat([gid, gid])
+        )
+        ra.append(r[: len(prompts)].cpu())
+        rb.append(r[len(prompts) :].cpu())
+    model.train(was_training)
+    return torch.cat(ra), torch.cat(rb)
+
+
+def pair_accuracy(margin: Tensor, prob_a: Tensor) -> float:
+    """Fraction of non-tie pairs whose winner has the higher reward (an exact reward tie counts half)."""
+    keep = prob_a != 0.5
+    if not bool(keep.any()):
+        return float("nan")
+    won = torch.where(prob_a[keep] > 0.5, margin[keep], -margin[keep])
+    return float(((won > 0).float() + 0.5 * (won == 0).float()).mean())
+
+
+def evaluate_pairs(model: LearnedReward, pairs: PreferencePairs, batch_size: int = 256) -> dict:
+    """Held-out BT loss (ties included) and pairwise accuracy (ties left out), each pair scored for its
+    own group when the model is rater-conditioned."""
+    ra, rb = score_pairs(model, pairs, batch_size=batch_size)
+    margin = ra - rb
+    return {"loss": float(bt_loss(margin, pairs.prob_a)), "accuracy": pair_accuracy(margin, pairs.prob_a)}
+
+
+def _lr_factor(step: int, total: int, config: RewardTrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def near_miss_prompts(prompts: list[str], tags: list[str], max_words: int = 2) -> list[Tensor]:
+    """For each prompt, the indices of the prompts of its task with as many words that differ from it
+    in 1 to `max_words` word positions (every prompt of the task when none does)."""
+    words = [p.split() for p in prompts]
+    out = []
+    for i, w in enumerate(words):
+        same_task = [j for j in range(len(prompts)) if tags[j] == tags[i] and j != i]
+        near = [
+            j
+            for j in same_task
+            if len(words[j]) == len(w) and 1 <= sum(a != b for a, b in zip(words[j], w)) <= max_words
+        ]
+        out.append(torch.tensor(near or same_task or [i]))
+    return out
+
+
+def pretrain_matching(
+    model: LearnedReward, steps: int, config: RewardTrainConfig, device: torch.device
+) -> None:
+    """World-caption pretraining: BT batches preferring the prompt's rendered scene to another prompt's
+    scene (same constant learning rate schedule as `config`, its own optimiser; seeded).
+
+    Half of the other prompts are near misses of the prompt: prompts of the same GenEval task that
+    differ from it in one or two words ("three circles" against "two circles", "a red circle left of a
+    blue square" against "... right of ..." or "a blue circle left of a red square"). They teach counts,
+    relations and attribute binding, which a random other prompt (usually different colours and shapes)
+    rarely does: the pairs of a preference set show two images of the same prompt, which differ in
+    exactly such details.
+    """
+    from diffalign.world.dataset import ShapesGenerator
+
+    world = ShapesGenerator()
+    gen = torch.Generator().manual_seed(config.seed + 2)
+    tag_of = near_miss_prompts([m["prompt"] for m in world.metadata], [m["tag"] for m in world.metadata])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    size = config.model.image_size
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+        ids = world.sample_prompt_ids(config.batch_size, gen)
+        other = world.sample_prompt_ids(config.batch_size, gen)
+        near = torch.rand(config.batch_size, generator=gen) < 0.5
+        for k in near.nonzero().flatten().tolist():
+            pool = tag_of[int(ids[k])]
+            other[k] = pool[torch.randint(len(pool), (1,), generator=gen)]
+        good = F.interpolate(world.render(world.scenes_for(ids, gen)), size=(size, size), mode="bilinear")
+        bad = F.interpolate(world.render(world.scenes_for(other, gen)), size=(size, size), mode="bilinear")
+        same = (ids == other).float()
+        prompts = [world.metadata[i]["prompt"] for i in ids.tolist()]
+        r = model.forward(torch.cat([good, bad]).to(device), prompts + prompts)
+        loss = bt_loss(r[: len(prompts)] - r[len(prompts) :], (1 - 0.5 * same).to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+
+
+def train_reward_model(
+    pairs: PreferencePairs,
+    config: RewardTrainConfig | None = None,
+    *,
+    rater_conditioned: bool = False,
+    held_out: PreferencePairs | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    name: str = "learned",
+) -> TrainResult:
+    """Train a reward model on `pairs` with the soft-label Bradley–Terry loss (see the module doc).
+
+    Args:
+        pairs: the labelled pairs (uint8 images); ties (prob_a = 0.5) are trained on as half/half.
+        config: the training recipe and architecture.
+        rater_conditioned: learn one reward per rater group (the groups seen in the training pairs)
+            plus a pooled reward; pairs without a group train the pooled entry.
+        held_out: explicit held-out pairs (otherwise `config.held_out_fraction` of `pairs`, seeded).
+        on_log: called with each epoch's history record.
+        name: the reward's name.
+
+    Raises:
+        PreferenceDataError: no pairs, or only ties.
+        NonFiniteLossError: the loss became NaN or infinite (names the step).
+    """
+    config = config or RewardTrainConfig()
+    check_trainable(pairs)
+    device = resolve_device(config.device)
+    if held_out is None and config.held_out_fraction > 0 and len(pairs) >= 2:
+        train, held = pairs.split(config.held_out_fraction, seed=config.seed)
+    else:
+        train, held = pairs, held_out
+    check_trainable(train, "pairs left for training after the held-out split")
+    if held is not None and len(held) == 0:
+        held = None
+
+    model_config = copy.deepcopy(config.model)
+    if rater_conditioned:
+        model_config.groups = sorted({g for g in train.groups if g is not None})
+        if not model_config.groups:
+            raise PreferenceDataError("rater_conditioned=True but no training pair names a rater group")
+    else:
+        model_config.groups = []
+    model = build_reward_model(train.prompts, model_config, seed=config.seed, name=name).to(device)
+    model.train()
+    if config.pretrain_steps > 0:
+        pretrain_matching(model, config.pretrain_steps, config, device)
+
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    n = len(train)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+
+    history: list[dict] = []
+    best_loss, best_epoch, best_state, bad_epochs = math.inf, 0, None, 0
+    stopped_early, step, start_time = False, 0, time.time()
+    group_names = list(train.groups)
+    for epoch in range(1, config.epochs + 1):
+        perm = torch.randperm(n, generator=gen)
+        running, seen = 0.0, 0
+        for start in range(0, n, config.batch_size):
+            if step >= total:
+                break
+            idx = perm[start : start + config.batch_size]
+            pos = idx.tolist()
+            a = to_float(train.images_a[idx], torch.device("cpu"))
+            b = to_float(train.images_b[idx], torch.device("cpu"))
+            p = train.prob_a[idx].clone()
+            if config.swap_ab:
+                swap = torch.rand(len(pos), generator=gen) < 0.5
+                a, b = (
+                    torch.where(swap[:, None, None, None], b, a),
+                    torch.where(swap[:, None, None, None], a, b),
+                )
+                p = torch.where(swap, 1 - p, p)
+            a = shift_images(a, config.shift_pixels, gen)
+            b = shift_images(b, config.shift_pixels, gen)
+            prompts = [train.prompts[i] for i in pos]
+            gid = model.group_ids([group_names[i] for i in pos], len(pos))
+            if gid is not None:
+                drop = (torch.rand(len(pos), generator=gen) < config.group_dropout).to(device)
+                gid = torch.where(drop, torch.zeros_like(gid), gid)
+                gid = torch.cat([gid, gid])
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * _lr_factor(step, total, config)
+            r = model.forward(torch.cat([a, b]).to(device), prompts + prompts, gid)
+            loss = bt_loss(r[: len(pos)] - r[len(pos) :], p.to(device))
+            if not bool(torch.isfinite(loss)):
+                raise NonFiniteLossError(
+                    f"reward-model training: the loss became {float(loss.detach())} at step {step} "
+                    f"(epoch {epoch}); lower lr (now {config.lr}) or check the images for NaN"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            step += 1
+            running += float(loss.detach()) * len(pos)
+            seen += len(pos)
+        record: dict = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": running / max(1, seen),
+            "held_out_loss": None,
+            "held_out_accuracy": None,
+            "lr": optimizer.param_groups[0]["lr"],
+            "elapsed_s": time.time() - start_time,
+        }
+        if held is not None:
+            metrics = evaluate_pairs(model, held, config.eval_batch_size)
+            record["held_out_loss"], record["held_out_accuracy"] = metrics["loss"], metrics["accuracy"]
+            if metrics["loss"] < best_loss - 1e-6:
+                best_loss, best_epoch, bad_epochs = metrics["loss"], epoch, 0
+                best_state = copy.deepcopy(model.net.state_dict())
+            else:
+                bad_epochs += 1
+        else:
+            best_epoch = epoch
+        history.append(record)
+        if on_log is not None:
+            on_log(record)
+        if step >= total:
+            break
+        if held is not None and config.patience > 0 and bad_epochs >= config.patience:
+            stopped_early = True
+            break
+    if best_state is not None:
+        model.net.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(model, history, best_epoch, stopped_early, train, held)

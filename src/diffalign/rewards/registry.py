@@ -1,0 +1,80 @@
+"""Resolve a `--reward` argument to a Reward.
+
+Accepted forms, tried in this order:
+- a gold reward of the Shapes world: `gold-faithfulness`, `gold-faithfulness:partial`, `gold-quality`,
+  `gold-utility` (the rater panel's pooled utility), `gold-utility:GROUP` (one rater group's), or the
+  same under the `shapes:` prefix: `shapes:faithfulness`, `shapes:faithfulness-partial`,
+  `shapes:quality`, `shapes:utility`, `shapes:rater-GROUP`;
+- an external reward model by name, from local weights: `clip`, `pickscore`, `aesthetic`,
+  `imagereward`, `hpsv2`, optionally with a local folder, file or cached hub id: `clip=PATH`;
+- a reward-model folder written by `diffalign reward train` (a model or an ensemble);
+- any callable: `path/to/file.py:function` or `package.module:function`.
+The `shapes:` and `gold-` prefixes are reserved, so a module named `shapes` cannot be given as a callable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffalign.rewards.protocol import Reward
+
+EXTERNAL_NAMES = ("clip", "pickscore", "aesthetic", "imagereward", "hpsv2")
+_SHAPES_ALIASES = {
+    "shapes:faithfulness": "gold-faithfulness",
+    "shapes:faithfulness-partial": "gold-faithfulness:partial",
+    "shapes:quality": "gold-quality",
+    "shapes:utility": "gold-utility",
+}
+
+
+class RewardSpecError(ValueError):
+    """A `--reward` argument that names no reward."""
+
+
+def reward_forms() -> str:
+    return (
+        "a gold reward (shapes:faithfulness, shapes:faithfulness-partial, shapes:quality, shapes:utility, "
+        "shapes:rater-GROUP), an external model (clip, pickscore, aesthetic, imagereward, hpsv2, "
+        "optionally NAME=PATH), a reward-model folder, or a callable (file.py:function, module:function)"
+    )
+
+
+def _gold(spec: str) -> Reward:
+    from diffalign.rewards.gold import gold_rewards
+
+    name = _SHAPES_ALIASES.get(spec, spec)
+    if name.startswith("shapes:rater-"):
+        name = "gold-utility:" + name.removeprefix("shapes:rater-")
+    rewards = gold_rewards()
+    if name not in rewards:
+        known = ", ".join(sorted(rewards))
+        raise RewardSpecError(f"--reward {spec!r}: no such gold reward; the Shapes world has {known}")
+    return rewards[name]
+
+
+def load_reward(
+    spec: str, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None
+) -> Reward:
+    """The reward named by `spec` (see the module doc); errors name the argument and the forms accepted."""
+    if not spec or not spec.strip():
+        raise RewardSpecError(f"--reward is empty; give {reward_forms()}")
+    spec = spec.strip()
+    if spec.startswith(("shapes:", "gold-")):
+        return _gold(spec)
+    name, _, path = spec.partition("=")
+    if name.lower() in EXTERNAL_NAMES:
+        from diffalign.rewards.external import load_external_reward
+
+        return load_external_reward(name.lower(), path or None, device=device, dtype=dtype)
+    folder = Path(spec)
+    if folder.is_dir():
+        from diffalign.rewards.ensemble import load_reward_dir
+
+        return load_reward_dir(folder, device=device)
+    if ":" in spec:
+        from diffalign.rewards.callables import load_callable_reward
+
+        return load_callable_reward(spec)
+    raise RewardSpecError(f"--reward {spec!r}: not a known reward, folder or callable; give {reward_forms()}")

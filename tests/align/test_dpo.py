@@ -1,0 +1,223 @@
+import json
+
+import pytest
+import torch
+
+import diffalign.align.dpo as dpo_module
+from diffalign.align.config_io import ConfigError, load_config
+from diffalign.align.dpo import (
+    DPOConfig,
+    PreferenceDataError,
+    draw_step,
+    pair_batch,
+    train_dpo,
+    training_data,
+)
+from diffalign.align.guard import NonFiniteError
+from diffalign.align.losses import diffusion_dpo_loss
+from diffalign.align.run_dir import RunDirError
+from diffalign.align.tracking import read_metrics
+from diffalign.diffusion.protocol import Conditioning
+from diffalign.models.registry import load_model
+from tests.align.helpers import config, make_pairs
+
+
+def _tokens(model, data):
+    ids, mask = model.tokenizer(data.prompts, device="cpu")
+    e_ids, e_mask = model.tokenizer([""], device="cpu")
+    return ids, mask, e_ids, e_mask
+
+
+def _implied_noise(model, batch, x0):
+    """The noise that produced x_t from x0 at t (inverting add_noise)."""
+    t = batch.t.view(-1, 1, 1, 1)
+    if model.prediction_type == "flow":
+        return (batch.x_t - (1 - t) * x0) / t
+    abar = model.schedule.alpha_bar(batch.t).float().view(-1, 1, 1, 1)
+    return (batch.x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+
+def _check_shared(model, data, draw, batch):
+    b = draw.indices.shape[0]
+    assert torch.equal(batch.t[:b], batch.t[b:])
+    assert torch.equal(batch.input_ids[:b], batch.input_ids[b:])
+    assert torch.equal(batch.attention_mask[:b], batch.attention_mask[b:])
+    x0 = model.encode(torch.cat([data.images[draw.indices], data.others[draw.indices]]).float() / 255)
+    noise = _implied_noise(model, batch, x0)
+    assert torch.allclose(noise[:b], noise[b:], atol=1e-3)
+    assert torch.allclose(noise[:b], draw.noise, atol=1e-3)
+    if model.prediction_type == "epsilon":
+        assert torch.equal(batch.target[:b], batch.target[b:])  # the target is the shared noise
+
+
+@pytest.mark.parametrize("which", ["eps_model_dir", "flow_model_dir"])
+def test_pair_shares_noise_timestep_and_dropout(request, which, pairs):
+    model = load_model(str(request.getfixturevalue(which)))
+    data = training_data(pairs)
+    cfg = config("unused", prompt_dropout=0.5)
+    draw = draw_step(model, cfg, len(data), step=3, global_size=8)
+    assert draw.drop.any() and not draw.drop.all()
+    batch = pair_batch(model, data, draw, _tokens(model, data))
+    _check_shared(model, data, draw, batch)
+    empty, _ = model.tokenizer([""], device="cpu")
+    dropped = torch.cat([draw.drop, draw.drop])
+    assert (batch.input_ids[dropped] == empty).all()
+    # the step's draw is a function of (seed, step) only
+    again = draw_step(model, cfg, len(data), step=3, global_size=8)
+    assert torch.equal(again.noise, draw.noise) and torch.equal(again.indices, draw.indices)
+
+
+def test_training_loop_builds_shared_pairs(monkeypatch, tmp_path, eps_model_dir, pairs):
+    seen = []
+
+    def recording(model, data, draw, tokens):
+        batch = pair_batch(model, data, draw, tokens)
+        _check_shared(model, data, draw, batch)
+        seen.append(draw.indices.clone())
+        return batch
+
+    monkeypatch.setattr(dpo_module, "pair_batch", recording)
+    train_dpo(config(eps_model_dir, steps=2, prompt_dropout=0.3), pairs, tmp_path / "run")
+    assert len(seen) == 2 and all(len(s) == 4 for s in seen)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_reference_fixed_and_parameters_change(tmp_path, eps_model_dir, pairs, lora_rank):
+    base = load_model(str(eps_model_dir))
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn((4, *base.latent_shape), generator=g)
+    t = torch.tensor([10.0, 200.0, 500.0, 900.0])
+    cond = base.encode_prompts(pairs.prompts[:4])
+    expected = base.predict(x, t, cond).detach()
+
+    model = train_dpo(config(eps_model_dir, steps=3, lora_rank=lora_rank), pairs, tmp_path / "run")
+    cond = Conditioning({k: v for k, v in cond.tensors.items()})
+    # the reference is the base model (up to float summation order), the policy moved away from it
+    assert torch.allclose(model.reference_predict(x, t, cond), expected, atol=1e-5)
+    assert not torch.allclose(model.predict(x, t, cond).detach(), expected, atol=1e-3)
+    trained = dict(model.unet.named_parameters())
+    if lora_rank == 0:
+        changed = [not torch.equal(before[k], p.detach()) for k, p in trained.items()]
+        assert sum(changed) / len(changed) > 0.9  # embeddings of words never seen keep their values
+    else:
+        lora = {k: p for k, p in trained.items() if p.requires_grad}
+        assert lora and all("lora" in k for k in lora)
+        assert any(not torch.equal(p.detach(), torch.zeros_like(p)) for k, p in lora.items() if "lora_B" in k)
+        saved = load_model(str(tmp_path / "run"))  # adapters merged into a plain model
+        assert not torch.allclose(saved.predict(x, t, cond), expected, atol=1e-3)
+
+
+def _lines(run):
+    return [
+        {k: v for k, v in r.items() if k != "seconds_per_step"} for r in read_metrics(run / "metrics.jsonl")
+    ]
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_resume_matches_uninterrupted_run(tmp_path, eps_model_dir, pairs, method):
+    cfg = config(eps_model_dir, method=method, steps=5, log_every=2, checkpoint_every=3, prompt_dropout=0.2)
+    whole = train_dpo(cfg, pairs, tmp_path / "whole")
+    train_dpo(cfg, pairs, tmp_path / "parts", stop_after=4)  # mid log window, after a checkpoint
+    assert not (tmp_path / "parts" / "model").exists()
+    resumed = train_dpo(cfg, pairs, tmp_path / "parts", resume=True)
+    assert [r["step"] for r in _lines(tmp_path / "whole")] == [2, 4, 5]
+    assert _lines(tmp_path / "whole") == _lines(tmp_path / "parts")
+    for (name, a), b in zip(whole.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert load_model(str(tmp_path / "parts")).prediction_type == "epsilon"
+
+
+def test_resume_refuses_other_config_and_fresh_run_refuses_used_folder(tmp_path, eps_model_dir, pairs):
+    cfg = config(eps_model_dir, steps=4)
+    train_dpo(cfg, pairs, tmp_path / "run", stop_after=2)
+    with pytest.raises(RunDirError, match=r"config\.beta"):
+        train_dpo(config(eps_model_dir, steps=4, beta=123.0), pairs, tmp_path / "run", resume=True)
+    with pytest.raises(RunDirError, match=r"data\.fingerprint"):
+        train_dpo(cfg, make_pairs(24, seed=5), tmp_path / "run", resume=True)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        train_dpo(cfg, pairs, tmp_path / "run")
+    with pytest.raises(RunDirError, match="holds no run"):
+        train_dpo(cfg, pairs, tmp_path / "other", resume=True)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(monkeypatch, tmp_path, eps_model_dir, pairs):
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        out = diffusion_dpo_loss(*args)
+        if calls["n"] >= 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(dpo_module, "diffusion_dpo_loss", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"step 3: the loss became NaN or inf") as err:
+        train_dpo(config(eps_model_dir, steps=6, checkpoint_every=2), pairs, run)
+    assert err.value.last_checkpoint == run / "checkpoints" / "step-0000002"
+    assert "step-0000002" in str(err.value)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002"]
+    assert not (run / "model").exists()
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+
+
+def test_flow_model_trains_with_velocity_targets(tmp_path, flow_model_dir, pairs):
+    model = train_dpo(config(flow_model_dir, steps=2, flow_timesteps="uniform"), pairs, tmp_path / "run")
+    assert model.prediction_type == "flow"
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["resolved"]["beta"] == dpo_module.DEFAULT_BETA[("dpo", "flow")]
+    lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in lines)
+    assert load_model(str(tmp_path / "run")).prediction_type == "flow"
+
+
+def test_ties_left_out_and_tie_only_or_empty_data_is_an_error(tmp_path, eps_model_dir):
+    data = training_data(make_pairs(10, ties=4))
+    assert len(data) == 6 and data.ties_dropped == 4
+    with pytest.raises(PreferenceDataError, match="only ties"):
+        training_data(make_pairs(3, ties=3))
+    with pytest.raises(PreferenceDataError, match="empty"):
+        training_data(make_pairs(3).select([]))
+    with pytest.raises(PreferenceDataError, match="only ties"):
+        train_dpo(config(eps_model_dir), make_pairs(3, ties=3), tmp_path / "run")
+
+
+def test_winner_is_the_preferred_image():
+    pairs = make_pairs(4)
+    data = training_data(pairs)
+    assert torch.equal(data.images[0], pairs.images_a[0]) and torch.equal(data.others[0], pairs.images_b[0])
+    assert torch.equal(data.images[1], pairs.images_b[1]) and torch.equal(data.others[1], pairs.images_a[1])
+    kto = training_data(pairs, "kto")
+    assert len(kto) == 8 and kto.liked.tolist() == [True] * 4 + [False] * 4
+
+
+def test_image_size_must_match_the_model(tmp_path, eps_model_dir):
+    from diffalign.prefs.pairs import PreferencePairs
+
+    big = PreferencePairs(
+        ["a circle"],
+        torch.zeros(1, 3, 32, 32, dtype=torch.uint8),
+        torch.zeros(1, 3, 32, 32, dtype=torch.uint8),
+        torch.tensor([1.0]),
+    )
+    with pytest.raises(PreferenceDataError, match="size=16"):
+        train_dpo(config(eps_model_dir), big, tmp_path / "run")
+
+
+def test_config_file_and_overrides_map_onto_the_dataclass(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("beta: 1500\nruntime:\n  seed: 3\n  device: cpu\nlora_rank: 4\n")
+    cfg = load_config(DPOConfig, path, ["lr=2e-5", "runtime.gradient_accumulation_steps=2", "method=kto"])
+    assert cfg.beta == 1500.0 and cfg.lr == 2e-5 and cfg.lora_rank == 4 and cfg.method == "kto"
+    assert (
+        cfg.runtime.seed == 3 and cfg.runtime.device == "cpu" and cfg.runtime.gradient_accumulation_steps == 2
+    )
+    with pytest.raises(ConfigError, match="betta"):
+        load_config(DPOConfig, None, ["betta=1"])
+    with pytest.raises(ConfigError, match=r"runtime\.seed"):
+        load_config(DPOConfig, None, ["runtime.seed=abc"])
+    with pytest.raises(ConfigError, match="method"):
+        load_config(DPOConfig, None, ["method=ipo"])
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(DPOConfig, None, ["runtime.mixed_precision=fp8"])

@@ -1,0 +1,80 @@
+"""Reward ensembles: mean/std over members, pair disagreement, the uncertainty penalty, save/load."""
+
+import copy
+
+import pytest
+import torch
+
+from diffalign.prefs.pairs import PreferencePairs
+from diffalign.rewards.bt_training import RewardTrainConfig
+from diffalign.rewards.ensemble import (
+    RewardEnsemble,
+    UncertaintyPenalisedReward,
+    load_reward_dir,
+    train_ensemble,
+)
+from diffalign.rewards.learned import build_reward_model
+from diffalign.rewards.protocol import Reward
+
+torch.set_num_threads(1)
+PROMPTS = ["a red circle", "a blue square", "two triangles", "a circle left of a square"]
+
+
+def _members(seeds):
+    return [build_reward_model(PROMPTS, seed=s) for s in seeds]
+
+
+def test_identical_members_have_zero_std_and_different_ones_positive():
+    images = torch.rand(4, 3, 32, 32)
+    one = build_reward_model(PROMPTS, seed=0)
+    same = RewardEnsemble([one, copy.deepcopy(one), copy.deepcopy(one)])
+    mean, std = same.mean_std(images, PROMPTS)
+    assert torch.equal(std, torch.zeros(4)) and torch.allclose(mean, one(images, PROMPTS))
+    assert torch.equal(same.disagreement(images, images.flip(0), PROMPTS), torch.zeros(4))
+    diff = RewardEnsemble(_members([0, 1, 2]))
+    _, std = diff.mean_std(images, PROMPTS)
+    assert bool((std > 0).all())
+    assert bool((diff.disagreement(images, images.flip(0), PROMPTS) > 0).all())
+    assert isinstance(diff, Reward)
+
+
+def test_uncertainty_penalty_is_mean_minus_k_std():
+    ens = RewardEnsemble(_members([0, 1, 2]))
+    images = torch.rand(4, 3, 32, 32)
+    scores = torch.stack([m(images, PROMPTS) for m in ens.members])
+    expected = scores.mean(0) - 2.0 * scores.std(0, correction=0)
+    penalised = UncertaintyPenalisedReward(ens, k=2.0)
+    assert torch.allclose(penalised(images, PROMPTS), expected, atol=1e-6)
+    assert torch.allclose(UncertaintyPenalisedReward(ens, k=0.0)(images, PROMPTS), ens(images, PROMPTS))
+    x = images.clone().requires_grad_(True)
+    penalised(x, PROMPTS).sum().backward()
+    assert x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="non-negative"):
+        UncertaintyPenalisedReward(ens, k=-1)
+
+
+def test_vote_disagreement_counts_minority_members():
+    ens = RewardEnsemble(_members([0, 1, 2, 3]))
+    images = torch.rand(4, 3, 32, 32)
+    votes = ens.disagreement(images, images.flip(0), PROMPTS, method="vote")
+    assert bool(((votes >= 0) & (votes <= 0.5)).all())
+    with pytest.raises(ValueError, match="variance"):
+        ens.disagreement(images, images, PROMPTS, method="bogus")
+
+
+def test_train_save_load_ensemble(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    n = 24
+    a = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    b = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    pairs = PreferencePairs(["a red circle"] * n, a, b, (torch.arange(n) % 2).float())
+    ens, results = train_ensemble(pairs, 2, RewardTrainConfig(epochs=1, batch_size=8, held_out_fraction=0.25))
+    assert len(ens) == 2 and len(results) == 2
+    assert results[0].held_out.keys == results[1].held_out.keys  # one shared held-out set
+    ens.save(tmp_path / "ens")
+    loaded = load_reward_dir(tmp_path / "ens")
+    assert isinstance(loaded, RewardEnsemble)
+    x = a[:4].float() / 255
+    assert torch.equal(loaded(x, ["a red circle"] * 4), ens(x, ["a red circle"] * 4))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        RewardEnsemble.load(tmp_path / "missing")
