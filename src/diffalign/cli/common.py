@@ -19,9 +19,9 @@ def fail(message: str) -> NoReturn:
 
 def resolve_device(device: str) -> str:
     """'auto' is CUDA when available, else the CPU; anything else is passed through."""
-    import torch
+    from diffalign.devices import resolve_device as resolve
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    return str(resolve(device))
 
 
 def load_model_arg(model: str, device: str):

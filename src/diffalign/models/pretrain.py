@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffalign.devices import resolve_device
 from diffalign.diffusion.schedules import training_target
 from diffalign.models.tiny import TinyDiffusionModel
 from diffalign.world.dataset import DatasetConfig, ShapesGenerator
@@ -99,12 +100,6 @@ class PretrainConfig:
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or inf loss; the last good checkpoint is kept."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def learning_rate(step: int, config: PretrainConfig) -> float:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffalign.devices import resolve_device
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.rewards.learned import LearnedReward, RewardModelConfig, build_reward_model
 
@@ -134,10 +135,6 @@ def bt_loss(margin: Tensor, prob_a: Tensor, reduction: str = "mean") -> Tensor:
     if reduction == "none":
         return loss
     raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-
-
-def resolve_device(device: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
 def check_trainable(pairs: PreferencePairs, what: str = "pairs") -> None:
