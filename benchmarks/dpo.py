@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from diffalign.align.config_io import load_config
 from diffalign.align.dpo import DPOConfig, train_dpo
 from diffalign.align.runtime import RuntimeConfig
 from diffalign.diffusion.sampling import SamplerConfig, sample
@@ -106,17 +107,175 @@ def timing(args: argparse.Namespace) -> None:
             print(f"{spec} batch {batch} pairs: {1000 * lines[-1]['seconds_per_step']:.0f} ms per step")
 
 
+def dpo_config(args: argparse.Namespace, spec: str, steps: int) -> DPOConfig:
+    """The benchmark's DPOConfig: its fixed fields, then --lr/--beta, then --set KEY=VALUE overrides."""
+    fixed = [
+        f"model={spec}",
+        f"steps={steps}",
+        f"batch_size={args.batch_size}",
+        f"log_every={max(1, steps // 10)}",
+        "checkpoint_every=0",
+        "log_with=none",
+        f"runtime.device={args.device}",
+    ]
+    fixed += [f"{k}={v}" for k, v in (("lr", args.lr), ("beta", args.beta)) if v is not None]
+    return load_config(DPOConfig, None, [*fixed, *args.set])
+
+
+def offline(args: argparse.Namespace, spec: str, base, out: Path, evaluate) -> None:
+    """Offline DPO on the first N simulated pairs of the base model, for each N of --pairs."""
+    started = time.perf_counter()
+    store = PreferenceStore.open(out / spec / "prefs.db")
+    report = simulate_preferences(base, store, max(args.pairs), batch_size=args.sample_batch, model_name=spec)
+    all_pairs = store.pairs(size=base.latent_shape[-1], include_ties=True)
+    simulate_s = time.perf_counter() - started
+    print(f"{spec}: {report.sampled} pairs simulated in {simulate_s:.0f} s ({len(all_pairs)} stored)")
+    for n in args.pairs:
+        subset = first_pairs(all_pairs, n)
+        run = out / spec / f"dpo-{n}"
+        started = time.perf_counter()
+        lines: list[dict] = []
+        tuned = train_dpo(
+            dpo_config(args, spec, args.steps),
+            subset,
+            run,
+            resume=(run / "checkpoints").is_dir(),
+            on_log=lines.append,
+        )
+        row = {
+            "method": "offline",
+            "pairs": n,
+            "pairs_used": int((subset.prob_a != 0.5).sum()),
+            "steps": args.steps,
+            "final_implicit_acc": lines[-1]["implicit_acc"] if lines else None,
+            "seconds": {"simulate": simulate_s, "train": time.perf_counter() - started},
+        }
+        evaluate(tuned, row)
+
+
+def online(args: argparse.Namespace, spec: str, out: Path, shape: str, evaluate) -> None:
+    """Online DPO, ROUNDSxPAIRS (e.g. 4x500): --steps optimiser steps in all, split over the rounds;
+    every round's model is judged, so the table holds win rate against labelled pairs."""
+    from diffalign.align.online_dpo import OnlineDPOConfig, train_online_dpo
+
+    rounds, per_round = (int(x) for x in shape.lower().split("x"))
+    config = OnlineDPOConfig(
+        dpo=dpo_config(args, spec, max(1, args.steps // rounds)),
+        rounds=rounds,
+        pairs_per_round=per_round,
+        reference_every=args.reference_every,
+        sample_batch=args.sample_batch,
+    )
+    run = out / spec / f"online-{rounds}x{per_round}"
+    started = time.perf_counter()
+
+    def judge_round(line: dict) -> None:
+        tuned = load_model(str(run / f"round-{line['round']:02d}"), device=args.device)
+        row = {
+            "method": f"online {rounds}x{per_round}",
+            "round": line["round"],
+            "pairs": line["labels_so_far"],
+            "steps": (line["round"] + 1) * config.dpo.steps,
+            "final_implicit_acc": line.get("final", {}).get("implicit_acc"),
+            "seconds": {"train_so_far": time.perf_counter() - started},
+        }
+        evaluate(tuned, row)
+
+    train_online_dpo(config, run, resume=(run / "config.json").is_file(), on_round=judge_round)
+
+
+def evaluator(args, spec, sampler, prompts, panel, base_images, base_s, results, out):
+    """A function judging a tuned model against the base's images and appending the row to results."""
+
+    def evaluate(tuned, row: dict) -> dict:
+        started = time.perf_counter()
+        tuned_images = generate(tuned, prompts, sampler, seed=10_000, batch=args.sample_batch)
+        verdict = judge(panel, tuned_images, base_images, prompts)
+        row = {"model": spec, **row, **verdict}
+        seconds = row.setdefault("seconds", {})
+        seconds.update({"base_samples": base_s, "eval": time.perf_counter() - started})
+        lo, hi = verdict["ci95"]
+        print(
+            f"{spec} {row['method']} {row['pairs']} labels: win rate {verdict['win_rate']:.3f} "
+            f"[{lo:.3f}, {hi:.3f}], accuracy {verdict['accuracy_base']:.3f} -> "
+            f"{verdict['accuracy_tuned']:.3f}",
+            flush=True,
+        )
+        results["runs"].append(row)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        return row
+
+    return evaluate
+
+
+def spin(args: argparse.Namespace, spec: str, base, out: Path, shape: str, evaluate) -> None:
+    """SPIN-Diffusion, ROUNDSxEXAMPLES (e.g. 3x2000) real scenes rendered by the world: --steps steps in
+    all, split over the rounds; every round's model is judged. No labels are used."""
+    from diffalign.align.spin import SPINConfig, real_from_world, train_spin
+
+    rounds, examples = (int(x) for x in shape.lower().split("x"))
+    config = SPINConfig(
+        dpo=dpo_config(args, spec, max(1, args.steps // rounds)),
+        rounds=rounds,
+        sample_batch=args.sample_batch,
+    )
+    run = out / spec / f"spin-{rounds}x{examples}"
+    real = real_from_world(examples, base.latent_shape[-1], seed=args.real_seed)
+    started = time.perf_counter()
+
+    def judge_round(line: dict) -> None:
+        tuned = load_model(str(run / f"round-{line['round']:02d}"), device=args.device)
+        row = {
+            "method": f"spin {rounds}x{examples}",
+            "round": line["round"],
+            "pairs": 0,
+            "real_examples": examples,
+            "steps": (line["round"] + 1) * config.dpo.steps,
+            "final_implicit_acc": line.get("final", {}).get("implicit_acc"),
+            "seconds": {"train_so_far": time.perf_counter() - started},
+        }
+        evaluate(tuned, row)
+
+    train_spin(config, real, run, resume=(run / "config.json").is_file(), on_round=judge_round)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="bench_dpo")
     parser.add_argument("--models", type=lambda s: s.split(","), default=["base", "base-flow"])
-    parser.add_argument("--pairs", type=lambda s: [int(x) for x in s.split(",")], default=[500, 2000, 8000])
+    parser.add_argument(
+        "--pairs",
+        type=lambda s: [int(x) for x in s.split(",") if x and x != "0"],
+        default=[500, 2000, 8000],
+        help="offline DPO sizes (0: no offline run)",
+    )
+    parser.add_argument(
+        "--online",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=[],
+        help="online DPO runs, ROUNDSxPAIRS each (e.g. 4x500,8x250); --steps is split over the rounds",
+    )
+    parser.add_argument(
+        "--spin",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=[],
+        help="SPIN runs on world-rendered scenes, ROUNDSxEXAMPLES each (e.g. 3x2000)",
+    )
+    parser.add_argument("--real-seed", type=int, default=0, help="seed of SPIN's rendered real scenes")
+    parser.add_argument("--reference-every", type=int, default=1, help="online DPO's reference refresh")
     parser.add_argument("--steps", type=int, default=1000, help="DPO steps per run")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=None, help="default: DPOConfig's")
     parser.add_argument("--beta", type=float, default=None, help="default: DPOConfig's per family")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more DPOConfig fields, e.g. timestep_range=[0,0.3] sft_weight=0.5",
+    )
     parser.add_argument("--eval-prompts", type=int, default=0, help="first N ShapesEval prompts (0: all)")
     parser.add_argument("--sample-batch", type=int, default=64)
     parser.add_argument("--device", default="cpu")
@@ -142,61 +301,25 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.models:
         base = load_model(spec, device=args.device)
         sampler = SamplerConfig.for_prediction_type(base.prediction_type)
-        # 1. Simulated pairs (the store is extended to the largest size, never re-sampled).
-        started = time.perf_counter()
-        store = PreferenceStore.open(out / spec / "prefs.db")
-        report = simulate_preferences(
-            base, store, max(args.pairs), batch_size=args.sample_batch, model_name=spec
-        )
-        all_pairs = store.pairs(size=base.latent_shape[-1], include_ties=True)
-        simulate_s = time.perf_counter() - started
-        print(f"{spec}: {report.sampled} pairs simulated in {simulate_s:.0f} s ({len(all_pairs)} stored)")
         started = time.perf_counter()
         base_images = generate(base, prompts, sampler, seed=10_000, batch=args.sample_batch)
         base_s = time.perf_counter() - started
-        for n in args.pairs:
-            subset = first_pairs(all_pairs, n)
-            overrides = {k: v for k, v in (("lr", args.lr), ("beta", args.beta)) if v is not None}
-            cfg = DPOConfig(
-                model=spec,
-                steps=args.steps,
-                batch_size=args.batch_size,
-                log_every=max(1, args.steps // 20),
-                checkpoint_every=0,
-                log_with="none",
-                runtime=RuntimeConfig(device=args.device),
-                **overrides,
-            )
-            run = out / spec / f"dpo-{n}"
-            started = time.perf_counter()
-            lines: list[dict] = []
-            tuned = train_dpo(cfg, subset, run, resume=(run / "checkpoints").is_dir(), on_log=lines.append)
-            train_s = time.perf_counter() - started
-            started = time.perf_counter()
-            tuned_images = generate(tuned, prompts, sampler, seed=10_000, batch=args.sample_batch)
-            verdict = judge(panel, tuned_images, base_images, prompts)
-            eval_s = time.perf_counter() - started
-            row = {
-                "model": spec,
-                "pairs": n,
-                "pairs_used": int((subset.prob_a != 0.5).sum()),
-                **verdict,
-                "final_implicit_acc": lines[-1]["implicit_acc"] if lines else None,
-                "seconds": {"simulate": simulate_s, "base_samples": base_s, "train": train_s, "eval": eval_s},
-            }
-            results["runs"].append(row)
-            lo, hi = verdict["ci95"]
-            print(
-                f"{spec} {n} pairs: win rate {verdict['win_rate']:.3f} [{lo:.3f}, {hi:.3f}], accuracy "
-                f"{verdict['accuracy_base']:.3f} -> {verdict['accuracy_tuned']:.3f} (train {train_s:.0f} s)"
-            )
+
+        evaluate = evaluator(args, spec, sampler, prompts, panel, base_images, base_s, results, out)
+
+        if args.pairs:
+            offline(args, spec, base, out, evaluate)
+        for shape in args.online:
+            online(args, spec, out, shape, evaluate)
+        for shape in args.spin:
+            spin(args, spec, base, out, shape, evaluate)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    print("\n| model | pairs | win rate vs base | 95% CI | accuracy base -> tuned |")
-    print("|---|---|---|---|---|")
+    print("\n| model | method | labelled pairs | win rate vs base | 95% CI | accuracy base -> tuned |")
+    print("|---|---|---|---|---|---|")
     for r in results["runs"]:
         lo, hi = r["ci95"]
         print(
-            f"| {r['model']} | {r['pairs']} | {r['win_rate']:.3f} | [{lo:.3f}, {hi:.3f}] | "
+            f"| {r['model']} | {r['method']} | {r['pairs']} | {r['win_rate']:.3f} | [{lo:.3f}, {hi:.3f}] | "
             f"{r['accuracy_base']:.3f} -> {r['accuracy_tuned']:.3f} |"
         )
     print(f"\nresults: {out / 'results.json'}")

@@ -185,3 +185,43 @@ def test_pretrain_command_and_missing_model(tmp_path):
     assert (tmp_path / "run" / "model" / "diffalign_model.json").is_file()
     missing = runner.invoke(app, ["sample", "--model", str(tmp_path / "nope"), "--prompt", "a circle"])
     assert missing.exit_code == 2 and "no such folder" in missing.output
+
+
+def test_eval_metric_suite(tmp_path):
+    subset = tmp_path / "subset.jsonl"
+    subset.write_text(to_jsonl(load_shapeseval()[::60]))
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        "--model",
+        "base",
+        "--out",
+        out,
+        "--samples-per-prompt",
+        2,
+        "--steps",
+        3,
+        "--prompts",
+        subset,
+    ]
+    result = _invoke(
+        *args,
+        "--suite",
+        "--reward",
+        "shapes:faithfulness",
+        "--baseline",
+        "base",
+        "--kl-base",
+        "base",
+        "--eta",
+        1,
+    )
+    assert result.exit_code == 0, result.output
+    suite = json.loads((out / "results.json").read_text())["suite"]
+    # the same model against itself: an even win rate and no KL; the reward mean is the ShapesEval share
+    assert suite["win_rate"]["win_rate"] == 0.5
+    assert abs(suite["kl"]["kl"]) < 1e-6
+    assert 0.0 <= suite["rewards"]["shapes:faithfulness"]["mean"] <= 1.0
+    assert {"diversity", "fid"} <= set(suite)
+    bad = runner.invoke(app, [str(a) for a in args] + ["--reward", "nonsense:thing"])
+    assert bad.exit_code == 2 and "nonsense" in bad.output

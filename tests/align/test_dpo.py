@@ -221,3 +221,40 @@ def test_config_file_and_overrides_map_onto_the_dataclass(tmp_path):
         load_config(DPOConfig, None, ["method=ipo"])
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config(DPOConfig, None, ["runtime.mixed_precision=fp8"])
+
+
+@pytest.mark.parametrize("which", ["eps_model_dir", "flow_model_dir"])
+def test_timestep_range_maps_draws_into_the_range(request, which, pairs):
+    model = load_model(str(request.getfixturevalue(which)))
+    data = training_data(pairs)
+    full = draw_step(model, config("unused"), len(data), step=1, global_size=256)
+    low = draw_step(model, config("unused", timestep_range=(0.0, 0.3)), len(data), step=1, global_size=256)
+    assert torch.equal(full.noise, low.noise) and torch.equal(full.indices, low.indices)
+    if model.prediction_type == "flow":
+        assert torch.allclose(low.t, 0.3 * full.t)
+    else:
+        assert torch.equal(low.t, (0.3 * full.t).floor())
+        assert low.t.max() < 300 and low.t.min() >= 0
+    high = draw_step(model, config("unused", timestep_range=(0.7, 1.0)), len(data), step=1, global_size=256)
+    assert high.t.min() >= (0.7 if model.prediction_type == "flow" else 700)
+    with pytest.raises(ValueError, match="timestep_range"):
+        config("unused", timestep_range=(0.5, 0.5))
+
+
+def test_sft_weight_adds_the_winners_term(eps_model_dir, pairs):
+    model = load_model(str(eps_model_dir))
+    model.freeze_reference()
+    with torch.no_grad():  # a policy that differs from the reference, so err != ref
+        for p in model.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    data = training_data(pairs)
+    draw = draw_step(model, config("unused"), len(data), step=0, global_size=6)
+    batch = pair_batch(model, data, draw, _tokens(model, data))
+    plain, _ = dpo_module.dpo_micro_loss(model, model.unet, batch, beta=300.0)
+    with_sft, metrics = dpo_module.dpo_micro_loss(model, model.unet, batch, beta=300.0, sft_weight=0.5)
+    err, ref = dpo_module._errors(model, model.unet, batch)
+    expected = plain + 0.5 * 0.5 * 300.0 * (err[:6] - ref[:6]).mean()
+    assert torch.allclose(with_sft, expected, atol=1e-6)
+    assert float(metrics[0]) == pytest.approx(float(with_sft.detach()))
+    with pytest.raises(ValueError, match="sft_weight"):
+        config("unused", sft_weight=-1.0)

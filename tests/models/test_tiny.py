@@ -112,9 +112,10 @@ def test_registry_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         resolve_model_folder(str(tmp_path / "missing"))
     (tmp_path / "pipe").mkdir()
-    (tmp_path / "pipe" / "model_index.json").write_text("{}")
-    with pytest.raises(UnsupportedModelError, match="diffusers pipeline"):
-        resolve_model_folder(str(tmp_path / "pipe"))
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    assert resolve_model_folder(str(tmp_path / "pipe")) == tmp_path / "pipe"
+    with pytest.raises(UnsupportedModelError, match="FluxPipeline pipelines have no adapter"):
+        load_model(str(tmp_path / "pipe"))
 
 
 @pytest.mark.parametrize("name, sampler", [("base", "ddim"), ("base-flow", "flow_euler")])

@@ -16,8 +16,9 @@ in small modules: `runtime` (Accelerate, seeding, the data-sharding rule), `run_
 atomic checkpoints), `tracking` (metrics.jsonl, trackers, progress bar), `guard` (NaN/inf stop).
 Every step's examples, noise, timesteps and prompt dropout are a function of (seed, step) only, so a
 resumed run reproduces the uninterrupted run step for step. Ties carry no preference and are left out.
-What this module leaves out: online DPO and SPIN (pairs generated during training), and the
-soft-label (tie) variant of the loss.
+Online DPO (`online_dpo.py`) and SPIN-Diffusion (`spin.py`) run this trainer once per round on pairs
+made by the current model (`rounds.py`), with `DPOConfig.reference` pointing at an earlier iterate.
+What this module leaves out: the soft-label (tie) variant of the loss.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from diffalign.align.checkpointing import begin_run, resume_weights, save_training_checkpoint
 from diffalign.align.config_io import to_dict
 from diffalign.align.guard import FiniteGuard
 from diffalign.align.losses import diffusion_dpo_loss, diffusion_kto_loss, per_sample_mse
@@ -90,9 +92,20 @@ class DPOConfig:
         grad_clip: gradient-norm clip (0 disables clipping; the norm is still logged).
         prompt_dropout: probability of training an example on the empty prompt (the pair shares it).
         flow_timesteps: "logit_normal" (SD3) or "uniform" training times for flow models.
+        timestep_range: (lo, hi) fractions of the noise range to train on; drawn timesteps are mapped
+            affinely into it (DDPM: t in [lo T, hi T); flow: t in [lo, hi]). (0, 1), the default, is
+            the paper's. On the shipped epsilon model the pairs' gradient signal sits at low noise
+            (docs/align.md: signal-to-noise of the DPO gradient by timestep range).
+        sft_weight: lambda of a supervised term on the winners, lambda * 0.5 beta * mean(err_w - ref_w),
+            added to the DPO loss (as RPO, Pang et al. 2024, adds the winners' NLL) against DPO's
+            tendency to raise both errors; 0 (the default) is plain Diffusion-DPO. DPO's own weight on
+            err_w is 0.5 beta * sigmoid(-inside), 0.25 beta at the start.
         lora_rank: 0 fine-tunes every weight; > 0 trains LoRA adapters of this rank (peft) and the
             reference is the adapters switched off.
         lora_alpha: LoRA scale numerator (0: equal to the rank).
+        reference: the reference model ("base", "base-flow", a model or run folder); None: `model`
+            itself as loaded. Online DPO and SPIN set it to an earlier iterate. Full fine-tuning only
+            (with LoRA the reference is the adapters switched off).
         log_every: steps between metrics lines (metrics are averaged over the steps in between).
         checkpoint_every: steps between resumable checkpoints (0: only at the end or at `stop_after`).
         keep_checkpoints: how many checkpoints to keep.
@@ -114,8 +127,11 @@ class DPOConfig:
     grad_clip: float = 1.0
     prompt_dropout: float = 0.0
     flow_timesteps: str = "logit_normal"
+    timestep_range: tuple[float, float] = (0.0, 1.0)
+    sft_weight: float = 0.0
     lora_rank: int = 0
     lora_alpha: float = 0.0
+    reference: str | None = None
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -140,6 +156,18 @@ class DPOConfig:
         if self.flow_timesteps not in FLOW_TIME_DISTRIBUTIONS:
             raise ValueError(
                 f"flow_timesteps must be one of {FLOW_TIME_DISTRIBUTIONS}, got {self.flow_timesteps!r}"
+            )
+        self.timestep_range = tuple(float(x) for x in self.timestep_range)
+        if len(self.timestep_range) != 2 or not 0.0 <= self.timestep_range[0] < self.timestep_range[1] <= 1.0:
+            raise ValueError(
+                f"timestep_range must be (lo, hi) with 0 <= lo < hi <= 1, got {self.timestep_range}"
+            )
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
+        if self.reference is not None and self.lora_rank > 0:
+            raise ValueError(
+                "reference needs full fine-tuning (lora_rank=0): with LoRA the reference is the model "
+                "with its adapters switched off"
             )
         if isinstance(self.runtime, dict):
             self.runtime = RuntimeConfig(**self.runtime)
@@ -264,8 +292,21 @@ def draw_step(model, config: DPOConfig, n_examples: int, step: int, global_size:
         )
     else:
         t = model.schedule.sample_training_timesteps(global_size, generator=gen)
+    t = restrict_timesteps(t, config.timestep_range, model)
     drop = torch.rand(global_size, generator=gen) < config.prompt_dropout
     return StepDraw(indices, noise, t, drop)
+
+
+def restrict_timesteps(t: Tensor, timestep_range: tuple[float, float], model) -> Tensor:
+    """Map drawn training times affinely into `timestep_range` (fractions of the noise range): DDPM
+    timesteps in [0, T) go to [lo T, hi T) (floored), flow times in [0, 1] to [lo, hi]."""
+    lo, hi = timestep_range
+    if (lo, hi) == (0.0, 1.0):
+        return t
+    if model.prediction_type == "flow":
+        return lo + (hi - lo) * t
+    total = model.schedule.num_train_timesteps
+    return (lo * total + (hi - lo) * t).floor().clamp(max=total - 1)
 
 
 @dataclass
@@ -343,14 +384,20 @@ def _errors(model, unet, batch: DenoisingBatch) -> tuple[Tensor, Tensor]:
     return per_sample_mse(pred, batch.target), per_sample_mse(ref, batch.target)
 
 
-def dpo_micro_loss(model, unet, batch: DenoisingBatch, beta: float) -> tuple[Tensor, Tensor]:
-    """(loss, metrics [len(DPO_METRICS)]) of one DPO micro-batch (winners first, losers second)."""
+def dpo_micro_loss(
+    model, unet, batch: DenoisingBatch, beta: float, sft_weight: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """(loss, metrics [len(DPO_METRICS)]) of one DPO micro-batch (winners first, losers second); with
+    `sft_weight` > 0 the winners' supervised term of `DPOConfig.sft_weight` is added."""
     err, ref = _errors(model, unet, batch)
     half = err.shape[0] // 2
     out = diffusion_dpo_loss(err[:half], err[half:], ref[:half], ref[half:], beta)
+    loss = out.loss
+    if sft_weight > 0:
+        loss = loss + sft_weight * 0.5 * beta * (err[:half] - ref[:half]).mean()
     metrics = torch.stack(
         [
-            out.loss.detach(),
+            loss.detach(),
             out.implicit_acc,
             out.reward_margin.detach(),
             err[:half].detach().mean(),
@@ -359,7 +406,7 @@ def dpo_micro_loss(model, unet, batch: DenoisingBatch, beta: float) -> tuple[Ten
             ref[half:].mean(),
         ]
     )
-    return out.loss, metrics
+    return loss, metrics
 
 
 def kto_micro_loss(model, unet, batch: DenoisingBatch, liked: Tensor, beta: float, config: DPOConfig):
@@ -383,11 +430,6 @@ def learning_rate(step: int, config: DPOConfig) -> float:
 
 def resolved_beta(config: DPOConfig, prediction_type: str) -> float:
     return config.beta if config.beta is not None else DEFAULT_BETA[(config.method, prediction_type)]
-
-
-def trainable_state(unet: torch.nn.Module) -> dict[str, Tensor]:
-    """The weights the optimiser updates (all of them, or the LoRA adapters), by name."""
-    return {name: p.detach() for name, p in unet.named_parameters() if p.requires_grad}
 
 
 # --- the training loop -----------------------------------------------------------------------------
@@ -448,12 +490,11 @@ def train_dpo(
         },
         "resolved": {"beta": beta},
     }
-    run.start(record, resume, write=False)  # every process checks before the main one writes
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        run.write_record(record)
+    begin_run(run, record, resume, accelerator)
     if config.lora_rank > 0:
         model.enable_lora(config.lora_rank, alpha=config.lora_alpha or None)
+    if config.reference is not None:
+        model.set_reference(load_model(config.reference, device=accelerator.device))
     model.freeze_reference()  # the reference is the model as loaded, before any checkpoint
     model.unet.train()
     params = [p for p in model.unet.parameters() if p.requires_grad]
@@ -468,19 +509,12 @@ def train_dpo(
     start = 0
     checkpoint = None
     if resume:
-        latest = run.latest_checkpoint()
-        if latest is None:
-            raise RunDirError(f"--resume: no checkpoint under {run.checkpoints}")
-        checkpoint = run.load_checkpoint(latest, record, accelerator.process_index)
-        own = trainable_state(model.unet)
-        if set(checkpoint.weights) != set(own):
-            raise RunDirError(f"checkpoint {latest}: its weights do not match the model's trainable weights")
-        model.unet.load_state_dict(checkpoint.weights, strict=False)
+        checkpoint = resume_weights(run, record, accelerator, model.unet)
         start = checkpoint.step
         if checkpoint.data_cursor != start * global_size:
             raise RunDirError(
-                f"checkpoint {latest} consumed {checkpoint.data_cursor} examples in {start} steps, a global "
-                f"batch of {checkpoint.data_cursor // max(1, start)}; this run's is {global_size} "
+                f"checkpoint {checkpoint.path} consumed {checkpoint.data_cursor} examples in {start} steps, "
+                f"a global batch of {checkpoint.data_cursor // max(1, start)}; this run's is {global_size} "
                 f"({num_processes} processes x {accumulation} accumulation x {config.batch_size}): resume "
                 "with the same number of processes"
             )
@@ -529,7 +563,7 @@ def train_dpo(
                     with accelerator.autocast():
                         if config.method == "dpo":
                             loss, metrics = dpo_micro_loss(
-                                model, unet, pair_batch(model, data, mine, tokens), beta
+                                model, unet, pair_batch(model, data, mine, tokens), beta, config.sft_weight
                             )
                         else:
                             batch, liked = image_batch(model, data, mine, tokens)
@@ -566,24 +600,17 @@ def train_dpo(
             # 6. Checkpoint (never after a non-finite value): every process writes its own state.
             if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == end:
                 guard.check(run.latest_checkpoint())
-                if accelerator.is_main_process:
-                    run.begin_checkpoint(done)
-                accelerator.wait_for_everyone()
-                window = {"sums": sums.cpu(), "micro": n_micro, "steps": n_steps}
-                run.write_process_state(
-                    run.checkpoint_tmp(done), accelerator.process_index, {"window": window}
+                save_training_checkpoint(
+                    run,
+                    accelerator,
+                    done,
+                    network=model.unet,
+                    optimizer=optimizer,
+                    data_cursor=done * global_size,
+                    record=record,
+                    keep=config.keep_checkpoints,
+                    process_state={"window": {"sums": sums.cpu(), "micro": n_micro, "steps": n_steps}},
                 )
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    run.finish_checkpoint(
-                        done,
-                        weights=trainable_state(model.unet),
-                        optimizer=optimizer.state_dict(),
-                        data_cursor=done * global_size,
-                        record=record,
-                        keep=config.keep_checkpoints,
-                    )
-                accelerator.wait_for_everyone()
     finally:
         tracker.close()
 

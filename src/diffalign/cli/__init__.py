@@ -227,8 +227,30 @@ def eval_cmd(
     seed: int = 0,
     prompts: PromptsOpt = None,
     device: str = "auto",
+    steer: Annotated[
+        str | None, typer.Option(help="Steer the sampler: bon, search, guidance, fk, svdd or dno.")
+    ] = None,
+    steer_reward: Annotated[str | None, typer.Option(help="The reward --steer steers by.")] = None,
+    budget_nfe: Annotated[int | None, typer.Option(help="--steer's denoiser calls per image.")] = None,
+    steer_set: Annotated[list[str] | None, typer.Option(help="A --steer option key=value.")] = None,
+    suite: Annotated[
+        bool, typer.Option(help="Also diversity and FID/KID against rendered scenes (the metric suite).")
+    ] = False,
+    reward: Annotated[
+        list[str] | None, typer.Option(help="A reward whose mean (with a CI) to report; repeatable.")
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option(help="A model to report the win rate against (same prompts and seeds).")
+    ] = None,
+    judge: Annotated[
+        str, typer.Option(help="The win-rate judge: panel (gold raters), panel:GROUP, or a reward spec.")
+    ] = "panel",
+    kl_base: Annotated[
+        str | None, typer.Option(help="Report the KL to this model from trajectories (needs --eta > 0).")
+    ] = None,
 ) -> None:
-    """Sample ShapesEval with a model, in GenEval's layout, and score it."""
+    """Sample ShapesEval with a model, in GenEval's layout, and score it; with --suite, --reward,
+    --baseline or --kl-base, also the metric suite (diversity, FID/KID, rewards, win rate, KL)."""
     from rich.progress import Progress
 
     from diffalign.evaluate.shapeseval_run import evaluate_on_shapeseval
@@ -236,6 +258,9 @@ def eval_cmd(
     m = _load(model, device)
     config = _sampler_config(sampler, steps, guidance, eta, noise_level, m)
     metadata = _metadata(prompts)
+    from diffalign.cli.steer import eval_sample_fn
+
+    sample_fn = eval_sample_fn(steer, steer_reward, budget_nfe, steer_set, config, seed, device)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("sampling", total=1)
         results = evaluate_on_shapeseval(
@@ -247,11 +272,95 @@ def eval_cmd(
             seed,
             metadata=metadata,
             on_batch=lambda done, total: progress.update(task, completed=done, total=total),
+            sample_fn=sample_fn,
         )
+    steered = f", steered by {steer} on {steer_reward}" if steer else ""
     Console().print(
-        _score_table(results, f"ShapesEval: {model} ({config.sampler}, {steps} steps, guidance {guidance})")
+        _score_table(
+            results, f"ShapesEval: {model} ({config.sampler}, {steps} steps, guidance {guidance}{steered})"
+        )
     )
+    if suite or reward or baseline or kl_base:
+        results["suite"] = _run_suite(
+            m,
+            metadata,
+            samples_per_prompt,
+            config,
+            seed,
+            batch_size,
+            device,
+            suite,
+            reward,
+            baseline,
+            judge,
+            kl_base,
+        )
+        (Path(out) / "results.json").write_text(json.dumps(results, indent=1))
+        Console().print(_suite_table(results["suite"], model))
     console.print(f"samples and results.json in {out}")
+
+
+def _run_suite(
+    m, metadata, per_prompt, config, seed, batch_size, device, suite, rewards, baseline, judge, kl_base
+):
+    """`evaluate_suite` on the eval's prompts (one sample per prompt and seed, as ShapesEval draws them)."""
+    from diffalign.evaluate.suite import evaluate_suite
+    from diffalign.rewards.registry import RewardSpecError, load_reward
+    from diffalign.world.shapeseval import load_shapeseval
+
+    lines = metadata if metadata is not None else load_shapeseval()
+    prompts = [line["prompt"] for line in lines for _ in range(per_prompt)]
+    judge_reward, group = None, None
+    try:
+        if judge == "panel" or judge.startswith("panel:"):
+            group = judge.partition(":")[2] or None
+        else:
+            judge_reward = load_reward(judge, device=device)
+        named = {spec: load_reward(spec, device=device) for spec in (rewards or [])}
+    except (RewardSpecError, ImportError, OSError, ValueError) as err:
+        _fail(f"--reward/--judge: {err}")
+    try:
+        return evaluate_suite(
+            m,
+            prompts,
+            config,
+            seeds=[seed + i for i in range(len(prompts))],
+            rewards=named,
+            baseline=_load(baseline, device) if baseline else None,
+            judge=judge_reward,
+            judge_group=group,
+            diversity=suite,
+            fid=suite,
+            base=_load(kl_base, device) if kl_base else None,
+            batch_size=batch_size,
+            seed=seed,
+        )
+    except ValueError as err:
+        _fail(str(err))
+
+
+def _suite_table(results: dict, model: str) -> Table:
+    table = Table(title=f"metric suite: {model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, summary in results.get("rewards", {}).items():
+        lo, hi = summary["ci95"]
+        table.add_row(f"reward {name}", f"{summary['mean']:.4f} [{lo:.4f}, {hi:.4f}]")
+    for key, value in _flat_numbers(results, ("rewards",)):
+        table.add_row(key, f"{value:.4f}")
+    return table
+
+
+def _flat_numbers(tree: dict, skip: tuple[str, ...] = (), prefix: str = ""):
+    """(dotted key, number) for every number in a nested result dict, lists of two as intervals skipped."""
+    for key, value in tree.items():
+        if key in skip:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flat_numbers(value, (), f"{name}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            yield name, float(value)
 
 
 @app.command("pretrain")
@@ -345,11 +454,15 @@ def demo_cmd(
 
 
 def _register_subcommands() -> None:
-    from diffalign.cli import align, prefs, reward
+    # align_backprop, align_pg and overopt register their commands when imported.
+    from diffalign.cli import align, align_backprop, align_pg, collect, overopt, prefs, reward, steer
 
+    del align_backprop, align_pg, overopt
     app.add_typer(prefs.app, name="prefs")
     app.add_typer(reward.app, name="reward")
     app.add_typer(align.app, name="align")
+    app.add_typer(steer.app, name="steer")
+    app.add_typer(collect.app, name="collect")
 
 
 _register_subcommands()

@@ -1,4 +1,5 @@
-"""`diffalign align ...` commands: fine-tune a model on preferences (Diffusion-DPO, Diffusion-KTO)."""
+"""`diffalign align ...` commands: fine-tune a model on preferences (Diffusion-DPO, Diffusion-KTO, online DPO,
+SPIN-Diffusion)."""
 
 from __future__ import annotations
 
@@ -125,3 +126,132 @@ def kto_cmd(
 ) -> None:
     """Diffusion-KTO (Li et al. 2024): the store's winners as liked, losers as disliked images."""
     _run("kto", store, out, model, config, overrides, resume, device, source)
+
+
+LabellerOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Who labels the pairs: 'panel' (simulated raters) or a reward spec (default: the config's)."
+    ),
+]
+
+
+def _rounds_overrides(model: str | None, device: str | None, extra: dict[str, str | None]) -> list[str]:
+    items = [f"dpo.model={model}"] if model is not None else []
+    if device is not None:
+        items.append(f"dpo.runtime.device={device}")
+    items += [f"{key}={value}" for key, value in extra.items() if value is not None]
+    return items
+
+
+def _print_round(line: dict) -> None:
+    final = line.get("final", {})
+    acc = final.get("implicit_acc")
+    console.print(
+        f"round {line['round']}: {line.get('train_pairs', line.get('examples'))} pairs, "
+        + (f"implicit accuracy {acc:.3f}" if acc is not None else "trained")
+    )
+
+
+def _finish_rounds(train, out: Path) -> None:
+    from diffalign.align.dpo import PreferenceDataError
+    from diffalign.align.guard import NonFiniteError
+    from diffalign.align.run_dir import RunDirError
+    from diffalign.prefs.store import StoreError
+    from diffalign.rewards.registry import RewardSpecError
+
+    try:
+        train()
+    except (PreferenceDataError, RunDirError, NonFiniteError, StoreError, RewardSpecError, ValueError) as err:
+        fail(f"{err}")
+    except FileNotFoundError as err:
+        fail(str(err))
+    console.print(f"[bold green]run folder:[/] {out} (model: {out / 'model'}; use --model {out})")
+
+
+@app.command("online-dpo")
+def online_dpo_cmd(
+    out: OutOpt,
+    overrides: OverridesArg = None,
+    model: ModelOpt = None,
+    labeller: LabellerOpt = None,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Online Diffusion-DPO: rounds of sampling pairs from the current model, labelling them, training.
+
+    Overrides are OnlineDPOConfig fields (rounds=4 pairs_per_round=500 reference_every=1) and the
+    per-round DPO config under dpo. (dpo.steps=100 dpo.beta=2000)."""
+    from diffalign.align.config_io import ConfigError, load_config
+    from diffalign.align.online_dpo import OnlineDPOConfig, train_online_dpo
+
+    extra = _rounds_overrides(model, device, {"labeller": labeller})
+    try:
+        cfg = load_config(OnlineDPOConfig, config, [*(overrides or []), *extra])
+    except ConfigError as err:
+        fail(str(err))
+    console.print(
+        f"online DPO: {cfg.rounds} rounds x {cfg.pairs_per_round} pairs labelled by {cfg.labeller}; "
+        f"run folder {out}"
+    )
+    _finish_rounds(
+        lambda: train_online_dpo(cfg, out, resume=resume, show_progress=True, on_round=_print_round), out
+    )
+
+
+@app.command("spin")
+def spin_cmd(
+    out: OutOpt,
+    overrides: OverridesArg = None,
+    store: Annotated[
+        str | None, typer.Option(help="Real images: the preferred images of this store's pairs.")
+    ] = None,
+    world: Annotated[
+        int, typer.Option(help="Real images: this many scenes rendered by the Shapes world instead.")
+    ] = 0,
+    limit: Annotated[
+        int, typer.Option(help="Use at most this many real examples from --store (0: all).")
+    ] = 0,
+    source: SourceOpt = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = None,
+) -> None:
+    """Self-play fine-tuning (SPIN-Diffusion): real images against the model's own, no reward model.
+
+    Overrides are SPINConfig fields (rounds=3) and the per-round DPO config under dpo. (dpo.steps=100)."""
+    from diffalign.align.config_io import ConfigError, load_config
+    from diffalign.align.spin import SPINConfig, real_from_pairs, real_from_world, train_spin
+    from diffalign.models.registry import UnsupportedModelError, resolve_model_folder
+    from diffalign.models.tiny import TinyDiffusionModel
+    from diffalign.prefs.store import PreferenceStore, StoreError
+
+    if (store is None) == (world == 0):
+        fail("give exactly one source of real images: --store PREFS or --world N")
+    try:
+        cfg = load_config(SPINConfig, config, [*(overrides or []), *_rounds_overrides(model, device, {})])
+    except ConfigError as err:
+        fail(str(err))
+    try:
+        size = TinyDiffusionModel.load(resolve_model_folder(cfg.dpo.model)).latent_shape[-1]
+    except (FileNotFoundError, UnsupportedModelError) as err:
+        fail(str(err))
+    if store is not None:
+        if "://" not in store and not Path(store).is_file():
+            fail(f"--store {store}: no such preference store")
+        try:
+            pairs = PreferenceStore.open(store, create=False).pairs(
+                size=size, include_ties=False, source=source
+            )
+        except StoreError as err:
+            fail(f"--store {store}: {err}")
+        make_real = lambda: real_from_pairs(pairs, limit, source=f"store:{store}")  # noqa: E731
+    else:
+        make_real = lambda: real_from_world(world, size, seed=cfg.dpo.runtime.seed)  # noqa: E731
+    console.print(f"SPIN: {cfg.rounds} rounds; run folder {out}")
+    _finish_rounds(
+        lambda: train_spin(cfg, make_real(), out, resume=resume, show_progress=True, on_round=_print_round),
+        out,
+    )

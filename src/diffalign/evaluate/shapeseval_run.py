@@ -16,6 +16,10 @@ from diffalign.world.grammar import Metadata
 from diffalign.world.render import to_uint8
 from diffalign.world.shapeseval import load_shapeseval
 
+#: A sampler hook: (model, prompts, seeds, sampler config) -> images [B, 3, H, W] in [0, 1]; e.g. a
+#: steered sampler from `diffalign.steer.steered_sample_fn`. None samples plainly with `sample`.
+SampleFn = Callable[[DiffusionModel, list[str], list[int], SamplerConfig], torch.Tensor]
+
 
 def sample_layout(
     model: DiffusionModel,
@@ -26,6 +30,7 @@ def sample_layout(
     batch_size: int = 64,
     seed: int = 0,
     on_batch: Callable[[int, int], None] | None = None,
+    sample_fn: SampleFn | None = None,
 ) -> Path:
     """Write `samples_per_prompt` samples of every prompt in GenEval's layout under `out_dir`.
 
@@ -40,9 +45,12 @@ def sample_layout(
         chunk = jobs[start : start + batch_size]
         prompts = [lines[i]["prompt"] for i, _ in chunk]
         seeds = [seed + i * samples_per_prompt + j for i, j in chunk]
-        with torch.no_grad():
-            traj = sample(model, prompts, config=sampler, seeds=seeds)
-        for (i, _), image in zip(chunk, to_uint8(traj.images)):
+        if sample_fn is None:
+            with torch.no_grad():
+                batch_images = sample(model, prompts, config=sampler, seeds=seeds).images
+        else:
+            batch_images = sample_fn(model, prompts, seeds, sampler)
+        for (i, _), image in zip(chunk, to_uint8(batch_images)):
             images.setdefault(i, []).append(image)
             if len(images[i]) == samples_per_prompt:
                 write_prompt_folder(out, i, lines[i], images.pop(i))
@@ -60,11 +68,13 @@ def evaluate_on_shapeseval(
     seed: int = 0,
     metadata: list[Metadata] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    sample_fn: SampleFn | None = None,
 ) -> dict:
-    """Sample, score, and write `out_dir/results.json`; returns the results (with timings)."""
+    """Sample (with `sample_fn` if given), score, and write `out_dir/results.json`; returns the results
+    (with timings)."""
     out = Path(out_dir)
     t0 = time.time()
-    sample_layout(model, out, sampler, metadata, samples_per_prompt, batch_size, seed, on_batch)
+    sample_layout(model, out, sampler, metadata, samples_per_prompt, batch_size, seed, on_batch, sample_fn)
     t1 = time.time()
     results = score_folder(out)
     results["timing"] = {"sampling_s": t1 - t0, "scoring_s": time.time() - t1}

@@ -3,9 +3,10 @@
 Accepted forms:
 - `base` / `base-flow`: the tiny Shapes-world models shipped inside the package (epsilon / flow);
 - a tiny-model folder (holding `diffalign_model.json`), or a run folder whose `model/` subfolder
-  is one (what `diffalign pretrain` writes).
-Diffusers pipelines (Stable Diffusion and SD3 families) plug in through the same interface; their
-adapters are not part of this release, and a pipeline folder is refused with a message saying so.
+  is one (what `diffalign pretrain` writes);
+- a diffusers pipeline folder (holding `model_index.json`; also as a run's `model/`), or the id of a
+  Hugging Face repository in the local cache (no download): Stable Diffusion 1.x/2.x, XL and 3,
+  wrapped by `diffalign.models.diffusers_adapters` (imported only when such a model is named).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ BUILTIN = {"base": "base", "base-flow": "base-flow"}
 
 
 class UnsupportedModelError(ValueError):
-    """A model folder of a kind this release cannot load (a diffusers pipeline)."""
+    """A model folder of a kind this release cannot load (a diffusers pipeline without an adapter)."""
+
+
+PIPELINE_FILE = "model_index.json"  # a diffusers pipeline folder
 
 
 def builtin_path(name: str) -> Path:
@@ -39,22 +43,33 @@ def resolve_model_folder(spec: str) -> Path:
         return folder
     path = Path(spec)
     if not path.exists():
+        from diffalign.models.diffusers_adapters.loading import cached_snapshot, looks_like_repo_id
+
+        if looks_like_repo_id(spec):
+            return cached_snapshot(spec)  # FileNotFoundError naming the id and the cache when absent
         raise FileNotFoundError(
-            f"--model {spec!r}: no such folder; expected 'base', 'base-flow', a model folder or a run folder"
+            f"--model {spec!r}: no such folder; expected 'base', 'base-flow', a model folder, a run folder, "
+            "a diffusers pipeline folder or a Hugging Face id in the local cache"
         )
-    if (path / MODEL_FILE).is_file():
-        return path
-    if (path / "model" / MODEL_FILE).is_file():
-        return path / "model"
-    if (path / "model_index.json").is_file():
-        raise UnsupportedModelError(
-            f"--model {spec!r} is a diffusers pipeline; diffusers adapters are not part of this release"
-        )
-    raise FileNotFoundError(f"--model {spec!r}: no {MODEL_FILE} in it or in its model/ subfolder")
+    for folder in (path, path / "model"):
+        if (folder / MODEL_FILE).is_file() or (folder / PIPELINE_FILE).is_file():
+            return folder
+    raise FileNotFoundError(
+        f"--model {spec!r}: no {MODEL_FILE} or {PIPELINE_FILE} in it or in its model/ subfolder"
+    )
 
 
-def load_model(spec: str, device: torch.device | str = "cpu") -> TinyDiffusionModel:
-    """Load the model named by `spec` onto `device`, in eval mode."""
-    model = TinyDiffusionModel.load(resolve_model_folder(spec), device=device)
+def load_model(spec: str, device: torch.device | str = "cpu", diffusers_options=None):
+    """Load the model named by `spec` onto `device`, in eval mode: a `TinyDiffusionModel`, or a
+    diffusers adapter (`diffusers_options`: an `AdapterConfig` with its dtype and memory options)."""
+    folder = resolve_model_folder(spec)
+    if (folder / PIPELINE_FILE).is_file():
+        from diffalign.models.diffusers_adapters.loading import UnsupportedPipelineError, load_adapter
+
+        try:
+            return load_adapter(folder, device=device, config=diffusers_options)
+        except UnsupportedPipelineError as error:
+            raise UnsupportedModelError(f"--model {spec!r}: {error}") from error
+    model = TinyDiffusionModel.load(folder, device=device)
     model.unet.eval()
     return model

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from diffalign.diffusion.protocol import Conditioning
 from diffalign.diffusion.schedules import DDPMSchedule, FlowSchedule
+from diffalign.models.reference import FrozenReference
 from diffalign.models.tiny_unet import TinyUNet
 from diffalign.models.tokenizer import ShapesTokenizer
 
@@ -44,7 +45,7 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
-class TinyDiffusionModel:
+class TinyDiffusionModel(FrozenReference):
     """A `DiffusionModel` for the Shapes world (see the module doc)."""
 
     def __init__(
@@ -186,26 +187,20 @@ class TinyDiffusionModel:
             out = (1 - abar).sqrt() * x_t.float() + abar.sqrt() * out.float()
         return out
 
+    @property
+    def denoiser(self) -> nn.Module:
+        """The trained network (the protocol's name for it; `unet` here)."""
+        return self.unet
+
+    def call_network(self, unet: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        """The prediction of `unet` (this model's network or its frozen reference copy)."""
+        return self._call(unet, x_t, t, cond)
+
     def _call(self, unet: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         return self.forward_network(unet, x_t, t, cond.tensors["input_ids"], cond.tensors["attention_mask"])
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         return self._call(self.unet, x_t, t, cond)
-
-    def freeze_reference(self) -> None:
-        """Fix the reference model now: a frozen copy of the current weights (nothing for LoRA, whose
-        reference is the adapters switched off). Trainers call this before any step or checkpoint load,
-        so that a resumed run's reference is the base model, not its half-trained weights."""
-        if not self.lora and self._reference is None:
-            self._reference = copy.deepcopy(self.unet).requires_grad_(False).eval()
-
-    def reference_predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        with torch.no_grad():
-            if self.lora:
-                with self.adapters_disabled():
-                    return self._call(self.unet, x_t, t, cond)
-            self.freeze_reference()
-            return self._call(self._reference, x_t, t, cond)
 
     def encode(self, images: Tensor) -> Tensor:
         return images.to(self.device) * 2.0 - 1.0

@@ -179,6 +179,18 @@ def _insert_ignore(conn: Connection, table, values: dict, conflict: list[str], r
     return conn.execute(statement, values)
 
 
+def _make_staging(folder: Path, attempts: int = 20) -> None:
+    """Create this write's staging folder. Another writer removes the shared `.staging` parent when it
+    finds it empty, which can happen between creating the parent and the child: retry then."""
+    for attempt in range(attempts):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise
+
+
 class _Writer:
     """The state of one write transaction: caches and the staged image files."""
 
@@ -204,7 +216,7 @@ class _Writer:
         fmt, width, height = _inspect_image(data)
         relpath = f"{sha[:2]}/{sha}.{_EXTENSIONS[fmt]}"
         if not self.staged:
-            self.staging.mkdir(parents=True, exist_ok=True)
+            _make_staging(self.staging)
         staged = self.staging / f"{sha}.{_EXTENSIONS[fmt]}"
         staged.write_bytes(data)
         self.staged[sha] = staged

@@ -1,0 +1,74 @@
+"""The run-folder steps every trainer takes with Accelerate, in one place.
+
+Each trainer (`dpo.py`, `policy_gradient.py`, `reward_backprop.py`) keeps its own explicit loop; these
+are the three moments where every process must act in the same order:
+- `begin_run`: every process checks the folder against the run record, then the main one writes it;
+- `resume_weights`: the latest checkpoint's trainable weights, loaded into the network before
+  `accelerator.prepare` (the optimiser state and RNG are the trainer's to restore after it);
+- `save_training_checkpoint`: the main process opens the checkpoint, every process writes its own
+  state, the main process writes weights and optimiser and renames the folder into place.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from diffalign.align.run_dir import Checkpoint, RunDir, RunDirError
+
+
+def trainable_state(network: nn.Module) -> dict[str, Tensor]:
+    """The weights the optimiser updates (all of them, or the LoRA adapters), by name."""
+    return {name: p.detach() for name, p in network.named_parameters() if p.requires_grad}
+
+
+def begin_run(run: RunDir, record: dict, resume: bool, accelerator) -> None:
+    """Check the run folder on every process (`RunDir.start`), then write config.json on the main one."""
+    run.start(record, resume, write=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        run.write_record(record)
+
+
+def resume_weights(run: RunDir, record: dict, accelerator, network: nn.Module) -> Checkpoint:
+    """Load the latest checkpoint (this process's state included) and its trainable weights into
+    `network`; errors name the folder when there is none or its weights do not fit."""
+    latest = run.latest_checkpoint()
+    if latest is None:
+        raise RunDirError(f"--resume: no checkpoint under {run.checkpoints}")
+    checkpoint = run.load_checkpoint(latest, record, accelerator.process_index)
+    if set(checkpoint.weights) != set(trainable_state(network)):
+        raise RunDirError(f"checkpoint {latest}: its weights do not match the model's trainable weights")
+    network.load_state_dict(checkpoint.weights, strict=False)
+    return checkpoint
+
+
+def save_training_checkpoint(
+    run: RunDir,
+    accelerator,
+    step: int,
+    *,
+    network: nn.Module,
+    optimizer,
+    data_cursor: int,
+    record: dict,
+    keep: int,
+    process_state: dict,
+    extra: dict | None = None,
+) -> None:
+    """Write checkpoint `step` from every process (see the module doc); returns when all are done."""
+    if accelerator.is_main_process:
+        run.begin_checkpoint(step)
+    accelerator.wait_for_everyone()
+    run.write_process_state(run.checkpoint_tmp(step), accelerator.process_index, process_state)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        run.finish_checkpoint(
+            step,
+            weights=trainable_state(network),
+            optimizer=optimizer.state_dict(),
+            data_cursor=data_cursor,
+            record=record,
+            extra=extra,
+            keep=keep,
+        )
+    accelerator.wait_for_everyone()

@@ -1,0 +1,109 @@
+"""`diffalign align alignprop|draft|draft-lv|refl`: reward-backpropagation fine-tuning with a
+differentiable reward (registered onto the `align` command group)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffalign.cli.align import ConfigOpt, DeviceOpt, ModelOpt, OutOpt, OverridesArg, ResumeOpt, app
+from diffalign.cli.align_pg import PromptsOpt, RewardOpt
+from diffalign.cli.common import console, fail
+
+
+def _run_backprop(
+    method: str,
+    out: Path,
+    overrides: list[str] | None,
+    model: str | None,
+    reward: str | None,
+    prompts: str | None,
+    config_file: Path | None,
+    resume: bool,
+    device: str | None,
+) -> None:
+    from diffalign.align.backprop_config import BackpropConfig
+    from diffalign.align.config_io import ConfigError, load_config
+    from diffalign.align.guard import NonFiniteError
+    from diffalign.align.prompts import PromptSourceError
+    from diffalign.align.reward_backprop import train_backprop
+    from diffalign.align.run_dir import RunDirError
+    from diffalign.align.tracking import read_metrics
+    from diffalign.models.registry import UnsupportedModelError
+    from diffalign.rewards.protocol import NotDifferentiableError
+    from diffalign.rewards.registry import RewardSpecError
+
+    extra = [f"method={method}"]
+    for key, value in (
+        ("model", model),
+        ("reward", reward),
+        ("prompts", prompts),
+        ("runtime.device", device),
+    ):
+        if value is not None:
+            extra.append(f"{key}={value}")
+    try:
+        config = load_config(BackpropConfig, config_file, [*(overrides or []), *extra])
+    except ConfigError as err:
+        fail(str(err))
+    if not config.reward:
+        fail("--reward: reward backpropagation needs a differentiable reward (e.g. a reward-model folder)")
+    console.print(
+        f"{method}: {config.steps} steps x {config.batch_size} prompts, reward {config.reward}; "
+        f"run folder {out}"
+    )
+    try:
+        train_backprop(config, out, resume=resume, show_progress=True)
+    except NotDifferentiableError as err:
+        fail(f"--reward: {err}")
+    except (FileNotFoundError, UnsupportedModelError, RewardSpecError, PromptSourceError) as err:
+        fail(str(err))
+    except (RunDirError, NonFiniteError, ValueError) as err:
+        fail(str(err))
+    lines = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+    if lines:
+        last = lines[-1]
+        gold = f", gold {last['gold_mean']:.3f}" if "gold_mean" in last else ""
+        console.print(
+            f"step {last['step']}: reward {last['reward_mean']:.3f}{gold}, "
+            f"{last['reward_queries']} reward queries"
+        )
+    if (out / "model").is_dir():
+        console.print(f"[bold green]run folder:[/] {out} (model: {out / 'model'}; use --model {out})")
+    else:
+        console.print(f"[bold]stopped:[/] resume with --resume --out {out}")
+
+
+def _command(method: str, summary: str) -> None:
+    """Register `diffalign align METHOD` (the four methods share their options)."""
+
+    def command(
+        out: OutOpt,
+        overrides: OverridesArg = None,
+        model: ModelOpt = None,
+        reward: RewardOpt = None,
+        prompts: PromptsOpt = None,
+        config: ConfigOpt = None,
+        resume: ResumeOpt = False,
+        device: DeviceOpt = None,
+    ) -> None:
+        _run_backprop(method, out, overrides, model, reward, prompts, config, resume, device)
+
+    command.__doc__ = summary
+    app.command(method)(command)
+
+
+_command(
+    "alignprop",
+    "AlignProp (Prabhudesai et al. 2023): reward gradients through the last K sampling steps, K random "
+    "(truncation_range), with gradient checkpointing.",
+)
+_command("draft", "DRaFT-K (Clark et al. 2024): reward gradients through the last draft_k sampling steps.")
+_command(
+    "draft-lv",
+    "DRaFT-LV (Clark et al. 2024): the last step applied to lv_samples re-noised copies of each sample.",
+)
+_command(
+    "refl",
+    "ReFL (Xu et al. 2023): a random late step's x0 prediction scored, plus the pre-training loss on "
+    "Shapes-world images (pretrain_weight).",
+)

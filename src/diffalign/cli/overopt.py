@@ -1,0 +1,93 @@
+"""`diffalign overopt RUN_DIR`: gold and proxy reward against sqrt(KL to base) over a run's checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from diffalign.cli import app
+from diffalign.cli.common import console, fail, resolve_device
+
+
+@app.command("overopt")
+def overopt_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A trainer's run folder (config.json + checkpoints/).")],
+    gold: Annotated[str, typer.Option(help="The gold reward (e.g. gold-panel, shapes:faithfulness).")],
+    proxy: Annotated[str, typer.Option(help="The proxy reward the run optimised (a reward spec).")],
+    ensemble: Annotated[
+        Path | None,
+        typer.Option(help="A reward-ensemble folder: adds its uncertainty-penalised reward (mean - k std)."),
+    ] = None,
+    k: Annotated[float, typer.Option(help="The ensemble's uncertainty penalty k.")] = 1.0,
+    form: Annotated[str, typer.Option(help="Gao et al.'s form to fit: rl (d(a - b log d)) or bon.")] = "rl",
+    num_prompts: Annotated[int, typer.Option(help="Samples per checkpoint (Shapes-world prompts).")] = 64,
+    prompts_file: Annotated[
+        Path | None, typer.Option(help="Prompts from a file (PartiPrompts/DrawBench/HPSv2/one per line).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the prompt draw and the samples.")] = 0,
+    steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
+    eta: Annotated[float, typer.Option(help="DDIM eta (> 0: KL needs a stochastic sampler).")] = 1.0,
+    noise_level: Annotated[float, typer.Option(help="Flow SDE noise level (flow models).")] = 0.7,
+    max_checkpoints: Annotated[int | None, typer.Option(help="Use at most this many checkpoints.")] = None,
+    batch_size: int = 64,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN_DIR/overopt).")] = None,
+    device: str = "auto",
+) -> None:
+    """Fit Gao et al. (2022)'s over-optimisation curves to a run and report where to stop."""
+    from diffalign.diffusion.sampling import SamplerConfig
+    from diffalign.evaluate.overopt import FORMS, analyse, checkpoint_points, run_base, write_report
+    from diffalign.evaluate.prompt_sets import PromptSetError, read_prompt_set, world_prompts
+    from diffalign.models.registry import load_model
+    from diffalign.rewards.registry import RewardSpecError, load_reward
+
+    if form not in FORMS:
+        fail(f"--form must be one of {FORMS}, got {form!r}")
+    if num_prompts < 2:
+        fail(f"--num-prompts must be >= 2, got {num_prompts}")
+    dev = resolve_device(device)
+    try:
+        info = run_base(run_dir)
+        rewards = {"proxy": load_reward(proxy, device=dev), "gold": load_reward(gold, device=dev)}
+        if ensemble is not None:
+            from diffalign.rewards.ensemble import RewardEnsemble, UncertaintyPenalisedReward
+
+            rewards["penalised"] = UncertaintyPenalisedReward(RewardEnsemble.load(ensemble, dev), k)
+        prompts = read_prompt_set(prompts_file).prompts if prompts_file else world_prompts(num_prompts, seed)
+        prediction_type = load_model(info["reference"], device=dev).prediction_type
+    except (FileNotFoundError, ValueError, RewardSpecError, PromptSetError) as err:
+        fail(str(err))
+    config = SamplerConfig.for_prediction_type(
+        prediction_type, num_steps=steps, eta=eta, noise_level=noise_level
+    )
+    seeds = [seed * 1_000_003 + i for i in range(len(prompts))]
+
+    def show(point) -> None:
+        console.print(
+            f"step {point.step}: KL {point.kl:.3f} +- {point.kl_stderr:.3f}, proxy {point.proxy:.4f}, "
+            f"gold {point.gold:.4f}"
+            + ("" if point.penalised is None else f", penalised {point.penalised:.4f}")
+        )
+
+    try:
+        points = checkpoint_points(
+            run_dir, rewards, prompts, config, seeds, batch_size, dev, max_checkpoints, show
+        )
+        report = analyse(points, form)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        fail(str(err))
+    report["run_dir"] = str(run_dir)
+    report["rewards"] = {
+        "gold": gold,
+        "proxy": proxy,
+        "ensemble": None if ensemble is None else str(ensemble),
+        "k": k,
+    }
+    json_path, png_path = write_report(report, out or Path(run_dir) / "overopt")
+    peak = report["fitted_peak"]
+    console.print(
+        f"gold peaks at step {report['stop_step']} (gold {report['gold_peak']['gold']:.4f}); fitted d* = "
+        + ("none (no peak in the fit)" if peak is None else f"{peak['d']:.3f}")
+    )
+    console.print(f"wrote {json_path} and {png_path}")

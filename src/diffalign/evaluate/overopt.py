@@ -1,0 +1,400 @@
+"""Reward over-optimisation analysis (Gao, Schulman & Hilton 2022, "Scaling Laws for Reward Model
+Overoptimization").
+
+Optimising a proxy reward moves the policy away from the base model; Gao et al. measure the distance as
+d = sqrt(KL(pi || pi_base)) and find the gold reward (relative to the base model's) follows
+- RL:         R(d) = d (a - b log d)   (their eq. 2, R_RL),
+- best-of-n:  R(d) = d (a - b d)       (their eq. 1, R_bon), with KL_bon = log n - (n - 1) / n,
+while the proxy keeps rising. The gold curve peaks where dR/dd = 0: d* = exp(a / b - 1) with
+R* = b d* (RL), d* = a / (2 b) with R* = a^2 / (4 b) (best-of-n); past d* more optimisation lowers
+the true reward, so the checkpoint nearest d* is where to stop.
+
+Here:
+- `fit_gao` fits a form by least squares (`scipy.optimize.curve_fit`) with standard errors;
+- `analyse` takes (step, KL, proxy, gold[, penalised]) points, centres each reward on the base model's
+  (the point at step 0, where d = 0, required: Gao's forms have R(0) = 0), fits gold and proxy, and
+  reports the gold peak (observed and fitted) and the step to stop at; with the uncertainty-penalised
+  ensemble reward (mean - k std, `diffalign.rewards.ensemble`) it also reports the step that reward
+  would have stopped at and the gold reward there (the mitigation: stopping when the penalised reward
+  peaks instead of the proxy). The penalised reward is evaluated on the run's checkpoints; the run is
+  not retrained with it.
+- `checkpoint_points` builds the points from a run folder's checkpoints: it loads the run's base model,
+  applies each checkpoint's trainable weights, samples the same prompts and seeds, scores the samples
+  with the rewards and estimates KL to the base model from trajectories (`diffalign.evaluate.kl`).
+- `plot_overopt` draws the curves and fits (matplotlib, no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMS: tuple[str, ...] = ("rl", "bon")
+
+
+def gao_rl(d: np.ndarray, a: float, b: float) -> np.ndarray:
+    """R_RL(d) = d (a - b log d) (Gao et al. 2022, eq. 2), 0 at d = 0."""
+    d = np.asarray(d, dtype=np.float64)
+    safe = np.where(d > 0, d, 1.0)
+    return np.where(d > 0, d * (a - b * np.log(safe)), 0.0)
+
+
+def gao_bon(d: np.ndarray, a: float, b: float) -> np.ndarray:
+    """R_bon(d) = d (a - b d) (Gao et al. 2022, eq. 1)."""
+    d = np.asarray(d, dtype=np.float64)
+    return d * (a - b * d)
+
+
+def bon_kl(n: int) -> float:
+    """The KL of best-of-n sampling to the base distribution: log n - (n - 1) / n."""
+    if n < 1:
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+FORM_FUNCTIONS: dict[str, Callable[..., np.ndarray]] = {"rl": gao_rl, "bon": gao_bon}
+
+
+@dataclass
+class GaoFit:
+    """A fitted Gao et al. curve.
+
+    Attributes:
+        form: "rl" or "bon".
+        a, b: the fitted coefficients.
+        a_stderr, b_stderr: their standard errors (sqrt of the covariance diagonal; NaN when the fit
+            has no residual degrees of freedom).
+        peak_d: d* where the curve peaks (None when b <= 0, or for the RL form when d* > e^50: no
+            peak, the curve keeps rising).
+        peak_reward: R(d*) (None without a peak).
+        rmse: root-mean-square residual of the fit.
+    """
+
+    form: str
+    a: float
+    b: float
+    a_stderr: float
+    b_stderr: float
+    peak_d: float | None
+    peak_reward: float | None
+    rmse: float
+
+    def __call__(self, d: np.ndarray) -> np.ndarray:
+        return FORM_FUNCTIONS[self.form](d, self.a, self.b)
+
+
+def fit_gao(
+    d: Sequence[float] | np.ndarray, reward: Sequence[float] | np.ndarray, form: str = "rl"
+) -> GaoFit:
+    """Least-squares fit of R(d) (rewards relative to the base model's) with scipy's curve_fit."""
+    from scipy.optimize import curve_fit
+
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    x = np.asarray(d, dtype=np.float64).reshape(-1)
+    y = np.asarray(reward, dtype=np.float64).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"fit_gao: {x.size} distances but {y.size} rewards")
+    if (x < 0).any() or not np.isfinite(x).all() or not np.isfinite(y).all():
+        raise ValueError("fit_gao: distances must be finite and >= 0, rewards finite")
+    if int((x > 0).sum()) < 2:
+        raise ValueError("fit_gao needs at least two points with d > 0")
+    func = FORM_FUNCTIONS[form]
+    # Initial guess: a from the first slope, b small and positive.
+    first = x > 0
+    a0 = float(np.median(y[first] / x[first]))
+    params, cov = curve_fit(func, x, y, p0=(a0, 0.1 * abs(a0) + 1e-3), maxfev=20000)
+    a, b = (float(v) for v in params)
+    with np.errstate(invalid="ignore"):
+        stderr = np.sqrt(np.diag(cov)) if np.isfinite(cov).all() else np.full(2, np.nan)
+    peak_d = peak_reward = None
+    if b > 0:
+        if form == "rl":
+            # log d* = a / b - 1; a peak past d = e^50 (b ~ 0: a straight line) is no peak at all.
+            if a / b - 1 < 50:
+                peak_d = math.exp(a / b - 1)
+                peak_reward = b * peak_d
+        else:
+            peak_d = a / (2 * b)
+            peak_reward = a * a / (4 * b)
+    rmse = float(np.sqrt(np.mean((func(x, a, b) - y) ** 2)))
+    return GaoFit(form, a, b, float(stderr[0]), float(stderr[1]), peak_d, peak_reward, rmse)
+
+
+@dataclass
+class OveroptPoint:
+    """One checkpoint's measurements.
+
+    Attributes:
+        step: optimiser steps (0: the base model).
+        kl: estimated KL to the base model (nats).
+        kl_stderr: its standard error.
+        proxy: mean proxy (training) reward of the checkpoint's samples.
+        gold: mean gold reward of the same samples.
+        penalised: mean uncertainty-penalised ensemble reward, or None.
+    """
+
+    step: int
+    kl: float
+    kl_stderr: float
+    proxy: float
+    gold: float
+    penalised: float | None = None
+
+    @property
+    def d(self) -> float:
+        """sqrt(KL), clipped at 0 (a Monte Carlo KL estimate can be slightly negative)."""
+        return math.sqrt(max(self.kl, 0.0))
+
+
+def _stop_step(steps: list[int], values: np.ndarray) -> int:
+    return steps[int(np.argmax(values))]
+
+
+def analyse(points: Sequence[OveroptPoint], form: str = "rl") -> dict:
+    """Fits and stopping points from measured checkpoints (see the module doc).
+
+    Returns a JSON-ready dict: "points", "form", "fits" ({"gold", "proxy"[, "penalised"]} as
+    `GaoFit` dicts, on rewards relative to step 0), "gold_peak" (the observed best checkpoint: step,
+    d, gold), "fitted_peak" (d*, R* + base gold, and the first checkpoint at or past d*, or None when the
+    run stops short of it), "stop_step" (the observed best gold step) and, with penalised rewards,
+    "penalised_stop" (the step where the penalised reward peaks and the gold reward there).
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    pts = sorted(points, key=lambda p: p.step)
+    if not pts or pts[0].step != 0:
+        raise ValueError("analyse needs the base model's point at step 0 (rewards are relative to it)")
+    if len(pts) < 3:
+        raise ValueError(f"analyse needs at least 3 points (the base and two checkpoints), got {len(pts)}")
+    steps = [p.step for p in pts]
+    d = np.array([p.d for p in pts])
+    gold = np.array([p.gold for p in pts])
+    proxy = np.array([p.proxy for p in pts])
+    fits = {"gold": fit_gao(d, gold - gold[0], form), "proxy": fit_gao(d, proxy - proxy[0], form)}
+    best = int(np.argmax(gold))
+    out: dict = {
+        "form": form,
+        "points": [{**asdict(p), "d": p.d} for p in pts],
+        "gold_peak": {"step": steps[best], "d": float(d[best]), "gold": float(gold[best])},
+        "stop_step": steps[best],
+    }
+    fitted = fits["gold"]
+    peak: dict | None = None
+    if fitted.peak_d is not None:
+        past = [s for s, di in zip(steps, d) if di >= fitted.peak_d]
+        peak = {
+            "d": fitted.peak_d,
+            "gold": float(gold[0] + fitted.peak_reward),
+            "first_step_past_peak": past[0] if past else None,
+        }
+    out["fitted_peak"] = peak
+    if all(p.penalised is not None for p in pts):
+        penalised = np.array([p.penalised for p in pts], dtype=np.float64)
+        fits["penalised"] = fit_gao(d, penalised - penalised[0], form)
+        stop = int(np.argmax(penalised))
+        out["penalised_stop"] = {"step": steps[stop], "gold": float(gold[stop]), "d": float(d[stop])}
+        proxy_stop = int(np.argmax(proxy))
+        out["proxy_stop"] = {
+            "step": steps[proxy_stop],
+            "gold": float(gold[proxy_stop]),
+            "d": float(d[proxy_stop]),
+        }
+    out["fits"] = {name: asdict(fit) for name, fit in fits.items()}
+    return out
+
+
+def plot_overopt(report: dict, path: str | Path) -> Path:
+    """Gold, proxy (and penalised) reward against d = sqrt(KL), with the fitted curves; writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = report["points"]
+    d = np.array([p["d"] for p in pts])
+    grid = np.linspace(0, max(float(d.max()), 1e-6) * 1.1, 200)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    series = [("gold", "tab:orange"), ("proxy", "tab:blue"), ("penalised", "tab:green")]
+    for name, colour in series:
+        if name not in report["fits"]:
+            continue
+        values = np.array([p[name] for p in pts], dtype=np.float64)
+        fit = GaoFit(**report["fits"][name])
+        ax.plot(d, values - values[0], "o", color=colour, label=f"{name} (measured)")
+        ax.plot(
+            grid, fit(grid), "-", color=colour, alpha=0.7, label=f"{name} fit a={fit.a:.3g} b={fit.b:.3g}"
+        )
+    peak = report.get("fitted_peak")
+    if peak is not None:
+        ax.axvline(peak["d"], color="tab:orange", linestyle=":", label=f"gold peak d*={peak['d']:.3g}")
+    ax.set_xlabel("d = sqrt(KL to base) (nats^0.5)")
+    ax.set_ylabel("reward - base model's reward")
+    ax.set_title(f"Over-optimisation ({report['form']} form, Gao et al. 2022)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write overopt.json and overopt.png under `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "overopt.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return json_path, plot_overopt(report, out / "overopt.png")
+
+
+# --- measuring a run's checkpoints ---------------------------------------------------------------------
+
+
+def run_base(run_dir: str | Path) -> dict:
+    """The run's base model spec and LoRA settings from RUN_DIR/config.json.
+
+    Returns {"model": spec, "reference": spec of the KL reference, "lora_rank", "lora_alpha"}; the
+    reference is the config's `reference` when set (DPO against an earlier iterate), else the model.
+    """
+    from diffalign.align.run_dir import CONFIG_FILE
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a run folder ({CONFIG_FILE} is missing)")
+    record = json.loads(path.read_text(encoding="utf-8"))
+    config = record.get("config", {})
+    if "model" not in config:
+        raise ValueError(f"{path}: the run record has no config.model")
+    return {
+        "model": config["model"],
+        "reference": config.get("reference") or config["model"],
+        "lora_rank": int(config.get("lora_rank", 0) or 0),
+        "lora_alpha": float(config.get("lora_alpha", 0.0) or 0.0),
+    }
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every finished checkpoint under RUN_DIR/checkpoints, by step."""
+    from diffalign.align.run_dir import CHECKPOINTS, STATE_FILE
+
+    folder = Path(run_dir) / CHECKPOINTS
+    found = []
+    for path in sorted(folder.glob("step-*")) if folder.is_dir() else []:
+        state = path / STATE_FILE
+        if state.is_file():
+            found.append((int(json.loads(state.read_text(encoding="utf-8"))["step"]), path))
+    return sorted(found)
+
+
+def load_checkpoint_model(
+    spec: str, checkpoint: Path, lora_rank: int = 0, lora_alpha: float = 0.0, device="cpu"
+):
+    """The base model `spec` with the checkpoint's trainable weights applied (LoRA adapters when
+    `lora_rank` > 0); tiny models only (they expose `unet`)."""
+    from safetensors.torch import load_file
+
+    from diffalign.align.run_dir import WEIGHTS_FILE
+    from diffalign.models.registry import load_model
+
+    model = load_model(spec, device=device)
+    if not hasattr(model, "unet"):
+        raise ValueError(
+            f"overopt: checkpoints of {type(model).__name__} models are not supported (tiny models only)"
+        )
+    if lora_rank > 0:
+        model.enable_lora(lora_rank, alpha=lora_alpha or None)
+    weights = load_file(str(checkpoint / WEIGHTS_FILE), device=str(device))
+    own = set(model.unet.state_dict())
+    unknown = sorted(set(weights) - own)
+    if unknown:
+        raise ValueError(f"{checkpoint / WEIGHTS_FILE}: weights not in the model: {unknown[:5]}")
+    model.unet.load_state_dict(weights, strict=False)
+    model.unet.eval()
+    return model
+
+
+def measure_point(
+    model, base, step: int, prompts, seeds, config, rewards: dict, batch_size: int = 64
+) -> OveroptPoint:
+    """Sample the prompts once; score the images with `rewards` ({"proxy", "gold"[, "penalised"]})
+    and estimate KL to `base` from the same trajectories."""
+    import torch
+
+    from diffalign.diffusion.sampling import sample
+    from diffalign.evaluate.kl import kl_from_log_probs, trajectory_log_ratios
+
+    prompts = list(prompts)
+    sums = {name: 0.0 for name in rewards}
+    ratios = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            traj = sample(model, chunk, config=config, seeds=list(seeds[i : i + batch_size]))
+            if model is base:  # the base model's KL to itself is 0: skip the recomputation
+                ratios.append(torch.zeros(len(chunk), traj.num_steps, dtype=torch.float64))
+            else:
+                ratios.append(trajectory_log_ratios(model, base, traj))
+            for name, reward in rewards.items():
+                sums[name] += float(reward(traj.images, chunk).double().sum())
+    ratio = torch.cat(ratios)
+    kl = kl_from_log_probs(ratio, torch.zeros_like(ratio), dims=int(np.prod(model.latent_shape)))
+    means = {name: total / len(prompts) for name, total in sums.items()}
+    return OveroptPoint(step, kl.kl, kl.stderr, means["proxy"], means["gold"], means.get("penalised"))
+
+
+def checkpoint_points(
+    run_dir: str | Path,
+    rewards: dict,
+    prompts: Sequence[str],
+    config,
+    seeds: Sequence[int] | None = None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    max_checkpoints: int | None = None,
+    on_point: Callable[[OveroptPoint], None] | None = None,
+) -> list[OveroptPoint]:
+    """The base model (step 0) and every checkpoint of `run_dir`, measured by `measure_point`.
+
+    Args:
+        run_dir: a trainer's run folder (config.json + checkpoints/).
+        rewards: {"proxy": Reward, "gold": Reward[, "penalised": Reward]}.
+        prompts: one sample per entry, the same for every checkpoint.
+        config: a stochastic `SamplerConfig` (KL needs step densities).
+        seeds: per-sample seeds (default 0..n-1), shared by all checkpoints.
+        batch_size: samples per batch.
+        device: where models run.
+        max_checkpoints: keep this many checkpoints, evenly spaced (None: all).
+        on_point: called after each measured point (progress).
+    """
+    from diffalign.models.registry import load_model
+
+    if not config.stochastic:
+        raise ValueError(f"overopt needs a stochastic sampler for KL, got {config.sampler!r}")
+    missing = {"proxy", "gold"} - set(rewards)
+    if missing:
+        raise ValueError(f"overopt: rewards lack {sorted(missing)}")
+    info = run_base(run_dir)
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise FileNotFoundError(f"{Path(run_dir) / 'checkpoints'}: no checkpoints to analyse")
+    if max_checkpoints is not None and len(checkpoints) > max_checkpoints:
+        keep = np.unique(np.linspace(0, len(checkpoints) - 1, max_checkpoints).round().astype(int))
+        checkpoints = [checkpoints[i] for i in keep]
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    base = load_model(info["reference"], device=device)
+    points = [measure_point(base, base, 0, prompts, seeds, config, rewards, batch_size)]
+    if on_point is not None:
+        on_point(points[-1])
+    for step, path in checkpoints:
+        model = load_checkpoint_model(info["model"], path, info["lora_rank"], info["lora_alpha"], device)
+        points.append(measure_point(model, base, step, prompts, seeds, config, rewards, batch_size))
+        if on_point is not None:
+            on_point(points[-1])
+    return points

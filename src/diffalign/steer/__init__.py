@@ -1,0 +1,112 @@
+"""Test-time alignment: steer a frozen diffusion model's sampler towards a reward.
+
+Every method is written against `DiffusionModel` and the sampling loop's callback
+(`diffalign.diffusion.sampling.sample`), so it runs on epsilon, v and flow models alike, and counts its
+compute exactly (`budget`). One module per method:
+
+- `bon`: best-of-N;                 - `search`: random and zero-order search over initial noises;
+- `guidance`: reward-gradient guidance on the x0 prediction (DPS style);
+- `fk`: Feynman-Kac steering (SMC);  - `svdd`: per-step selection among M candidates;
+- `dno`: direct noise optimisation (gradient and zero-order).
+
+`make_config(method, budget_nfe, sampler, **options)` sizes a method to a per-prompt NFE budget and
+`run_method` runs it; `steered_sample_fn` turns a method into the sampler hook of a ShapesEval run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import Tensor
+
+from diffalign.diffusion.protocol import DiffusionModel
+from diffalign.diffusion.sampling import SamplerConfig
+from diffalign.rewards.protocol import Reward
+from diffalign.steer.bon import BestOfNConfig, best_of_n
+from diffalign.steer.budget import BACKWARD_COST, CountingModel, CountingReward, Usage, plain_nfe
+from diffalign.steer.common import SteerResult
+from diffalign.steer.dno import DNOConfig, dno
+from diffalign.steer.fk import FKConfig, fk_steering
+from diffalign.steer.guidance import GuidanceConfig, reward_guidance
+from diffalign.steer.search import SearchConfig, noise_search
+from diffalign.steer.svdd import SVDDConfig, svdd
+
+#: method name -> (config class, function(model, prompts, reward, sampler, config) -> SteerResult)
+METHODS: dict[str, tuple[type, Callable[..., SteerResult]]] = {
+    "bon": (BestOfNConfig, best_of_n),
+    "search": (SearchConfig, noise_search),
+    "guidance": (GuidanceConfig, reward_guidance),
+    "fk": (FKConfig, fk_steering),
+    "svdd": (SVDDConfig, svdd),
+    "dno": (DNOConfig, dno),
+}
+
+
+def make_config(method: str, budget_nfe: int | None, sampler: SamplerConfig, **options: object):
+    """The config of `method` with `options`, sized to `budget_nfe` NFEs per prompt when given."""
+    if method not in METHODS:
+        raise ValueError(f"unknown steering method {method!r}; choose one of {sorted(METHODS)}")
+    config_cls = METHODS[method][0]
+    if budget_nfe is None:
+        return config_cls(**options)
+    return config_cls.from_budget(budget_nfe, sampler, **options)
+
+
+def run_method(
+    method: str,
+    model: DiffusionModel,
+    prompts: Sequence[str],
+    reward: Reward,
+    sampler: SamplerConfig,
+    config: object,
+) -> SteerResult:
+    """Run `method` with its `config` (from `make_config`)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown steering method {method!r}; choose one of {sorted(METHODS)}")
+    config_cls, fn = METHODS[method]
+    if not isinstance(config, config_cls):
+        raise TypeError(f"method {method!r} needs a {config_cls.__name__}, got {type(config).__name__}")
+    return fn(model, prompts, reward, sampler, config)
+
+
+def steered_sample_fn(
+    method: str, reward: Reward, budget_nfe: int | None, **options: object
+) -> Callable[[DiffusionModel, list[str], list[int], SamplerConfig], Tensor]:
+    """A sampler hook `(model, prompts, seeds, sampler) -> images` that steers each batch with `method`.
+
+    The batch's first seed seeds the method, so results depend on the batch size of the caller.
+    """
+
+    def sample_fn(
+        model: DiffusionModel, prompts: list[str], seeds: list[int], sampler: SamplerConfig
+    ) -> Tensor:
+        config = make_config(method, budget_nfe, sampler, **{**options, "seed": int(seeds[0])})
+        return run_method(method, model, prompts, reward, sampler, config).images
+
+    return sample_fn
+
+
+__all__ = [
+    "BACKWARD_COST",
+    "METHODS",
+    "BestOfNConfig",
+    "CountingModel",
+    "CountingReward",
+    "DNOConfig",
+    "FKConfig",
+    "GuidanceConfig",
+    "SVDDConfig",
+    "SearchConfig",
+    "SteerResult",
+    "Usage",
+    "best_of_n",
+    "dno",
+    "fk_steering",
+    "make_config",
+    "noise_search",
+    "plain_nfe",
+    "reward_guidance",
+    "run_method",
+    "steered_sample_fn",
+    "svdd",
+]

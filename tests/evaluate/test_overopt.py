@@ -1,0 +1,149 @@
+"""Gao et al.'s over-optimisation fits, the analysis, and `diffalign overopt` on a small run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from diffalign.evaluate.overopt import (
+    OveroptPoint,
+    analyse,
+    bon_kl,
+    fit_gao,
+    gao_bon,
+    gao_rl,
+    plot_overopt,
+)
+
+
+@pytest.mark.parametrize(("form", "func"), [("rl", gao_rl), ("bon", gao_bon)])
+def test_fit_recovers_known_parameters(form, func):
+    rng = np.random.default_rng(0)
+    a, b = 0.8, 0.3
+    d = np.linspace(0.05, 4.0, 40)
+    r = func(d, a, b) + rng.normal(0, 0.005, d.size)
+    fit = fit_gao(d, r, form)
+    assert fit.a == pytest.approx(a, abs=0.02)
+    assert fit.b == pytest.approx(b, abs=0.02)
+    assert fit.a_stderr < 0.02 and fit.b_stderr < 0.02
+    # the peak from calculus, checked against a dense grid of the true curve
+    grid = np.linspace(0.01, 6, 20000)
+    assert fit.peak_d == pytest.approx(grid[np.argmax(func(grid, a, b))], rel=0.05)
+    assert fit.peak_reward == pytest.approx(func(grid, a, b).max(), rel=0.05)
+
+
+def test_fit_without_peak_reports_none():
+    d = np.linspace(0.1, 2, 10)
+    fit = fit_gao(d, 0.5 * d + 0.1 * d**2, "bon")  # b < 0: keeps rising
+    assert fit.b < 0 and fit.peak_d is None
+
+
+def test_bon_kl_matches_its_formula():
+    assert bon_kl(1) == 0.0
+    assert bon_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+    with pytest.raises(ValueError, match="n >= 1"):
+        bon_kl(0)
+
+
+def synthetic_points(with_penalised: bool = True) -> list[OveroptPoint]:
+    """Gold follows d (1 - 0.5 log d) around 0.2 (peak at d = e); proxy keeps rising; the penalised
+    reward peaks earlier than the proxy."""
+    points = []
+    for step, d in enumerate([0.0, 0.5, 1.0, 1.5, 2.0, 2.7, 3.5, 4.5, 6.0]):
+        gold = 0.2 + float(gao_rl(np.array([d]), 1.0, 0.5)[0])
+        penalised = 0.1 + float(gao_bon(np.array([d]), 1.0, 0.25)[0]) if with_penalised else None
+        points.append(OveroptPoint(step * 10, d * d, 0.01, 0.3 + 0.8 * d, gold, penalised))
+    return points
+
+
+def test_analyse_finds_the_gold_peak_and_stop_step(tmp_path):
+    report = analyse(synthetic_points(), "rl")
+    assert report["fits"]["gold"]["a"] == pytest.approx(1.0, abs=1e-3)
+    assert report["fits"]["gold"]["b"] == pytest.approx(0.5, abs=1e-3)
+    assert report["fitted_peak"]["d"] == pytest.approx(math.e, rel=1e-3)
+    assert report["fitted_peak"]["first_step_past_peak"] == 60  # d = 3.5, the first checkpoint past e
+    assert report["stop_step"] == 50  # d = 2.7 has the highest observed gold
+    assert report["penalised_stop"]["step"] == 40  # bon peak at d = 2: stops earlier than the proxy
+    assert report["proxy_stop"]["step"] == 80
+    assert report["penalised_stop"]["gold"] > report["proxy_stop"]["gold"]
+    png = plot_overopt(report, tmp_path / "plot.png")
+    assert png.stat().st_size > 5000
+
+
+def test_analyse_needs_the_base_point():
+    with pytest.raises(ValueError, match="step 0"):
+        analyse(synthetic_points()[1:], "rl")
+
+
+REWARDS = """
+def brightness(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+
+
+def redness(images, prompts):
+    return images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))
+"""
+
+
+def make_run(tmp_path):
+    """A run folder of a 16x16 unet-xs model with two checkpoints whose weights drift from the base."""
+    from tests.align.helpers import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model", "epsilon")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": {"model": str(model_dir), "lora_rank": 0}}))
+    from diffalign.models.tiny import TinyDiffusionModel
+
+    base = TinyDiffusionModel.load(model_dir)
+    gen = torch.Generator().manual_seed(1)
+    for step, scale in [(2, 0.02), (4, 0.05)]:
+        folder = run / "checkpoints" / f"step-{step:07d}"
+        folder.mkdir(parents=True)
+        weights = {
+            name: (p.detach() + scale * torch.randn(p.shape, generator=gen)).contiguous()
+            for name, p in base.unet.named_parameters()
+        }
+        save_file(weights, str(folder / "weights.safetensors"))
+        (folder / "state.json").write_text(json.dumps({"step": step, "data_cursor": 0}))
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    return run
+
+
+@pytest.mark.slow
+def test_overopt_cli_measures_checkpoints_and_writes_json_and_plot(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffalign.cli import app
+
+    torch.set_num_threads(1)
+    run = make_run(tmp_path)
+    rewards = tmp_path / "rewards.py"
+    args = ["overopt", str(run), "--gold", f"{rewards}:redness", "--proxy", f"{rewards}:brightness"]
+    args += ["--num-prompts", "4", "--steps", "3", "--device", "cpu", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "overopt.json").read_text())
+    points = report["points"]
+    assert [p["step"] for p in points] == [0, 2, 4]
+    assert points[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    # larger weight drift -> larger KL to the base model
+    assert 0 < points[1]["kl"] < points[2]["kl"]
+    assert (tmp_path / "out" / "overopt.png").stat().st_size > 5000
+
+
+def test_overopt_cli_names_a_missing_run_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffalign.cli import app
+
+    result = CliRunner().invoke(
+        app, ["overopt", str(tmp_path / "nope"), "--gold", "gold-quality", "--proxy", "gold-quality"]
+    )
+    assert result.exit_code == 2
+    assert "config.json" in result.output
