@@ -92,10 +92,49 @@ def _run(
             console.print(
                 f"step {last['step']}: loss {last['loss']:.4f}, implicit accuracy {last['implicit_acc']:.3f}"
             )
+    report_run_end(out)
+
+
+def report_run_end(out: Path) -> None:
+    """Say where the finished model is, or how to resume a stopped run."""
     if (out / "model").is_dir():
         console.print(f"[bold green]run folder:[/] {out} (model: {out / 'model'}; use --model {out})")
     else:
         console.print(f"[bold]stopped:[/] resume with --resume --out {out}")
+
+
+RewardOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="The training reward: shapes:faithfulness, shapes:rater-GROUP, a reward-model folder or "
+        "file.py:function (default: the config's)."
+    ),
+]
+PromptsOpt = Annotated[
+    str | None,
+    typer.Option(help="Training prompts: world, shapeseval or a text file (default: the config's)."),
+]
+
+
+def register_reward_trainer(method: str, summary: str, run) -> None:
+    """Register `diffalign align METHOD` for a trainer against a reward (RL, reward backprop), which
+    all take the same options; `run(method, out, overrides, model, reward, prompts, config, resume,
+    device)` does the work."""
+
+    def command(
+        out: OutOpt,
+        overrides: OverridesArg = None,
+        model: ModelOpt = None,
+        reward: RewardOpt = None,
+        prompts: PromptsOpt = None,
+        config: ConfigOpt = None,
+        resume: ResumeOpt = False,
+        device: DeviceOpt = None,
+    ) -> None:
+        run(method, out, overrides, model, reward, prompts, config, resume, device)
+
+    command.__doc__ = summary
+    app.command(method)(command)
 
 
 @app.command("dpo")

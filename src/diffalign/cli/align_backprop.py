@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffalign.cli.align import ConfigOpt, DeviceOpt, ModelOpt, OutOpt, OverridesArg, ResumeOpt, app
-from diffalign.cli.align_pg import PromptsOpt, RewardOpt
+from diffalign.cli.align import register_reward_trainer, report_run_end
 from diffalign.cli.common import console, fail
 
 
@@ -67,43 +66,28 @@ def _run_backprop(
             f"step {last['step']}: reward {last['reward_mean']:.3f}{gold}, "
             f"{last['reward_queries']} reward queries"
         )
-    if (out / "model").is_dir():
-        console.print(f"[bold green]run folder:[/] {out} (model: {out / 'model'}; use --model {out})")
-    else:
-        console.print(f"[bold]stopped:[/] resume with --resume --out {out}")
+    report_run_end(out)
 
 
-def _command(method: str, summary: str) -> None:
-    """Register `diffalign align METHOD` (the four methods share their options)."""
-
-    def command(
-        out: OutOpt,
-        overrides: OverridesArg = None,
-        model: ModelOpt = None,
-        reward: RewardOpt = None,
-        prompts: PromptsOpt = None,
-        config: ConfigOpt = None,
-        resume: ResumeOpt = False,
-        device: DeviceOpt = None,
-    ) -> None:
-        _run_backprop(method, out, overrides, model, reward, prompts, config, resume, device)
-
-    command.__doc__ = summary
-    app.command(method)(command)
-
-
-_command(
+register_reward_trainer(
     "alignprop",
     "AlignProp (Prabhudesai et al. 2023): reward gradients through the last K sampling steps, K random "
     "(truncation_range), with gradient checkpointing.",
+    _run_backprop,
 )
-_command("draft", "DRaFT-K (Clark et al. 2024): reward gradients through the last draft_k sampling steps.")
-_command(
+register_reward_trainer(
+    "draft",
+    "DRaFT-K (Clark et al. 2024): reward gradients through the last draft_k sampling steps.",
+    _run_backprop,
+)
+register_reward_trainer(
     "draft-lv",
     "DRaFT-LV (Clark et al. 2024): the last step applied to lv_samples re-noised copies of each sample.",
+    _run_backprop,
 )
-_command(
+register_reward_trainer(
     "refl",
     "ReFL (Xu et al. 2023): a random late step's x0 prediction scored, plus the pre-training loss on "
     "Shapes-world images (pretrain_weight).",
+    _run_backprop,
 )

@@ -4,24 +4,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
-import typer
-
-from diffalign.cli.align import ConfigOpt, DeviceOpt, ModelOpt, OutOpt, OverridesArg, ResumeOpt, app
+from diffalign.cli.align import register_reward_trainer, report_run_end
 from diffalign.cli.common import console, fail
-
-RewardOpt = Annotated[
-    str | None,
-    typer.Option(
-        help="The training reward: shapes:faithfulness, shapes:rater-GROUP, a reward-model folder or "
-        "file.py:function (default: the config's)."
-    ),
-]
-PromptsOpt = Annotated[
-    str | None,
-    typer.Option(help="Training prompts: world, shapeseval or a text file (default: the config's)."),
-]
 
 
 def _run_pg(
@@ -76,35 +61,21 @@ def _run_pg(
             f"epoch {last['step']}: reward {last['reward_mean']:.3f}{gold}, "
             f"KL to base {last['kl_to_base']:.2e}"
         )
-    if (out / "model").is_dir():
-        console.print(f"[bold green]run folder:[/] {out} (model: {out / 'model'}; use --model {out})")
-    else:
-        console.print(f"[bold]stopped:[/] resume with --resume --out {out}")
+    report_run_end(out)
 
 
-def _command(method: str, summary: str) -> None:
-    """Register `diffalign align METHOD` (the three methods share their options)."""
-
-    def command(
-        out: OutOpt,
-        overrides: OverridesArg = None,
-        model: ModelOpt = None,
-        reward: RewardOpt = None,
-        prompts: PromptsOpt = None,
-        config: ConfigOpt = None,
-        resume: ResumeOpt = False,
-        device: DeviceOpt = None,
-    ) -> None:
-        _run_pg(method, out, overrides, model, reward, prompts, config, resume, device)
-
-    command.__doc__ = summary
-    app.command(method)(command)
-
-
-_command(
-    "ddpo", "DDPO (Black et al. 2023): PPO clipping over sampled trajectories, per-prompt reward statistics."
+register_reward_trainer(
+    "ddpo",
+    "DDPO (Black et al. 2023): PPO clipping over sampled trajectories, per-prompt reward statistics.",
+    _run_pg,
 )
-_command(
-    "dpok", "DPOK (Fan et al. 2023): DDPO's objective plus a KL to the base model (kl_beta, default 0.01)."
+register_reward_trainer(
+    "dpok",
+    "DPOK (Fan et al. 2023): DDPO's objective plus a KL to the base model (kl_beta, default 0.01).",
+    _run_pg,
 )
-_command("grpo", "GRPO with group-standardised advantages; on a flow model, Flow-GRPO's SDE sampler and KL.")
+register_reward_trainer(
+    "grpo",
+    "GRPO with group-standardised advantages; on a flow model, Flow-GRPO's SDE sampler and KL.",
+    _run_pg,
+)
