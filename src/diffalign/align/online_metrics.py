@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffalign.evaluate.diversity import per_prompt_variety, pixel_features
 from diffalign.evaluate.report import image_grid
 from diffalign.rewards.protocol import Reward
 
@@ -33,21 +34,7 @@ def diversity(images: Tensor, prompts: list[str]) -> float:
     """
     if images.ndim != 4 or len(prompts) != images.shape[0]:
         raise ValueError(f"diversity: {len(prompts)} prompts for images of shape {tuple(images.shape)}")
-    flat = images.detach().float().reshape(images.shape[0], -1)
-    groups: dict[str, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        groups.setdefault(prompt, []).append(i)
-    per_prompt = []
-    for rows in groups.values():
-        if len(rows) < 2:
-            continue
-        x = flat[rows]
-        # |a - b|^2 / D for every pair a != b of the group, then the RMS distance, averaged.
-        d2 = torch.cdist(x.double(), x.double()).pow(2) / x.shape[1]
-        n = len(rows)
-        off = ~torch.eye(n, dtype=torch.bool, device=x.device)
-        per_prompt.append(float(d2[off].clamp_min(0).sqrt().mean()))
-    return float(np.mean(per_prompt)) if per_prompt else float("nan")
+    return per_prompt_variety(pixel_features(images), prompts)
 
 
 def sample_metrics(
