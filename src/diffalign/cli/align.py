@@ -31,6 +31,18 @@ DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto (default:
 SourceOpt = Annotated[str | None, typer.Option(help="Only the store's comparisons from this source.")]
 
 
+def load_command_config(cls, config_file: Path | None, overrides: list[str] | None, options: dict):
+    """The config `cls` from the YAML file, the key=value overrides, then the command's options
+    ({dotted key: value}; None values are left out): a bad key or value exits with its message."""
+    from diffalign.align.config_io import ConfigError, load_config
+
+    extra = [f"{key}={value}" for key, value in options.items() if value is not None]
+    try:
+        return load_config(cls, config_file, [*(overrides or []), *extra])
+    except ConfigError as err:
+        fail(str(err))
+
+
 def _run(
     method: str,
     store: str,
@@ -42,7 +54,6 @@ def _run(
     device: str | None,
     source: str | None,
 ) -> None:
-    from diffalign.align.config_io import ConfigError, load_config
     from diffalign.align.dpo import DPOConfig, PreferenceDataError, train_dpo
     from diffalign.align.guard import NonFiniteError
     from diffalign.align.run_dir import RunDirError
@@ -50,15 +61,9 @@ def _run(
     from diffalign.models.tiny import TinyDiffusionModel
     from diffalign.prefs.store import PreferenceStore, StoreError
 
-    extra = [f"method={method}"]
-    if model is not None:
-        extra.append(f"model={model}")
-    if device is not None:
-        extra.append(f"runtime.device={device}")
-    try:
-        config = load_config(DPOConfig, config_file, [*(overrides or []), *extra])
-    except ConfigError as err:
-        fail(str(err))
+    config = load_command_config(
+        DPOConfig, config_file, overrides, {"method": method, "model": model, "runtime.device": device}
+    )
     try:
         folder = resolve_model_folder(config.model)
     except (FileNotFoundError, UnsupportedModelError) as err:
@@ -175,14 +180,6 @@ LabellerOpt = Annotated[
 ]
 
 
-def _rounds_overrides(model: str | None, device: str | None, extra: dict[str, str | None]) -> list[str]:
-    items = [f"dpo.model={model}"] if model is not None else []
-    if device is not None:
-        items.append(f"dpo.runtime.device={device}")
-    items += [f"{key}={value}" for key, value in extra.items() if value is not None]
-    return items
-
-
 def _print_round(line: dict) -> None:
     final = line.get("final", {})
     acc = final.get("implicit_acc")
@@ -222,14 +219,14 @@ def online_dpo_cmd(
 
     Overrides are OnlineDPOConfig fields (rounds=4 pairs_per_round=500 reference_every=1) and the
     per-round DPO config under dpo. (dpo.steps=100 dpo.beta=2000)."""
-    from diffalign.align.config_io import ConfigError, load_config
     from diffalign.align.online_dpo import OnlineDPOConfig, train_online_dpo
 
-    extra = _rounds_overrides(model, device, {"labeller": labeller})
-    try:
-        cfg = load_config(OnlineDPOConfig, config, [*(overrides or []), *extra])
-    except ConfigError as err:
-        fail(str(err))
+    cfg = load_command_config(
+        OnlineDPOConfig,
+        config,
+        overrides,
+        {"dpo.model": model, "dpo.runtime.device": device, "labeller": labeller},
+    )
     console.print(
         f"online DPO: {cfg.rounds} rounds x {cfg.pairs_per_round} pairs labelled by {cfg.labeller}; "
         f"run folder {out}"
@@ -261,7 +258,6 @@ def spin_cmd(
     """Self-play fine-tuning (SPIN-Diffusion): real images against the model's own, no reward model.
 
     Overrides are SPINConfig fields (rounds=3) and the per-round DPO config under dpo. (dpo.steps=100)."""
-    from diffalign.align.config_io import ConfigError, load_config
     from diffalign.align.spin import SPINConfig, real_from_pairs, real_from_world, train_spin
     from diffalign.models.registry import UnsupportedModelError, resolve_model_folder
     from diffalign.models.tiny import TinyDiffusionModel
@@ -269,10 +265,9 @@ def spin_cmd(
 
     if (store is None) == (world == 0):
         fail("give exactly one source of real images: --store PREFS or --world N")
-    try:
-        cfg = load_config(SPINConfig, config, [*(overrides or []), *_rounds_overrides(model, device, {})])
-    except ConfigError as err:
-        fail(str(err))
+    cfg = load_command_config(
+        SPINConfig, config, overrides, {"dpo.model": model, "dpo.runtime.device": device}
+    )
     try:
         size = TinyDiffusionModel.load(resolve_model_folder(cfg.dpo.model)).latent_shape[-1]
     except (FileNotFoundError, UnsupportedModelError) as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffalign.cli.align import register_reward_trainer, report_run_end
+from diffalign.cli.align import load_command_config, register_reward_trainer, report_run_end
 from diffalign.cli.common import console, fail
 
 
@@ -21,7 +21,6 @@ def _run_backprop(
     device: str | None,
 ) -> None:
     from diffalign.align.backprop_config import BackpropConfig
-    from diffalign.align.config_io import ConfigError, load_config
     from diffalign.align.guard import NonFiniteError
     from diffalign.align.prompts import PromptSourceError
     from diffalign.align.reward_backprop import train_backprop
@@ -31,19 +30,14 @@ def _run_backprop(
     from diffalign.rewards.protocol import NotDifferentiableError
     from diffalign.rewards.registry import RewardSpecError
 
-    extra = [f"method={method}"]
-    for key, value in (
-        ("model", model),
-        ("reward", reward),
-        ("prompts", prompts),
-        ("runtime.device", device),
-    ):
-        if value is not None:
-            extra.append(f"{key}={value}")
-    try:
-        config = load_config(BackpropConfig, config_file, [*(overrides or []), *extra])
-    except ConfigError as err:
-        fail(str(err))
+    options = {
+        "method": method,
+        "model": model,
+        "reward": reward,
+        "prompts": prompts,
+        "runtime.device": device,
+    }
+    config = load_command_config(BackpropConfig, config_file, overrides, options)
     if not config.reward:
         fail("--reward: reward backpropagation needs a differentiable reward (e.g. a reward-model folder)")
     console.print(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffalign.cli.align import register_reward_trainer, report_run_end
+from diffalign.cli.align import load_command_config, register_reward_trainer, report_run_end
 from diffalign.cli.common import console, fail
 
 
@@ -20,7 +20,6 @@ def _run_pg(
     resume: bool,
     device: str | None,
 ) -> None:
-    from diffalign.align.config_io import ConfigError, load_config
     from diffalign.align.guard import NonFiniteError
     from diffalign.align.pg_config import PGConfig
     from diffalign.align.policy_gradient import RatioCheckError, train_pg
@@ -30,19 +29,14 @@ def _run_pg(
     from diffalign.models.registry import UnsupportedModelError
     from diffalign.rewards.registry import RewardSpecError
 
-    extra = [f"method={method}"]
-    for key, value in (
-        ("model", model),
-        ("reward", reward),
-        ("prompts", prompts),
-        ("runtime.device", device),
-    ):
-        if value is not None:
-            extra.append(f"{key}={value}")
-    try:
-        config = load_config(PGConfig, config_file, [*(overrides or []), *extra])
-    except ConfigError as err:
-        fail(str(err))
+    options = {
+        "method": method,
+        "model": model,
+        "reward": reward,
+        "prompts": prompts,
+        "runtime.device": device,
+    }
+    config = load_command_config(PGConfig, config_file, overrides, options)
     console.print(
         f"{method}: {config.epochs} epochs x {config.samples_per_epoch} samples, reward {config.reward}; "
         f"run folder {out}"
