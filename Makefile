@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-quick test lint bench clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/diffalign demo
+
+demo-quick: $(STAMP)
+	$(BIN)/diffalign demo --quick --out demo_quick
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
@@ -32,4 +35,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sampling.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo_out demo_quick .pytest_cache .ruff_cache

@@ -424,40 +424,12 @@ def pretrain_cmd(
     console.print(f"model written to {out / 'model'}")
 
 
-@app.command("demo")
-def demo_cmd(
-    out: Annotated[Path, typer.Option(help="Folder for the report and its data.")] = Path("demo_out"),
-    model: ModelOpt = "base",
-    samples_per_prompt: Annotated[int, typer.Option(help="Samples per ShapesEval prompt.")] = 1,
-    steps: Annotated[
-        int, typer.Option(help="Sampling steps (10 keeps the demo under 2 minutes on 2 CPU cores).")
-    ] = 10,
-    guidance: float = 3.0,
-    prompts: PromptsOpt = None,
-    device: str = "auto",
-) -> None:
-    """The main job: sample the base model on ShapesEval, score it, write an HTML report."""
-    from diffalign.evaluate.demo import run_demo
-
-    m = _load(model, device)
-    config = _sampler_config(None, steps, guidance, 0.0, 0.7, m)
-    report = run_demo(
-        m,
-        model,
-        out,
-        config,
-        samples_per_prompt=samples_per_prompt,
-        metadata=_metadata(prompts),
-        log=console.print,
-    )
-    console.print(f"[bold green]report:[/] {report}")
-
-
 def _register_subcommands() -> None:
     # align_backprop, align_pg and overopt register their commands when imported.
-    from diffalign.cli import align, align_backprop, align_pg, collect, overopt, prefs, reward, steer
+    from diffalign.cli import align, align_backprop, align_pg, collect, demo, overopt, prefs, reward, steer
 
     del align_backprop, align_pg, overopt
+    demo.register(app)
     app.add_typer(prefs.app, name="prefs")
     app.add_typer(reward.app, name="reward")
     app.add_typer(align.app, name="align")

@@ -3,6 +3,7 @@ SPIN-Diffusion)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -77,14 +78,15 @@ def _run(
         fail(f"--store {store}: {err}")
     console.print(f"{method}: {len(pairs)} pairs from {store}; run folder {out}")
     try:
-        train_dpo(
-            config,
-            pairs,
-            out,
-            resume=resume,
-            data_spec={"store": str(store), "source": source},
-            show_progress=True,
-        )
+        with measured(out, config.runtime.device):
+            train_dpo(
+                config,
+                pairs,
+                out,
+                resume=resume,
+                data_spec={"store": str(store), "source": source},
+                show_progress=True,
+            )
     except (PreferenceDataError, RunDirError, NonFiniteError, ValueError) as err:
         fail(f"{err}")
     from diffalign.align.tracking import read_metrics
@@ -98,6 +100,22 @@ def _run(
                 f"step {last['step']}: loss {last['loss']:.4f}, implicit accuracy {last['implicit_acc']:.3f}"
             )
     report_run_end(out)
+
+
+@contextmanager
+def measured(out: Path, device: str):
+    """Measure the training call inside (NFEs, wall time, peak memory; `diffalign.evaluate.costs`) and
+    add it to `out/costs.json` once the run folder exists, also when the run stops early."""
+    from diffalign.devices import resolve_device
+    from diffalign.evaluate.costs import CostMeter, add_run_costs, denoiser_types
+
+    meter = CostMeter(denoiser_types(), resolve_device(device))
+    try:
+        with meter:
+            yield
+    finally:
+        if (out / "config.json").is_file():
+            add_run_costs(out, meter.cost, rewards_counted=False)
 
 
 def report_run_end(out: Path) -> None:
@@ -189,7 +207,7 @@ def _print_round(line: dict) -> None:
     )
 
 
-def _finish_rounds(train, out: Path) -> None:
+def _finish_rounds(train, out: Path, device: str) -> None:
     from diffalign.align.dpo import PreferenceDataError
     from diffalign.align.guard import NonFiniteError
     from diffalign.align.run_dir import RunDirError
@@ -197,7 +215,8 @@ def _finish_rounds(train, out: Path) -> None:
     from diffalign.rewards.registry import RewardSpecError
 
     try:
-        train()
+        with measured(out, device):
+            train()
     except (PreferenceDataError, RunDirError, NonFiniteError, StoreError, RewardSpecError, ValueError) as err:
         fail(f"{err}")
     except FileNotFoundError as err:
@@ -232,7 +251,9 @@ def online_dpo_cmd(
         f"run folder {out}"
     )
     _finish_rounds(
-        lambda: train_online_dpo(cfg, out, resume=resume, show_progress=True, on_round=_print_round), out
+        lambda: train_online_dpo(cfg, out, resume=resume, show_progress=True, on_round=_print_round),
+        out,
+        cfg.dpo.runtime.device,
     )
 
 
@@ -288,4 +309,5 @@ def spin_cmd(
     _finish_rounds(
         lambda: train_spin(cfg, make_real(), out, resume=resume, show_progress=True, on_round=_print_round),
         out,
+        cfg.dpo.runtime.device,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffalign.cli.align import load_command_config, register_reward_trainer, report_run_end
+from diffalign.cli.align import load_command_config, measured, register_reward_trainer, report_run_end
 from diffalign.cli.common import console, fail
 
 
@@ -42,7 +42,8 @@ def _run_pg(
         f"run folder {out}"
     )
     try:
-        train_pg(config, out, resume=resume, show_progress=True)
+        with measured(out, config.runtime.device):
+            train_pg(config, out, resume=resume, show_progress=True)
     except (FileNotFoundError, UnsupportedModelError, RewardSpecError, PromptSourceError) as err:
         fail(str(err))
     except (RunDirError, NonFiniteError, RatioCheckError, ValueError) as err:

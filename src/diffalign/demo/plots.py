@@ -1,0 +1,77 @@
+"""Line plots for the paradigm report, drawn with matplotlib's Agg canvas straight into memory.
+
+`line_panels` draws side-by-side panels of named series (the training curves; the over-optimisation
+plot) and returns a PIL image; nothing touches pyplot's global state or the disk.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+
+@dataclass
+class Series:
+    """One line: `label` in the legend, points (x[i], y[i]) joined in the order given."""
+
+    label: str
+    x: list[float]
+    y: list[float]
+    colour: str | None = None  # a matplotlib colour ("C3", "#1f77b4"); None takes the next in the cycle
+    marker: str = "o"  # matplotlib marker drawn at every point ("" for none)
+
+
+@dataclass
+class Panel:
+    """One set of axes: a title, the axis labels and its series (an empty panel is drawn empty)."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    series: list[Series] = field(default_factory=list)
+
+
+def line_panels(
+    panels: Sequence[Panel], panel_size: tuple[float, float] = (4.6, 3.4), dpi: int = 100
+) -> Image.Image:
+    """Draw `panels` side by side (one row) and return the figure as an RGB PIL image."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise ValueError("line_panels needs at least one panel")
+    for panel in panels:
+        for series in panel.series:
+            if len(series.x) != len(series.y):
+                raise ValueError(
+                    f"series {series.label!r} of panel {panel.title!r}: {len(series.x)} x values "
+                    f"but {len(series.y)} y values"
+                )
+    width, height = panel_size
+    figure = Figure(figsize=(width * len(panels), height), dpi=dpi)
+    FigureCanvasAgg(figure)  # attaches the Agg canvas: no GUI backend, no pyplot figure registry
+    for k, panel in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), k + 1)
+        for series in panel.series:
+            axes.plot(  # a NaN (a diverged step) leaves a gap in the line
+                series.x,
+                series.y,
+                marker=series.marker or None,
+                markersize=3,
+                color=series.colour,
+                label=series.label,
+            )
+        axes.set_title(panel.title, fontsize=10)
+        axes.set_xlabel(panel.xlabel)
+        axes.set_ylabel(panel.ylabel)
+        axes.grid(alpha=0.3)
+        if panel.series:
+            axes.legend(fontsize=7)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    image = Image.open(io.BytesIO(buffer.getvalue()))
+    return image.convert("RGB")

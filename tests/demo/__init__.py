@@ -1,0 +1,1 @@
+"""Tests of the paradigm demo (`diffalign.demo`) and its report."""
