@@ -426,10 +426,22 @@ def pretrain_cmd(
 
 def _register_subcommands() -> None:
     # align_backprop, align_pg and overopt register their commands when imported.
-    from diffalign.cli import align, align_backprop, align_pg, collect, demo, overopt, prefs, reward, steer
+    from diffalign.cli import (
+        align,
+        align_backprop,
+        align_pg,
+        collect,
+        demo,
+        overopt,
+        plan,
+        prefs,
+        reward,
+        steer,
+    )
 
     del align_backprop, align_pg, overopt
     demo.register(app)
+    plan.register(app)
     app.add_typer(prefs.app, name="prefs")
     app.add_typer(reward.app, name="reward")
     app.add_typer(align.app, name="align")

@@ -1,0 +1,148 @@
+"""`diffalign plan METHOD`: project what an alignment run will cost, before running it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from diffalign.cli.align import ConfigOpt, DeviceOpt, ModelOpt, OverridesArg, PromptsOpt, RewardOpt
+from diffalign.cli.common import console, fail
+
+
+def _config(method: str, config_file, overrides, model, reward, prompts, device):
+    from diffalign.align.backprop_config import BackpropConfig
+    from diffalign.align.dpo import DPOConfig
+    from diffalign.align.pg_config import PGConfig
+    from diffalign.cli.align import load_command_config
+    from diffalign.planning.measure import LENGTH_FIELDS
+    from diffalign.planning.trainers import BACKPROP_METHODS, PAIR_METHODS, PG_METHODS
+
+    options: dict = {"method": method, "model": model, "runtime.device": device}
+    if method in PAIR_METHODS:
+        return load_command_config(DPOConfig, config_file, overrides, options)
+    options |= {"reward": reward, "prompts": prompts}
+    if method in PG_METHODS:
+        return load_command_config(PGConfig, config_file, overrides, options)
+    if method in BACKPROP_METHODS:
+        return load_command_config(BackpropConfig, config_file, overrides, options)
+    fail(f"plan: no trainer named {method!r}; choose one of {sorted(LENGTH_FIELDS)}")
+
+
+def _pairs(store: str | None, model_spec: str):
+    from diffalign.models.registry import load_model
+    from diffalign.prefs.store import PreferenceStore, StoreError
+
+    if store is None:
+        fail("plan: --measure of a DPO-family run needs --store (the pairs it trains on)")
+    if "://" not in store and not Path(store).is_file():
+        fail(f"--store {store}: no such preference store")
+    size = load_model(model_spec, device="cpu").latent_shape[-1]
+    try:
+        return PreferenceStore.open(store, create=False).pairs(size=size, include_ties=True)
+    except StoreError as err:
+        fail(f"--store {store}: {err}")
+
+
+def _number(value: float | None, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None else f"{format(value, spec)}{unit}"
+
+
+def plan_cmd(
+    method: Annotated[
+        str, typer.Argument(help="dpo, kto, ddpo, dpok, grpo, alignprop, draft, draft-lv or refl.")
+    ],
+    overrides: OverridesArg = None,
+    model: ModelOpt = None,
+    reward: RewardOpt = None,
+    prompts: PromptsOpt = None,
+    config: ConfigOpt = None,
+    store: Annotated[
+        str | None, typer.Option(help="The preference store a DPO-family run trains on.")
+    ] = None,
+    measure: Annotated[bool, typer.Option(help="Time a few real steps of the run on this machine.")] = False,
+    measure_steps: Annotated[str, typer.Option(help="The two measuring run lengths, short,long.")] = "1,3",
+    seconds_per_step: Annotated[
+        float | None, typer.Option(help="Per-step seconds given by hand instead of --measure.")
+    ] = None,
+    fixed_seconds: Annotated[
+        float, typer.Option(help="With --seconds-per-step: the run's fixed seconds.")
+    ] = 0.0,
+    devices: Annotated[int, typer.Option(help="Devices (GPUs) the run is spread over, data parallel.")] = 1,
+    efficiency: Annotated[float, typer.Option(help="Data-parallel scaling efficiency in (0, 1].")] = 0.9,
+    price_per_device_hour: Annotated[float, typer.Option(help="Price of one device-hour.")] = 0.0,
+    pairs: Annotated[int, typer.Option(help="Preference pairs to be labelled for the run.")] = 0,
+    labels_per_pair: Annotated[int, typer.Option(help="Raters per pair.")] = 1,
+    price_per_label: Annotated[float, typer.Option(help="Price of one label.")] = 0.0,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the projection as JSON.")
+    ] = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Project a run's wall time, device-hours, NFEs, reward queries, memory and cost (compute and
+    annotation), from a measurement of a few of its steps (--measure) or per-step figures given by hand."""
+    from diffalign.planning.measure import StepCost, measure_step_cost
+    from diffalign.planning.projection import RunShape, project
+    from diffalign.planning.trainers import PAIR_METHODS, run_length, trainer_runner
+
+    cfg = _config(method, config, overrides, model, reward, prompts, device)
+    if measure == (seconds_per_step is not None):
+        fail("plan: give exactly one of --measure and --seconds-per-step")
+    try:
+        if measure:
+            short, long = (int(x) for x in measure_steps.split(","))
+            data = _pairs(store, cfg.model) if method in PAIR_METHODS else None
+            console.print(f"measuring {method}: runs of {short} and {long} steps on this machine")
+            cost = measure_step_cost(
+                method,
+                trainer_runner(method, cfg, data),
+                cfg.runtime.device,
+                short,
+                long,
+                reward_counted=method not in PAIR_METHODS,
+            )
+        else:
+            cost = StepCost.given(method, seconds_per_step, fixed_seconds)
+        shape = RunShape(
+            steps=run_length(method, cfg),
+            devices=devices,
+            efficiency=efficiency,
+            price_per_device_hour=price_per_device_hour,
+            preference_pairs=pairs,
+            labels_per_pair=labels_per_pair,
+            price_per_label=price_per_label,
+        )
+        result = project(cost, shape)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    table = Table(title=f"plan: {method}, {shape.steps} {cost.unit}s on {devices} device(s)")
+    table.add_column("quantity")
+    table.add_column("projected", justify="right")
+    for name, value in (
+        ("wall time, 1 device", _number(result.wall_seconds_one_device / 60, ".1f", " min")),
+        (f"wall time, {devices} device(s)", _number(result.wall_seconds / 60, ".1f", " min")),
+        ("device-hours", _number(result.device_hours, ".2f")),
+        ("forward NFEs", _number(result.forward_nfe, ",.0f")),
+        ("backward NFEs", _number(result.backward_nfe, ",.0f")),
+        ("reward queries", _number(result.reward_queries, ",.0f")),
+        ("peak memory per device", _number(result.peak_memory_mb, ",.0f", f" MB ({cost.memory_kind})")),
+        ("compute cost", _number(result.compute_cost, ",.2f")),
+        ("annotation cost", _number(result.annotation_cost, ",.2f")),
+        ("total cost", _number(result.total_cost, ",.2f")),
+    ):
+        table.add_row(name, value)
+    console.print(table)
+    for line in result.assumptions:
+        console.print(f"- {line}")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"method": method, "shape": shape.__dict__, "step_cost": cost.__dict__, **result.to_dict()}
+        json_out.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        console.print(f"wrote {json_out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan_cmd)
