@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from diffalign.align.config_io import load_config
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.rewards.bt_training import RewardTrainConfig, train_reward_model
 from diffalign.rewards.ensemble import train_ensemble
@@ -116,6 +117,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_reward_models"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pretrain-steps", type=int, default=0, help="World-caption pretraining steps.")
+    parser.add_argument(
+        "--shared-pretraining",
+        action="store_true",
+        help="Pretrain once and fine-tune every ensemble member from that model.",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="A RewardTrainConfig field as key=value, e.g. model.channels=[32,64,128] lr=5e-4.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -131,7 +144,16 @@ def main() -> None:
         train = world_pairs(args.train_pairs, panel, seed=args.seed)
         test = world_pairs(args.test_pairs, panel, seed=args.seed + 1)
     print(f"{len(train)} train / {len(test)} held-out pairs ({time.time() - started:.0f} s)", flush=True)
-    config = RewardTrainConfig(epochs=args.epochs, seed=args.seed, pretrain_steps=args.pretrain_steps)
+    config = load_config(
+        RewardTrainConfig,
+        None,
+        [
+            f"epochs={args.epochs}",
+            f"seed={args.seed}",
+            f"pretrain_steps={args.pretrain_steps}",
+            *args.overrides,
+        ],
+    )
 
     def log(tag: str):
         return lambda r: print(
@@ -156,7 +178,7 @@ def main() -> None:
 
     ensemble_report = None
     if args.ensemble > 1:
-        ensemble, _ = train_ensemble(train, args.ensemble, config)
+        ensemble, _ = train_ensemble(train, args.ensemble, config, shared_pretraining=args.shared_pretraining)
         ensemble_report = evaluate_reward(ensemble, test, gold=gold, ceiling=ceiling)
         print(f"ensemble of {args.ensemble}: accuracy {ensemble_report['accuracy']:.3f}", flush=True)
 

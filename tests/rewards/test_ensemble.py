@@ -78,3 +78,44 @@ def test_train_save_load_ensemble(tmp_path):
     assert torch.equal(loaded(x, ["a red circle"] * 4), ens(x, ["a red circle"] * 4))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         RewardEnsemble.load(tmp_path / "missing")
+
+
+def test_shared_pretraining_runs_once_and_every_member_starts_from_it(monkeypatch):
+    import diffalign.rewards.bt_training as bt
+
+    calls, starts = [], []
+    real_pretrain = bt.pretrain_matching
+
+    def counting_pretrain(model, steps, config, device):
+        calls.append(steps)
+        real_pretrain(model, steps, config, device)
+
+    real_train = bt.train_reward_model
+
+    def recording_train(pairs, config=None, **kwargs):
+        initial = kwargs.get("initial")
+        starts.append(
+            None if initial is None else {k: v.clone() for k, v in initial.net.state_dict().items()}
+        )
+        return real_train(pairs, config, **kwargs)
+
+    monkeypatch.setattr(bt, "pretrain_matching", counting_pretrain)
+    monkeypatch.setattr("diffalign.rewards.ensemble.train_reward_model", recording_train)
+    g = torch.Generator().manual_seed(1)
+    n = 24
+    a = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    b = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    pairs = PreferencePairs(["a red circle"] * n, a, b, (torch.arange(n) % 2).float())
+    config = RewardTrainConfig(epochs=1, batch_size=8, held_out_fraction=0.25, pretrain_steps=2)
+    ens, _ = train_ensemble(pairs, 3, config, shared_pretraining=True)
+    assert calls == [2]  # one pretraining for three members
+    assert len(starts) == 3 and all(s is not None for s in starts)
+    for other in starts[1:]:
+        assert all(torch.equal(starts[0][k], other[k]) for k in starts[0])
+    # Fine-tuning on different resamples makes the members differ.
+    x = a[:4].float() / 255
+    scores = torch.stack([m(x, ["a red circle"] * 4) for m in ens.members])
+    assert not torch.equal(scores[0], scores[1])
+    calls.clear()
+    train_ensemble(pairs, 2, config)  # without sharing: each member pretrains
+    assert calls == [2, 2]

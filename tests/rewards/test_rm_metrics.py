@@ -204,6 +204,37 @@ def test_cli_curve_and_world_pretraining(tmp_path):
         "cpu",
     )
     assert result.exit_code == 0, result.output
+    wide = tmp_path / "wide"
+    result = _cli(
+        "train",
+        "--store",
+        store,
+        "--out",
+        wide,
+        "--epochs",
+        "1",
+        "--pretrain-steps",
+        "2",
+        "--ensemble",
+        "2",
+        "--shared-pretraining",
+        "--set",
+        "model.channels=[8,16,32]",
+        "--set",
+        "model.convs_per_stage=2",
+        "--device",
+        "cpu",
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads((wide / "train.json").read_text())
+    assert saved["ensemble"] == 2 and saved["shared_pretraining"] is True
+    assert saved["model"]["channels"] == [8, 16, 32]
+    from diffalign.rewards.ensemble import load_reward_dir
+
+    members = load_reward_dir(wide).members
+    assert members[0].config.channels == (8, 16, 32) and members[0].config.convs_per_stage == 2
+    bad = _cli("train", "--store", store, "--out", tmp_path / "bad", "--set", "model.colour=1")
+    assert bad.exit_code != 0 and "colour" in bad.output
 
 
 def test_cli_pretraining_refuses_prompts_outside_the_world(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
@@ -64,6 +65,15 @@ def train_cmd(
             help="Shapes-world caption pretraining steps before the preference data (world prompts only)."
         ),
     ] = 0,
+    shared_pretraining: Annotated[
+        bool, typer.Option(help="With --ensemble and --pretrain-steps: pretrain once for all members.")
+    ] = False,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="A RewardTrainConfig field as key=value, e.g. model.channels=[32,64,128]."
+        ),
+    ] = None,
     seed: int = 0,
     device: str = "auto",
 ) -> None:
@@ -78,19 +88,19 @@ def train_cmd(
 
     if ensemble < 1:
         fail(f"--ensemble must be at least 1, got {ensemble}")
-    try:
-        config = RewardTrainConfig(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            held_out_fraction=held_out,
-            patience=patience,
-            seed=seed,
-            device=resolve_device(device),
-            pretrain_steps=pretrain_steps,
-        )
-    except ValueError as err:
-        fail(str(err))
+    from diffalign.cli.align import load_command_config
+
+    options = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "held_out_fraction": held_out,
+        "patience": patience,
+        "seed": seed,
+        "device": resolve_device(device),
+        "pretrain_steps": pretrain_steps,
+    }
+    config = load_command_config(RewardTrainConfig, None, overrides, options)
     pairs = _load_pairs(_open_store(store), size)
     if pretrain_steps:
         _require_world_prompts(pairs, "--pretrain-steps")
@@ -108,7 +118,12 @@ def train_cmd(
             model, results = result.model, [result]
         else:
             model, results = train_ensemble(
-                pairs, ensemble, config, rater_conditioned=rater_conditioned, on_log=lambda i, r: log(r, i)
+                pairs,
+                ensemble,
+                config,
+                rater_conditioned=rater_conditioned,
+                on_log=lambda i, r: log(r, i),
+                shared_pretraining=shared_pretraining,
             )
     except (PreferenceDataError, NonFiniteLossError) as err:
         fail(str(err))
@@ -126,6 +141,8 @@ def train_cmd(
                 "rater_conditioned": rater_conditioned,
                 "ensemble": ensemble,
                 "config": {k: v for k, v in vars(config).items() if k != "model"},
+                "model": dataclasses.asdict(config.model),
+                "shared_pretraining": shared_pretraining,
                 "history": [r.history for r in results],
                 "best_epoch": [r.best_epoch for r in results],
             },

@@ -280,6 +280,30 @@ def pretrain_matching(
         optimizer.step()
 
 
+def initial_model(
+    pairs: PreferencePairs,
+    config: RewardTrainConfig,
+    *,
+    rater_conditioned: bool = False,
+    name: str = "learned",
+) -> LearnedReward:
+    """A new reward model for `pairs` (its vocabulary from their prompts; one reward per rater group
+    seen in them with `rater_conditioned`), world-caption pretrained for `config.pretrain_steps`."""
+    model_config = copy.deepcopy(config.model)
+    if rater_conditioned:
+        model_config.groups = sorted({g for g in pairs.groups if g is not None})
+        if not model_config.groups:
+            raise PreferenceDataError("rater_conditioned=True but no training pair names a rater group")
+    else:
+        model_config.groups = []
+    device = resolve_device(config.device)
+    model = build_reward_model(pairs.prompts, model_config, seed=config.seed, name=name).to(device)
+    model.train()
+    if config.pretrain_steps > 0:
+        pretrain_matching(model, config.pretrain_steps, config, device)
+    return model
+
+
 def train_reward_model(
     pairs: PreferencePairs,
     config: RewardTrainConfig | None = None,
@@ -288,6 +312,7 @@ def train_reward_model(
     held_out: PreferencePairs | None = None,
     on_log: Callable[[dict], None] | None = None,
     name: str = "learned",
+    initial: LearnedReward | None = None,
 ) -> TrainResult:
     """Train a reward model on `pairs` with the soft-label Bradley–Terry loss (see the module doc).
 
@@ -299,6 +324,8 @@ def train_reward_model(
         held_out: explicit held-out pairs (otherwise `config.held_out_fraction` of `pairs`, seeded).
         on_log: called with each epoch's history record.
         name: the reward's name.
+        initial: start from a copy of this model (e.g. one pretrained once for all the members of an
+            ensemble, `initial_model`) instead of building and pretraining a new one.
 
     Raises:
         PreferenceDataError: no pairs, or only ties.
@@ -315,17 +342,12 @@ def train_reward_model(
     if held is not None and len(held) == 0:
         held = None
 
-    model_config = copy.deepcopy(config.model)
-    if rater_conditioned:
-        model_config.groups = sorted({g for g in train.groups if g is not None})
-        if not model_config.groups:
-            raise PreferenceDataError("rater_conditioned=True but no training pair names a rater group")
+    if initial is None:
+        model = initial_model(train, config, rater_conditioned=rater_conditioned, name=name)
     else:
-        model_config.groups = []
-    model = build_reward_model(train.prompts, model_config, seed=config.seed, name=name).to(device)
-    model.train()
-    if config.pretrain_steps > 0:
-        pretrain_matching(model, config.pretrain_steps, config, device)
+        model = copy.deepcopy(initial).to(device)
+        model.name = name
+        model.train()
 
     gen = torch.Generator().manual_seed(config.seed + 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -20,7 +20,13 @@ import torch
 from torch import Tensor
 
 from diffalign.prefs.pairs import PreferencePairs
-from diffalign.rewards.bt_training import RewardTrainConfig, TrainResult, check_trainable, train_reward_model
+from diffalign.rewards.bt_training import (
+    RewardTrainConfig,
+    TrainResult,
+    check_trainable,
+    initial_model,
+    train_reward_model,
+)
 from diffalign.rewards.learned import LearnedReward
 from diffalign.rewards.protocol import check_images
 
@@ -147,11 +153,15 @@ def train_ensemble(
     held_out: PreferencePairs | None = None,
     bootstrap: bool = True,
     on_log: Callable[[int, dict], None] | None = None,
+    shared_pretraining: bool = False,
 ) -> tuple[RewardEnsemble, list[TrainResult]]:
     """Train k members (seeds seed, seed+1, ...; each on a bootstrap resample of the training pairs).
 
     The held-out pairs (given, or `config.held_out_fraction` of `pairs`) are split off once and shared,
-    so every member early-stops on the same data and none of it is trained on.
+    so every member early-stops on the same data and none of it is trained on. With
+    `shared_pretraining`, the world-caption pretraining (`config.pretrain_steps`) runs once and every
+    member fine-tunes a copy of that model on its resample: k times cheaper, and the members then
+    differ by their data and batch order only, not by their initialisation.
     """
     if k < 1:
         raise ValueError(f"an ensemble needs k >= 1 members, got {k}")
@@ -160,6 +170,9 @@ def train_ensemble(
     train = pairs
     if held_out is None and config.held_out_fraction > 0 and len(pairs) >= 2:
         train, held_out = pairs.split(config.held_out_fraction, seed=config.seed)
+    shared = None
+    if shared_pretraining and config.pretrain_steps > 0:
+        shared = initial_model(train, config, rater_conditioned=rater_conditioned, name="pretrained")
     results = []
     for i in range(k):
         member_train = train
@@ -174,6 +187,7 @@ def train_ensemble(
             held_out=held_out,
             on_log=None if on_log is None else (lambda record, i=i: on_log(i, record)),
             name=f"member_{i}",
+            initial=shared,
         )
         results.append(result)
     return RewardEnsemble([r.model for r in results]), results
