@@ -137,6 +137,12 @@ def main() -> None:
         default=DEFAULT_ROWS,
         help=f"rows to run, from {sorted(METHODS) + sorted(GRAD_METHODS)} (gradient rows need --grad-reward)",
     )
+    parser.add_argument(
+        "--guidance-strength",
+        type=float,
+        default=GRAD_METHODS["guidance"][3]["scale"],
+        help="reward guidance's scale (choose it on other seeds or prompts than the ones reported)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -162,6 +168,8 @@ def main() -> None:
     methods = dict(METHODS)
     if args.grad_reward:
         for key, (name, method, kind, options) in GRAD_METHODS.items():
+            if key == "guidance":
+                options = {**options, "scale": args.guidance_strength}
             methods[key] = (name, method, kind, {**options, "_reward": args.grad_reward})
     unknown = [key for key in args.only.split(",") if key not in methods]
     if unknown:
