@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from typer.testing import CliRunner
 
 import diffalign.cli.align_pg  # noqa: F401  (registers the commands on the align app)
@@ -48,6 +50,9 @@ def test_grpo_writes_a_run_whose_model_loads(tmp_path, eps_model_dir):
     assert result.exit_code == 0, result.output
     assert load_model(str(out)).prediction_type == "epsilon"
     assert read_metrics(out / "metrics.jsonl")[0]["reward_queries"] == 4
+    costs = json.loads((out / "costs.json").read_text())  # measured while the command ran
+    assert costs["forward_nfe"] > 0 and costs["backward_nfe"] > 0 and costs["sessions"] == 1
+    assert costs["reward_queries"] is None  # the trainer loads its reward itself: not counted
     again = runner.invoke(app, ["grpo", "--model", str(eps_model_dir), "--out", str(out), *FAST])
     assert again.exit_code == 2 and "--resume" in again.output
 

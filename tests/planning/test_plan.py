@@ -64,18 +64,28 @@ def test_a_shape_that_cannot_be_projected_is_refused(shape, message):
 
 
 def test_dpo_projection_matches_a_measured_run(model_dir, tmp_path):
+    """Projected from runs of 2 and 8 steps, a 40-step run's wall time is within 25% of the measured one.
+
+    Wall time on a shared machine (the suite runs two workers) moves with its neighbours' load, so the
+    measure-then-run comparison is made up to three times and must hold in one; the NFE projection
+    must be exact every time."""
     pairs = make_pairs(64)
     cfg = dpo_config(model_dir, steps=40, batch_size=16, checkpoint_every=0, log_every=10)
-    cost = measure_step_cost("dpo", trainer_runner("dpo", cfg, pairs), "cpu", short=2, long=8)
-    # Diffusion-DPO evaluates policy and reference on winner and loser, and backpropagates the policy.
-    assert cost.forward_nfe_per_step == 16 * 4 and cost.backward_nfe_per_step == 16 * 2
-    projected = project(cost, RunShape(steps=40))
-    start = time.perf_counter()
-    with CostMeter(denoiser_types(), "cpu") as meter:
-        train_dpo(cfg, pairs, tmp_path / "run")
-    actual = time.perf_counter() - start
-    assert projected.forward_nfe == meter.cost.forward_nfe
-    assert abs(projected.wall_seconds_one_device - actual) / actual < 0.25, (projected, actual)
+    errors = []
+    for attempt in range(3):
+        cost = measure_step_cost("dpo", trainer_runner("dpo", cfg, pairs), "cpu", short=2, long=8)
+        # Diffusion-DPO evaluates policy and reference on winner and loser, and backpropagates the policy.
+        assert cost.forward_nfe_per_step == 16 * 4 and cost.backward_nfe_per_step == 16 * 2
+        projected = project(cost, RunShape(steps=40))
+        start = time.perf_counter()
+        with CostMeter(denoiser_types(), "cpu") as meter:
+            train_dpo(cfg, pairs, tmp_path / f"run-{attempt}")
+        actual = time.perf_counter() - start
+        assert projected.forward_nfe == meter.cost.forward_nfe
+        errors.append(abs(projected.wall_seconds_one_device - actual) / actual)
+        if errors[-1] < 0.25:
+            break
+    assert min(errors) < 0.25, errors
 
 
 def test_grpo_measurement_counts_its_reward_queries(model_dir):

@@ -3,6 +3,7 @@ SPIN-Diffusion)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -116,6 +117,50 @@ def measured(out: Path, device: str):
     finally:
         if (out / "config.json").is_file():
             add_run_costs(out, meter.cost, rewards_counted=False)
+
+
+def reward_trainer_config(cls, method: str, overrides, model, reward, prompts, config_file, device):
+    """The config of a reward trainer (RL, reward backprop) from its command's options."""
+    options = {
+        "method": method,
+        "model": model,
+        "reward": reward,
+        "prompts": prompts,
+        "runtime.device": device,
+    }
+    return load_command_config(cls, config_file, overrides, options)
+
+
+def run_reward_trainer(
+    out: Path,
+    device: str,
+    train: Callable[[], None],
+    summary: Callable[[dict], str],
+    reward_errors: tuple[type[Exception], ...] = (),
+) -> None:
+    """Run a reward trainer's `train()` measured (`costs.json`), turn bad input into a clear exit, then
+    print `summary(last metrics line)` and where the model is. `reward_errors` are reported as
+    --reward's fault."""
+    from diffalign.align.guard import NonFiniteError
+    from diffalign.align.prompts import PromptSourceError
+    from diffalign.align.run_dir import RunDirError
+    from diffalign.align.tracking import read_metrics
+    from diffalign.models.registry import UnsupportedModelError
+    from diffalign.rewards.registry import RewardSpecError
+
+    try:
+        with measured(out, device):
+            train()
+    except reward_errors as err:
+        fail(f"--reward: {err}")
+    except (FileNotFoundError, UnsupportedModelError, RewardSpecError, PromptSourceError) as err:
+        fail(str(err))
+    except (RunDirError, NonFiniteError, ValueError) as err:
+        fail(str(err))
+    lines = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+    if lines:
+        console.print(summary(lines[-1]))
+    report_run_end(out)
 
 
 def report_run_end(out: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffalign.cli.align import load_command_config, measured, register_reward_trainer, report_run_end
+from diffalign.cli.align import register_reward_trainer, reward_trainer_config, run_reward_trainer
 from diffalign.cli.common import console, fail
 
 
@@ -21,47 +21,31 @@ def _run_backprop(
     device: str | None,
 ) -> None:
     from diffalign.align.backprop_config import BackpropConfig
-    from diffalign.align.guard import NonFiniteError
-    from diffalign.align.prompts import PromptSourceError
     from diffalign.align.reward_backprop import train_backprop
-    from diffalign.align.run_dir import RunDirError
-    from diffalign.align.tracking import read_metrics
-    from diffalign.models.registry import UnsupportedModelError
     from diffalign.rewards.protocol import NotDifferentiableError
-    from diffalign.rewards.registry import RewardSpecError
 
-    options = {
-        "method": method,
-        "model": model,
-        "reward": reward,
-        "prompts": prompts,
-        "runtime.device": device,
-    }
-    config = load_command_config(BackpropConfig, config_file, overrides, options)
+    config = reward_trainer_config(
+        BackpropConfig, method, overrides, model, reward, prompts, config_file, device
+    )
     if not config.reward:
         fail("--reward: reward backpropagation needs a differentiable reward (e.g. a reward-model folder)")
     console.print(
         f"{method}: {config.steps} steps x {config.batch_size} prompts, reward {config.reward}; "
         f"run folder {out}"
     )
-    try:
-        with measured(out, config.runtime.device):
-            train_backprop(config, out, resume=resume, show_progress=True)
-    except NotDifferentiableError as err:
-        fail(f"--reward: {err}")
-    except (FileNotFoundError, UnsupportedModelError, RewardSpecError, PromptSourceError) as err:
-        fail(str(err))
-    except (RunDirError, NonFiniteError, ValueError) as err:
-        fail(str(err))
-    lines = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
-    if lines:
-        last = lines[-1]
+
+    def summary(last: dict) -> str:
         gold = f", gold {last['gold_mean']:.3f}" if "gold_mean" in last else ""
-        console.print(
-            f"step {last['step']}: reward {last['reward_mean']:.3f}{gold}, "
-            f"{last['reward_queries']} reward queries"
-        )
-    report_run_end(out)
+        queries = last["reward_queries"]
+        return f"step {last['step']}: reward {last['reward_mean']:.3f}{gold}, {queries} reward queries"
+
+    run_reward_trainer(
+        out,
+        config.runtime.device,
+        lambda: train_backprop(config, out, resume=resume, show_progress=True),
+        summary,
+        reward_errors=(NotDifferentiableError,),
+    )
 
 
 register_reward_trainer(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffalign.cli.align import load_command_config, measured, register_reward_trainer, report_run_end
+from diffalign.cli.align import register_reward_trainer, reward_trainer_config, run_reward_trainer
 from diffalign.cli.common import console, fail
 
 
@@ -20,43 +20,27 @@ def _run_pg(
     resume: bool,
     device: str | None,
 ) -> None:
-    from diffalign.align.guard import NonFiniteError
     from diffalign.align.pg_config import PGConfig
     from diffalign.align.policy_gradient import RatioCheckError, train_pg
-    from diffalign.align.prompts import PromptSourceError
-    from diffalign.align.run_dir import RunDirError
-    from diffalign.align.tracking import read_metrics
-    from diffalign.models.registry import UnsupportedModelError
-    from diffalign.rewards.registry import RewardSpecError
 
-    options = {
-        "method": method,
-        "model": model,
-        "reward": reward,
-        "prompts": prompts,
-        "runtime.device": device,
-    }
-    config = load_command_config(PGConfig, config_file, overrides, options)
+    config = reward_trainer_config(PGConfig, method, overrides, model, reward, prompts, config_file, device)
     console.print(
         f"{method}: {config.epochs} epochs x {config.samples_per_epoch} samples, reward {config.reward}; "
         f"run folder {out}"
     )
-    try:
-        with measured(out, config.runtime.device):
+
+    def train() -> None:
+        try:
             train_pg(config, out, resume=resume, show_progress=True)
-    except (FileNotFoundError, UnsupportedModelError, RewardSpecError, PromptSourceError) as err:
-        fail(str(err))
-    except (RunDirError, NonFiniteError, RatioCheckError, ValueError) as err:
-        fail(str(err))
-    lines = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
-    if lines:
-        last = lines[-1]
+        except RatioCheckError as err:
+            fail(str(err))
+
+    def summary(last: dict) -> str:
         gold = f", gold {last['gold_mean']:.3f}" if "gold_mean" in last else ""
-        console.print(
-            f"epoch {last['step']}: reward {last['reward_mean']:.3f}{gold}, "
-            f"KL to base {last['kl_to_base']:.2e}"
-        )
-    report_run_end(out)
+        kl = last["kl_to_base"]
+        return f"epoch {last['step']}: reward {last['reward_mean']:.3f}{gold}, KL to base {kl:.2e}"
+
+    run_reward_trainer(out, config.runtime.device, train, summary)
 
 
 register_reward_trainer(
