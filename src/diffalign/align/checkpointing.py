@@ -72,3 +72,31 @@ def save_training_checkpoint(
             keep=keep,
         )
     accelerator.wait_for_everyone()
+
+
+def loop_bookkeeping(
+    accelerator,
+    run: RunDir,
+    method: str,
+    record: dict,
+    total: int,
+    start: int,
+    stop_after: int | None,
+    show_progress: bool,
+):
+    """What every trainer's loop keeps beside its maths: the step to stop at (`total`, or `stop_after`
+    as an interruption would), the NaN/inf guard, and the metrics tracker; returns (end, guard, tracker)."""
+    from diffalign.align.guard import FiniteGuard
+    from diffalign.align.tracking import Tracker
+
+    end = total if stop_after is None else min(total, stop_after)
+    tracker = Tracker(
+        accelerator,
+        run.metrics_path,
+        project=f"diffalign-{method}",
+        record=record,
+        total_steps=total,
+        start_step=start,
+        show_progress=show_progress,
+    )
+    return end, FiniteGuard(accelerator.device), tracker

@@ -33,9 +33,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from diffalign.align.checkpointing import begin_run, resume_weights, save_training_checkpoint
+from diffalign.align.checkpointing import (
+    begin_run,
+    loop_bookkeeping,
+    resume_weights,
+    save_training_checkpoint,
+)
 from diffalign.align.config_io import to_dict
-from diffalign.align.guard import FiniteGuard
 from diffalign.align.losses import diffusion_dpo_loss, diffusion_kto_loss, per_sample_mse
 from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
 from diffalign.align.runtime import (
@@ -46,7 +50,7 @@ from diffalign.align.runtime import (
     seed_everything,
     step_generator,
 )
-from diffalign.align.tracking import Tracker, resolve_log_with
+from diffalign.align.tracking import resolve_log_with
 from diffalign.diffusion.protocol import Conditioning
 from diffalign.diffusion.schedules import FLOW_TIME_DISTRIBUTIONS, training_target
 from diffalign.models.registry import load_model
@@ -534,16 +538,8 @@ def train_dpo(
     sums = window["sums"].to(device)
     n_micro, n_steps = int(window["micro"]), int(window["steps"])
 
-    end = config.steps if stop_after is None else min(config.steps, stop_after)
-    guard = FiniteGuard(device)
-    tracker = Tracker(
-        accelerator,
-        run.metrics_path,
-        project=f"diffalign-{config.method}",
-        record=record,
-        total_steps=config.steps,
-        start_step=start,
-        show_progress=show_progress,
+    end, guard, tracker = loop_bookkeeping(
+        accelerator, run, config.method, record, config.steps, start, stop_after, show_progress
     )
     started = time.perf_counter()
     done = start

@@ -38,9 +38,13 @@ import torch
 from torch import Tensor
 
 from diffalign.align.advantages import PerPromptStatTracker, clip_advantages, group_advantages
-from diffalign.align.checkpointing import begin_run, resume_weights, save_training_checkpoint
+from diffalign.align.checkpointing import (
+    begin_run,
+    loop_bookkeeping,
+    resume_weights,
+    save_training_checkpoint,
+)
 from diffalign.align.config_io import to_dict
-from diffalign.align.guard import FiniteGuard
 from diffalign.align.online_metrics import log_image_grid, sample_metrics, save_image_grid
 from diffalign.align.pg_config import PGConfig
 from diffalign.align.pg_losses import gaussian_mean_kl, ppo_clip_loss
@@ -55,7 +59,7 @@ from diffalign.align.pg_rollout import (
 from diffalign.align.prompts import load_prompt_source
 from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
 from diffalign.align.runtime import global_batch_slice, make_accelerator, seed_everything
-from diffalign.align.tracking import Tracker, resolve_log_with
+from diffalign.align.tracking import resolve_log_with
 from diffalign.models.registry import load_model
 from diffalign.rewards.protocol import Reward
 from diffalign.rewards.registry import load_reward
@@ -213,16 +217,8 @@ def train_pg(
             set_rng_state(checkpoint.rng)
 
     device = accelerator.device
-    end = config.epochs if stop_after is None else min(config.epochs, stop_after)
-    guard = FiniteGuard(device)
-    tracker = Tracker(
-        accelerator,
-        run.metrics_path,
-        project=f"diffalign-{config.method}",
-        record=record,
-        total_steps=config.epochs,
-        start_step=start,
-        show_progress=show_progress,
+    end, guard, tracker = loop_bookkeeping(
+        accelerator, run, config.method, record, config.epochs, start, stop_after, show_progress
     )
     share = per_epoch // num_processes
     mine = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)

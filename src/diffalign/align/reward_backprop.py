@@ -48,14 +48,18 @@ from diffalign.align.backprop_losses import (
     refl_loss,
     truncated_chain_loss,
 )
-from diffalign.align.checkpointing import begin_run, resume_weights, save_training_checkpoint
+from diffalign.align.checkpointing import (
+    begin_run,
+    loop_bookkeeping,
+    resume_weights,
+    save_training_checkpoint,
+)
 from diffalign.align.config_io import to_dict
-from diffalign.align.guard import FiniteGuard
 from diffalign.align.online_metrics import log_image_grid, sample_metrics, save_image_grid
 from diffalign.align.prompts import PromptSource, load_prompt_source
 from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
 from diffalign.align.runtime import global_batch_slice, make_accelerator, seed_everything, step_generator
-from diffalign.align.tracking import Tracker, resolve_log_with
+from diffalign.align.tracking import resolve_log_with
 from diffalign.models.registry import load_model
 from diffalign.rewards.protocol import Reward, require_differentiable
 from diffalign.rewards.registry import load_reward
@@ -270,16 +274,8 @@ def train_backprop(
             set_rng_state(checkpoint.rng)
 
     device = accelerator.device
-    end = config.steps if stop_after is None else min(config.steps, stop_after)
-    guard = FiniteGuard(device)
-    tracker = Tracker(
-        accelerator,
-        run.metrics_path,
-        project=f"diffalign-{config.method}",
-        record=record,
-        total_steps=config.steps,
-        start_step=start,
-        show_progress=show_progress,
+    end, guard, tracker = loop_bookkeeping(
+        accelerator, run, config.method, record, config.steps, start, stop_after, show_progress
     )
     rank = accelerator.process_index
     window = torch.zeros(WINDOW_SIZE, device=device)  # metric sums and counts since the last log line
