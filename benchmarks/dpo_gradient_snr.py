@@ -39,7 +39,7 @@ WEIGHTS = {
 RANGES = [(0, 1000), (0, 300), (300, 700), (700, 1000)]
 
 
-def snr(model, data, tokens, params, batches: int, batch: int, t_range, weighting: str, beta: float) -> dict:
+def snr(model, data, params, batches: int, batch: int, t_range, weighting: str, beta: float) -> dict:
     grads = []
     lo, hi = t_range
     cfg = DPOConfig()
@@ -48,7 +48,7 @@ def snr(model, data, tokens, params, batches: int, batch: int, t_range, weightin
         draw = draw_step(model, cfg, len(data), k, batch)
         u = torch.rand(batch, generator=torch.Generator().manual_seed(k))
         draw = StepDraw(draw.indices, draw.noise, (lo + (hi - lo) * u).floor(), draw.drop)
-        pb = pair_batch(model, data, draw, tokens)
+        pb = pair_batch(model, data, draw)
         err, ref = _errors(model, model.unet, pb)
         w = WEIGHTS[weighting](abar[pb.t.long()].float())
         out = diffusion_dpo_loss(
@@ -78,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     model.freeze_reference()
     pairs = PreferenceStore.open(args.store, create=False).pairs(size=model.latent_shape[-1])
     data = training_data(pairs, "dpo")
-    ids, mask = model.tokenizer(data.prompts)
-    e_ids, e_mask = model.tokenizer([""])
     params = [p for p in model.unet.parameters() if p.requires_grad]
     settings = [(r, "none") for r in RANGES] + [((0, 1000), w) for w in ("v", "x0", "min_snr5")]
     print("| timesteps | weighting | signal | noise per batch | SNR per batch |")
@@ -89,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         r = snr(
             model,
             data,
-            (ids, mask, e_ids, e_mask),
             params,
             args.batches,
             args.batch_size,

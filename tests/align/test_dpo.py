@@ -22,12 +22,6 @@ from diffalign.models.registry import load_model
 from tests.align.helpers import config, make_pairs
 
 
-def _tokens(model, data):
-    ids, mask = model.tokenizer(data.prompts, device="cpu")
-    e_ids, e_mask = model.tokenizer([""], device="cpu")
-    return ids, mask, e_ids, e_mask
-
-
 def _implied_noise(model, batch, x0):
     """The noise that produced x_t from x0 at t (inverting add_noise)."""
     t = batch.t.view(-1, 1, 1, 1)
@@ -40,8 +34,8 @@ def _implied_noise(model, batch, x0):
 def _check_shared(model, data, draw, batch):
     b = draw.indices.shape[0]
     assert torch.equal(batch.t[:b], batch.t[b:])
-    assert torch.equal(batch.input_ids[:b], batch.input_ids[b:])
-    assert torch.equal(batch.attention_mask[:b], batch.attention_mask[b:])
+    for name, tensor in batch.cond.tensors.items():
+        assert torch.equal(tensor[:b], tensor[b:]), name
     x0 = model.encode(torch.cat([data.images[draw.indices], data.others[draw.indices]]).float() / 255)
     noise = _implied_noise(model, batch, x0)
     assert torch.allclose(noise[:b], noise[b:], atol=1e-3)
@@ -57,11 +51,14 @@ def test_pair_shares_noise_timestep_and_dropout(request, which, pairs):
     cfg = config("unused", prompt_dropout=0.5)
     draw = draw_step(model, cfg, len(data), step=3, global_size=8)
     assert draw.drop.any() and not draw.drop.all()
-    batch = pair_batch(model, data, draw, _tokens(model, data))
+    batch = pair_batch(model, data, draw)
     _check_shared(model, data, draw, batch)
-    empty, _ = model.tokenizer([""], device="cpu")
+    empty = model.encode_prompts([""]).tensors["input_ids"]
     dropped = torch.cat([draw.drop, draw.drop])
-    assert (batch.input_ids[dropped] == empty).all()
+    assert (batch.cond.tensors["input_ids"][dropped] == empty).all()
+    kept = torch.cat([~draw.drop, ~draw.drop])
+    expected = model.encode_prompts([data.prompts[int(i)] for i in data.prompt_index[draw.indices]] * 2)
+    assert torch.equal(batch.cond.tensors["input_ids"][kept], expected.tensors["input_ids"][kept])
     # the step's draw is a function of (seed, step) only
     again = draw_step(model, cfg, len(data), step=3, global_size=8)
     assert torch.equal(again.noise, draw.noise) and torch.equal(again.indices, draw.indices)
@@ -70,8 +67,8 @@ def test_pair_shares_noise_timestep_and_dropout(request, which, pairs):
 def test_training_loop_builds_shared_pairs(monkeypatch, tmp_path, eps_model_dir, pairs):
     seen = []
 
-    def recording(model, data, draw, tokens):
-        batch = pair_batch(model, data, draw, tokens)
+    def recording(model, data, draw):
+        batch = pair_batch(model, data, draw)
         _check_shared(model, data, draw, batch)
         seen.append(draw.indices.clone())
         return batch
@@ -249,7 +246,7 @@ def test_sft_weight_adds_the_winners_term(eps_model_dir, pairs):
             p.add_(0.01 * torch.randn_like(p))
     data = training_data(pairs)
     draw = draw_step(model, config("unused"), len(data), step=0, global_size=6)
-    batch = pair_batch(model, data, draw, _tokens(model, data))
+    batch = pair_batch(model, data, draw)
     plain, _ = dpo_module.dpo_micro_loss(model, model.unet, batch, beta=300.0)
     with_sft, metrics = dpo_module.dpo_micro_loss(model, model.unet, batch, beta=300.0, sft_weight=0.5)
     err, ref = dpo_module._errors(model, model.unet, batch)

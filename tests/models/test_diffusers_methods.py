@@ -1,7 +1,7 @@
 """One step of each alignment family on each adapter, through the adapter's own interface only.
 
-The trainers in `diffalign.align` still reach into the tiny model (see docs/diffusers.md); these
-tests run their losses on the adapters directly: a Diffusion-DPO step (VAE latents, the schedule's
+The trainers' own loops run on pipelines in tests/align/test_trainers_on_pipelines.py; these tests
+check the losses on the adapters directly, step by step: a Diffusion-DPO step (VAE latents, the schedule's
 noising and target, policy vs reference), a PPO/GRPO step on recomputed sampler log-probs (with
 guidance), and a DRaFT-1 step (reward gradient through the last sampling step and the VAE decoder).
 """

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from diffalign.align.policy_setup import adapter_options
 from diffalign.align.runtime import RuntimeConfig
 from diffalign.diffusion.sampling import SAMPLERS, SamplerConfig
+from diffalign.models.diffusers_adapters.common import AdapterConfig
 
 BACKPROP_METHODS = ("alignprop", "draft", "draft-lv", "refl")
 
@@ -26,7 +28,11 @@ class BackpropConfig:
             steps), "draft-lv" (DRaFT-LV: the final sample re-noised `lv_samples` times and denoised by
             the last step with gradients) or "refl" (Xu et al. 2023, ImageReward's ReFL: one random
             late step, its x0 prediction scored, plus the pre-training loss on data).
-        model: the model to fine-tune: "base", "base-flow", or a model / run folder.
+        model: the model to fine-tune: "base", "base-flow", a model / run folder, or a diffusers
+            pipeline (a local folder or a Hugging Face id in the local cache; docs/diffusers.md).
+        pipeline: options of a diffusers pipeline model (`AdapterConfig`: dtype, gradient
+            checkpointing, channels_last, TF32, chunked VAE decoding, resolution, LoRA target modules);
+            refused for a tiny model. Its `lora_rank` stays 0: LoRA is `lora_rank` below.
         reward: the training reward spec (`diffalign.rewards.load_reward`); it must be differentiable.
         gold: the reward logged as `gold_mean` next to the training reward ("gold-faithfulness",
             "gold-utility", any reward spec), or "none". Skipped when equal to `reward`.
@@ -72,6 +78,7 @@ class BackpropConfig:
 
     method: str = "alignprop"
     model: str = "base"
+    pipeline: AdapterConfig = field(default_factory=AdapterConfig)
     reward: str = ""
     gold: str = "gold-faithfulness"
     prompts: str = "world"
@@ -154,6 +161,7 @@ class BackpropConfig:
             raise ValueError(f"reward_scale must be > 0, got {self.reward_scale}")
         if isinstance(self.runtime, dict):
             self.runtime = RuntimeConfig(**self.runtime)
+        self.pipeline = adapter_options(self.pipeline)
 
     def sampler_config(self, prediction_type: str) -> SamplerConfig:
         """The training sampler for a model of `prediction_type`."""

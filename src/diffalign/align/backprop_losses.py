@@ -137,11 +137,12 @@ def pretrain_loss(model, unet, images: Tensor, prompts: Sequence[str], noise: Te
     """The model's own training loss on data: mean |f_theta(x_t, t, c) - target|^2 with x_t = add_noise(x0,
     noise, t) and the family's target (noise, v or velocity), the objective the base model was trained on."""
     device = noise.device
-    x0 = model.encode(images.to(device))
+    with torch.no_grad():  # the VAE and the text encoders are frozen
+        x0 = model.encode(images.to(device))
+        cond = model.encode_prompts(list(prompts))
     x_t = model.schedule.add_noise(x0, noise, t)
     target = training_target(x0, noise, t, model.prediction_type, model.schedule)
-    ids, mask = model.tokenizer(list(prompts), device=device)
-    pred = model.forward_network(unet, x_t, t, ids, mask)
+    pred = model.call_network(unet, x_t, t, cond)
     return per_sample_mse(pred, target).mean()
 
 

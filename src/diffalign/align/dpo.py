@@ -7,9 +7,12 @@ dropout; policy and reference predict the target (noise, v or flow velocity) for
 than the loser's, relative to the reference. Diffusion-KTO (Li et al. 2024, arXiv:2404.04465) trains on
 single images marked liked or disliked (here: the winners and losers of the pairs, taken apart).
 
-The reference is the model as loaded (`TinyDiffusionModel.reference_predict`): a frozen copy for full
-fine-tuning, the network with its LoRA adapters switched off when `lora_rank > 0` (no second copy). It
-is fixed before any checkpoint is loaded, so a resumed run's reference is still the base model.
+The reference is the model as loaded (`reference_predict`): a frozen copy for full fine-tuning, the
+network with its LoRA adapters switched off when `lora_rank > 0` (no second copy). It is fixed before
+any checkpoint is loaded, so a resumed run's reference is still the base model. The loop works on any
+`DiffusionModel` (`policy_setup.py`): the tiny models, whose latents are the pixels, and diffusers
+pipelines, whose images go through the VAE (`model.encode`) and whose prompts through their text
+encoders (`model.encode_prompts`), one micro-batch at a time.
 
 `train_dpo` is one explicit loop (read it top to bottom). What it shares with the other trainers lives
 in small modules: `runtime` (Accelerate, seeding, the data-sharding rule), `run_dir` (the run folder,
@@ -41,19 +44,22 @@ from diffalign.align.checkpointing import (
 )
 from diffalign.align.config_io import to_dict
 from diffalign.align.losses import diffusion_dpo_loss, diffusion_kto_loss, per_sample_mse
+from diffalign.align.policy_setup import adapter_options, load_policy
 from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
 from diffalign.align.runtime import (
     RuntimeConfig,
+    compile_network,
     epoch_indices,
     global_batch_slice,
     make_accelerator,
+    make_optimizer,
     seed_everything,
     step_generator,
 )
 from diffalign.align.tracking import resolve_log_with
 from diffalign.diffusion.protocol import Conditioning
 from diffalign.diffusion.schedules import FLOW_TIME_DISTRIBUTIONS, training_target
-from diffalign.models.registry import load_model
+from diffalign.models.diffusers_adapters.common import AdapterConfig
 from diffalign.prefs.pairs import PreferencePairs
 
 METHODS = ("dpo", "kto")
@@ -79,7 +85,11 @@ class DPOConfig:
 
     Attributes:
         method: "dpo" (pairs; Wallace et al. 2023) or "kto" (liked/disliked images; Li et al. 2024).
-        model: the model to fine-tune: "base", "base-flow", or a model / run folder.
+        model: the model to fine-tune: "base", "base-flow", a model / run folder, or a diffusers
+            pipeline (a local folder or a Hugging Face id in the local cache; docs/diffusers.md).
+        pipeline: options of a diffusers pipeline model (`AdapterConfig`: dtype, gradient
+            checkpointing, channels_last, TF32, chunked VAE decoding, resolution, LoRA target modules);
+            refused for a tiny model. Its `lora_rank` stays 0: LoRA is `lora_rank` below.
         beta: the KL weight. DPO uses the 0.5 * beta convention of the reference code
             (inside = -0.5 beta ((err_w - err_l) - (ref_w - ref_l))): Stable Diffusion uses 5000,
             flow models 100 to 2000. None picks `DEFAULT_BETA[(method, family)]`.
@@ -120,6 +130,7 @@ class DPOConfig:
 
     method: str = "dpo"
     model: str = "base"
+    pipeline: AdapterConfig = field(default_factory=AdapterConfig)
     beta: float | None = None
     kto_lambda_desirable: float = 1.0
     kto_lambda_undesirable: float = 1.0
@@ -175,6 +186,7 @@ class DPOConfig:
             )
         if isinstance(self.runtime, dict):
             self.runtime = RuntimeConfig(**self.runtime)
+        self.pipeline = adapter_options(self.pipeline)
 
 
 class PreferenceDataError(ValueError):
@@ -211,18 +223,6 @@ class TrainingData:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
-
-    def to(self, device: torch.device) -> TrainingData:
-        move = lambda x: None if x is None else x.to(device)  # noqa: E731
-        return TrainingData(
-            self.prompts,
-            self.prompt_index.to(device),
-            self.images.to(device),
-            move(self.others),
-            move(self.liked),
-            self.ties_dropped,
-            self.fingerprint,
-        )
 
 
 def training_data(pairs: PreferencePairs, method: str = "dpo") -> TrainingData:
@@ -322,56 +322,61 @@ class DenoisingBatch:
         x_t: [M, C, H, W] noisy inputs.
         t: [M] timesteps.
         target: [M, C, H, W] regression targets (`training_target`).
-        input_ids, attention_mask: [M, L] prompt tokens (the empty prompt where dropped).
+        cond: [M] encoded prompts (the empty prompt where dropped).
     """
 
     x_t: Tensor
     t: Tensor
     target: Tensor
-    input_ids: Tensor
-    attention_mask: Tensor
+    cond: Conditioning
 
 
-def denoising_batch(model, x0: Tensor, noise: Tensor, t: Tensor, ids: Tensor, mask: Tensor) -> DenoisingBatch:
+def denoising_batch(model, x0: Tensor, noise: Tensor, t: Tensor, cond: Conditioning) -> DenoisingBatch:
     """Noise x0 at t and compute the model family's target (noise, v, or the flow velocity)."""
     x_t = model.schedule.add_noise(x0, noise, t)
     target = training_target(x0, noise, t, model.prediction_type, model.schedule)
-    return DenoisingBatch(x_t, t, target, ids, mask)
+    return DenoisingBatch(x_t, t, target, cond)
 
 
-def _prompt_tokens(
-    data: TrainingData, draw: StepDraw, tokens: tuple[Tensor, Tensor, Tensor, Tensor]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(indices, token ids, attention mask) of `draw`'s examples, the empty prompt where dropped."""
-    table_ids, table_mask, empty_ids, empty_mask = tokens
-    device = data.images.device
-    idx = draw.indices.to(device)
-    drop = draw.drop.to(device)[:, None]
-    prompt = data.prompt_index[idx]
-    ids = torch.where(drop, empty_ids, table_ids[prompt])
-    mask = torch.where(drop, empty_mask, table_mask[prompt])
-    return idx, ids, mask
+def _examples(model, data: TrainingData, draw: StepDraw) -> tuple[Tensor, Conditioning]:
+    """(indices, encoded prompts) of `draw`'s examples, the empty prompt where dropped. Prompts are
+    encoded per micro-batch (a table of every prompt's text states would not fit beside a large
+    model), without gradients: the text encoders are frozen."""
+    idx = draw.indices
+    prompts = [
+        "" if dropped else data.prompts[int(p)]
+        for p, dropped in zip(data.prompt_index[idx].tolist(), draw.drop.tolist())
+    ]
+    with torch.no_grad():
+        return idx, model.encode_prompts(prompts)
 
 
-def pair_batch(model, data: TrainingData, draw: StepDraw, tokens: tuple[Tensor, Tensor, Tensor, Tensor]):
-    """The DPO batch of `draw`: winners then losers, sharing noise, timestep and prompt dropout."""
-    device = data.images.device
-    idx, ids, mask = _prompt_tokens(data, draw, tokens)
-    x0 = model.encode(torch.cat([data.images[idx], data.others[idx]]).float() / 255)
+def _latents(model, images: Tensor) -> Tensor:
+    """uint8 images -> the model's latents (the pixels for a tiny model, the frozen VAE's otherwise)."""
+    with torch.no_grad():
+        return model.encode(images.to(model.device).float() / 255)
+
+
+def pair_batch(model, data: TrainingData, draw: StepDraw) -> DenoisingBatch:
+    """The DPO batch of `draw`: winners then losers, sharing noise, timestep and prompt dropout. The
+    examples are taken from `data` where it is (the CPU) and only the batch moves to the model's device."""
+    device = model.device
+    idx, cond = _examples(model, data, draw)
+    x0 = _latents(model, torch.cat([data.images[idx], data.others[idx]]))
     noise = draw.noise.to(device)
     t = draw.t.to(device)
     return denoising_batch(
-        model, x0, torch.cat([noise, noise]), torch.cat([t, t]), ids.repeat(2, 1), mask.repeat(2, 1)
+        model, x0, torch.cat([noise, noise]), torch.cat([t, t]), Conditioning.cat([cond, cond])
     )
 
 
-def image_batch(model, data: TrainingData, draw: StepDraw, tokens: tuple[Tensor, Tensor, Tensor, Tensor]):
+def image_batch(model, data: TrainingData, draw: StepDraw) -> tuple[DenoisingBatch, Tensor]:
     """The KTO batch of `draw`: single images with their own noise, and their like/dislike labels."""
-    device = data.images.device
-    idx, ids, mask = _prompt_tokens(data, draw, tokens)
-    x0 = model.encode(data.images[idx].float() / 255)
-    batch = denoising_batch(model, x0, draw.noise.to(device), draw.t.to(device), ids, mask)
-    return batch, data.liked[idx]
+    device = model.device
+    idx, cond = _examples(model, data, draw)
+    x0 = _latents(model, data.images[idx])
+    batch = denoising_batch(model, x0, draw.noise.to(device), draw.t.to(device), cond)
+    return batch, data.liked[idx].to(device)
 
 
 # --- losses of one micro-batch ---------------------------------------------------------------------
@@ -382,9 +387,8 @@ KTO_METRICS = ("loss", "implicit_acc", "reference_point", "err", "ref_err")
 
 def _errors(model, unet, batch: DenoisingBatch) -> tuple[Tensor, Tensor]:
     """Per-sample errors of the policy (through `unet`, with gradients) and of the reference."""
-    pred = model.forward_network(unet, batch.x_t, batch.t, batch.input_ids, batch.attention_mask)
-    cond = Conditioning({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
-    ref = model.reference_predict(batch.x_t, batch.t, cond)
+    pred = model.call_network(unet, batch.x_t, batch.t, batch.cond)
+    ref = model.reference_predict(batch.x_t, batch.t, batch.cond)
     return per_sample_mse(pred, batch.target), per_sample_mse(ref, batch.target)
 
 
@@ -475,11 +479,18 @@ def train_dpo(
     # 1. Accelerate, seeding, the model and its reference.
     accelerator = make_accelerator(config.runtime, resolve_log_with(config.log_with), run.logs_dir)
     seed_everything(config.runtime.seed)
-    model = load_model(config.model, device=accelerator.device)
-    if tuple(data.images.shape[1:]) != tuple(model.latent_shape):
+    model = load_policy(
+        config.model,
+        accelerator.device,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        pipeline=config.pipeline,
+        reference=config.reference,
+    )
+    if tuple(data.images.shape[1:]) != tuple(model.image_shape):
         raise PreferenceDataError(
             f"the preference images are {tuple(data.images.shape[1:])} but the model {config.model!r} "
-            f"works on {tuple(model.latent_shape)}; load the store with size={model.latent_shape[-1]}"
+            f"works on {tuple(model.image_shape)}; load the store with size={model.image_shape[-1]}"
         )
     beta = resolved_beta(config, model.prediction_type)
     record = {
@@ -495,14 +506,11 @@ def train_dpo(
         "resolved": {"beta": beta},
     }
     begin_run(run, record, resume, accelerator)
-    if config.lora_rank > 0:
-        model.enable_lora(config.lora_rank, alpha=config.lora_alpha or None)
-    if config.reference is not None:
-        model.set_reference(load_model(config.reference, device=accelerator.device))
-    model.freeze_reference()  # the reference is the model as loaded, before any checkpoint
-    model.unet.train()
-    params = [p for p in model.unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    network = model.denoiser
+    network.train()
+    params = model.trainable_parameters()
+    optimizer = make_optimizer(params, config.lr, config.weight_decay, config.runtime)
+    compile_network(network, config.runtime)
 
     # 2. Resume: trainable weights before `prepare`, optimiser state and RNG after it.
     num_processes = accelerator.num_processes
@@ -513,7 +521,7 @@ def train_dpo(
     start = 0
     checkpoint = None
     if resume:
-        checkpoint = resume_weights(run, record, accelerator, model.unet)
+        checkpoint = resume_weights(run, record, accelerator, network)
         start = checkpoint.step
         if checkpoint.data_cursor != start * global_size:
             raise RunDirError(
@@ -522,19 +530,16 @@ def train_dpo(
                 f"({num_processes} processes x {accumulation} accumulation x {config.batch_size}): resume "
                 "with the same number of processes"
             )
-    unet, optimizer = accelerator.prepare(model.unet, optimizer)
+    unet, optimizer = accelerator.prepare(network, optimizer)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint.optimizer)
         if checkpoint.rng is not None:
             set_rng_state(checkpoint.rng)
         window = checkpoint.process_state.get("window", window)
 
-    # 3. Data on the device, every prompt tokenised once.
+    # 3. The data stays on the CPU as uint8 images; each micro-batch moves to the device and is
+    # encoded when drawn (a preference set of large images does not fit beside the model).
     device = accelerator.device
-    data = data.to(device)
-    table_ids, table_mask = model.tokenizer(data.prompts, device=device)
-    empty_ids, empty_mask = model.tokenizer([""], device=device)
-    tokens = (table_ids, table_mask, empty_ids, empty_mask)
     sums = window["sums"].to(device)
     n_micro, n_steps = int(window["micro"]), int(window["steps"])
 
@@ -559,10 +564,10 @@ def train_dpo(
                     with accelerator.autocast():
                         if config.method == "dpo":
                             loss, metrics = dpo_micro_loss(
-                                model, unet, pair_batch(model, data, mine, tokens), beta, config.sft_weight
+                                model, unet, pair_batch(model, data, mine), beta, config.sft_weight
                             )
                         else:
-                            batch, liked = image_batch(model, data, mine, tokens)
+                            batch, liked = image_batch(model, data, mine)
                             loss, metrics = kto_micro_loss(model, unet, batch, liked, beta, config)
                     guard.observe("loss", loss, step + 1)
                     accelerator.backward(loss)
@@ -600,7 +605,7 @@ def train_dpo(
                     run,
                     accelerator,
                     done,
-                    network=model.unet,
+                    network=network,
                     optimizer=optimizer,
                     data_cursor=done * global_size,
                     record=record,
@@ -616,5 +621,5 @@ def train_dpo(
         if accelerator.is_main_process:
             model.save(run.model_dir)
         accelerator.wait_for_everyone()
-    model.unet.eval()
+    network.eval()
     return model

@@ -233,7 +233,7 @@ def train_online_dpo(
             )
         rounds = range(index + 1) if config.accumulate else [index]
         prefixes = [f"{source}:{round_seed(seed, r)}:" for r in rounds]
-        pairs = _keys_with_prefix(store.pairs(size=model.latent_shape[-1], source=source), prefixes)
+        pairs = _keys_with_prefix(store.pairs(size=model.image_shape[-1], source=source), prefixes)
         # Facts about the round's data, from the store (identical when an interrupted round resumes).
         own = _keys_with_prefix(pairs, prefixes[-1:])
         facts = {

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from diffalign.align.policy_setup import adapter_options
 from diffalign.align.runtime import RuntimeConfig
 from diffalign.diffusion.sampling import SAMPLERS, SamplerConfig
+from diffalign.models.diffusers_adapters.common import AdapterConfig
 
 PG_METHODS = ("ddpo", "dpok", "grpo")
 
@@ -27,7 +29,11 @@ class PGConfig:
             al. 2023: DDPO's objective plus a KL to the base model; see docs/rl.md for what is left out)
             or "grpo" (group-standardised advantages; with a flow model and the "flow_sde" sampler this
             is Flow-GRPO, Liu et al. 2025).
-        model: the model to fine-tune: "base", "base-flow", or a model / run folder.
+        model: the model to fine-tune: "base", "base-flow", a model / run folder, or a diffusers
+            pipeline (a local folder or a Hugging Face id in the local cache; docs/diffusers.md).
+        pipeline: options of a diffusers pipeline model (`AdapterConfig`: dtype, gradient
+            checkpointing, channels_last, TF32, chunked VAE decoding, resolution, LoRA target modules);
+            refused for a tiny model. Its `lora_rank` stays 0: LoRA is `lora_rank` below.
         reward: the training reward spec (`diffalign.rewards.load_reward`).
         gold: the reward logged as `gold_mean` next to the training reward ("gold-faithfulness",
             "gold-utility", any reward spec), or "none". Skipped when equal to `reward`.
@@ -75,6 +81,7 @@ class PGConfig:
 
     method: str = "ddpo"
     model: str = "base"
+    pipeline: AdapterConfig = field(default_factory=AdapterConfig)
     reward: str = "shapes:faithfulness"
     gold: str = "gold-faithfulness"
     prompts: str = "world"
@@ -149,6 +156,7 @@ class PGConfig:
             raise ValueError(f"ratio_tolerance must be > 0, got {self.ratio_tolerance}")
         if isinstance(self.runtime, dict):
             self.runtime = RuntimeConfig(**self.runtime)
+        self.pipeline = adapter_options(self.pipeline)
 
     @property
     def samples_per_epoch(self) -> int:

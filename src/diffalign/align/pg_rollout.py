@@ -108,9 +108,7 @@ class NetworkPolicy:
         self.schedule = model.schedule
 
     def predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        return self.model.forward_network(
-            self.unet, x_t, t, cond.tensors["input_ids"], cond.tensors["attention_mask"]
-        )
+        return self.model.call_network(self.unet, x_t, t, cond)
 
     def reference_predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         return self.model.reference_predict(x_t, t, cond)

@@ -23,8 +23,8 @@ and clip fraction, the gradient norm, the loss, the largest first-step |log rho|
 
 What this module leaves out: DPOK's learned value-function baseline (per-prompt reward statistics take
 its place) and its KL warm-up; Flow-GRPO's CFG-free training and its SDE window (every stochastic step
-can be trained); DanceGRPO's shared initial noise within a group. Policy-gradient fine-tuning runs on
-the tiny built-in models (`TinyDiffusionModel`).
+can be trained); DanceGRPO's shared initial noise within a group. The loop runs on any
+`DiffusionModel` (`policy_setup.py`): the tiny built-in models and diffusers pipelines (LoRA or full).
 """
 
 from __future__ import annotations
@@ -56,11 +56,17 @@ from diffalign.align.pg_rollout import (
     sample_local,
     training_pairs,
 )
+from diffalign.align.policy_setup import load_policy
 from diffalign.align.prompts import load_prompt_source
 from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
-from diffalign.align.runtime import global_batch_slice, make_accelerator, seed_everything
+from diffalign.align.runtime import (
+    compile_network,
+    global_batch_slice,
+    make_accelerator,
+    make_optimizer,
+    seed_everything,
+)
 from diffalign.align.tracking import resolve_log_with
-from diffalign.models.registry import load_model
 from diffalign.rewards.protocol import Reward
 from diffalign.rewards.registry import load_reward
 
@@ -165,7 +171,13 @@ def train_pg(
     # 1. Accelerate, seeding, the model and its reference, the reward, the prompts.
     accelerator = make_accelerator(config.runtime, resolve_log_with(config.log_with), run.logs_dir)
     seed_everything(config.runtime.seed)
-    model = load_model(config.model, device=accelerator.device)
+    model = load_policy(
+        config.model,
+        accelerator.device,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        pipeline=config.pipeline,
+    )
     sampler = config.sampler_config(model.prediction_type)
     kl_beta = config.resolved_kl_beta()
     source = load_prompt_source(config.prompts)
@@ -189,27 +201,26 @@ def train_pg(
         "resolved": {"kl_beta": kl_beta, "sampler": sampler.__dict__, "prompts": len(source)},
     }
     begin_run(run, record, resume, accelerator)
-    if config.lora_rank > 0:
-        model.enable_lora(config.lora_rank, alpha=config.lora_alpha or None)
-    model.freeze_reference()  # the base model as loaded, before any checkpoint
-    # Eval mode throughout: the policy's log-probs must be those of the network that sampled.
-    model.unet.eval()
-    params = [p for p in model.unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # Eval mode throughout (`load_policy`): the policy's log-probs must be those of the network that
+    # sampled.
+    network = model.denoiser
+    params = model.trainable_parameters()
+    optimizer = make_optimizer(params, config.lr, config.weight_decay, config.runtime)
+    compile_network(network, config.runtime)
     tracker_state = PerPromptStatTracker(config.stat_buffer, config.stat_min_count)
 
     # 2. Resume: trainable weights before `prepare`, optimiser state and RNG after it.
     start = 0
     checkpoint = None
     if resume:
-        checkpoint = resume_weights(run, record, accelerator, model.unet)
+        checkpoint = resume_weights(run, record, accelerator, network)
         start = checkpoint.step
         if checkpoint.data_cursor != start * per_epoch:
             raise RunDirError(
                 f"checkpoint {checkpoint.path}: {checkpoint.data_cursor} samples in {start} epochs"
             )
         tracker_state.load_state_dict(checkpoint.extra["stat_tracker"])
-    unet, optimizer = accelerator.prepare(model.unet, optimizer)
+    unet, optimizer = accelerator.prepare(network, optimizer)
     policy = NetworkPolicy(model, unet)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint.optimizer)
@@ -348,7 +359,7 @@ def train_pg(
                     run,
                     accelerator,
                     done,
-                    network=model.unet,
+                    network=network,
                     optimizer=optimizer,
                     data_cursor=done * per_epoch,
                     record=record,

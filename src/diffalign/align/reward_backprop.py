@@ -56,11 +56,18 @@ from diffalign.align.checkpointing import (
 )
 from diffalign.align.config_io import to_dict
 from diffalign.align.online_metrics import log_image_grid, sample_metrics, save_image_grid
+from diffalign.align.policy_setup import is_pipeline, load_policy
 from diffalign.align.prompts import PromptSource, load_prompt_source
 from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
-from diffalign.align.runtime import global_batch_slice, make_accelerator, seed_everything, step_generator
+from diffalign.align.runtime import (
+    compile_network,
+    global_batch_slice,
+    make_accelerator,
+    make_optimizer,
+    seed_everything,
+    step_generator,
+)
 from diffalign.align.tracking import resolve_log_with
-from diffalign.models.registry import load_model
 from diffalign.rewards.protocol import Reward, require_differentiable
 from diffalign.rewards.registry import load_reward
 from diffalign.world.dataset import DatasetConfig, ShapesGenerator
@@ -225,7 +232,13 @@ def train_backprop(
     seed_everything(config.runtime.seed)
     reward = reward if reward is not None else load_reward(config.reward, device=accelerator.device)
     require_differentiable(reward, config.method)
-    model = load_model(config.model, device=accelerator.device)
+    model = load_policy(
+        config.model,
+        accelerator.device,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        pipeline=config.pipeline,
+    )
     sampler = config.sampler_config(model.prediction_type)
     source = load_prompt_source(config.prompts)
     gold = None
@@ -233,7 +246,13 @@ def train_backprop(
         gold = load_reward(config.gold, device=accelerator.device)
     world = None
     if config.method == "refl" and config.pretrain_weight > 0:
-        world = ShapesGenerator(DatasetConfig(canvas_size=int(model.latent_shape[-1])))
+        if is_pipeline(model):
+            raise ValueError(
+                f"pretrain_weight={config.pretrain_weight}: ReFL's pre-training term draws images of the "
+                "Shapes world, the tiny models' training data; for a diffusers pipeline set "
+                "pretrain_weight=0 (a source of the pipeline's own pre-training images is not written yet)"
+            )
+        world = ShapesGenerator(DatasetConfig(canvas_size=int(model.image_shape[-1])))
     num_processes = accelerator.num_processes
     accumulation = config.runtime.gradient_accumulation_steps
     global_size = config.batch_size * num_processes * accumulation
@@ -246,19 +265,17 @@ def train_backprop(
         "resolved": {"sampler": sampler.__dict__, "prompts": len(source), "reward": reward.name},
     }
     begin_run(run, record, resume, accelerator)
-    if config.lora_rank > 0:
-        model.enable_lora(config.lora_rank, alpha=config.lora_alpha or None)
-    model.freeze_reference()  # the base model as loaded, before any checkpoint
-    model.unet.eval()  # sampling and training see the same network (no train-mode layers)
-    params = [p for p in model.unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    network = model.denoiser  # in eval mode: sampling and training see the same network
+    params = model.trainable_parameters()
+    optimizer = make_optimizer(params, config.lr, config.weight_decay, config.runtime)
+    compile_network(network, config.runtime)
 
     # 2. Resume: trainable weights before `prepare`, optimiser state and RNG after it.
     start = 0
     counters = {"reward_queries": 0, "grad_calls": 0}
     checkpoint = None
     if resume:
-        checkpoint = resume_weights(run, record, accelerator, model.unet)
+        checkpoint = resume_weights(run, record, accelerator, network)
         start = checkpoint.step
         if checkpoint.data_cursor != start * global_size:
             raise RunDirError(
@@ -266,7 +283,7 @@ def train_backprop(
                 f"this run's global batch is {global_size}: resume with the same number of processes"
             )
         counters = dict(checkpoint.extra["counters"])
-    unet, optimizer = accelerator.prepare(model.unet, optimizer)
+    unet, optimizer = accelerator.prepare(network, optimizer)
     policy = SamplingPolicy(model, unet)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint.optimizer)
@@ -358,7 +375,7 @@ def train_backprop(
                     run,
                     accelerator,
                     done,
-                    network=model.unet,
+                    network=network,
                     optimizer=optimizer,
                     data_cursor=done * global_size,
                     record=record,

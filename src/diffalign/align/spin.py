@@ -142,10 +142,10 @@ def train_spin(
     seed = config.dpo.runtime.seed
 
     def make_pairs(index: int, model) -> tuple[PreferencePairs, dict]:
-        if tuple(real.images.shape[1:]) != tuple(model.latent_shape):
+        if tuple(real.images.shape[1:]) != tuple(model.image_shape):
             raise PreferenceDataError(
                 f"the real images are {tuple(real.images.shape[1:])} but the model works on "
-                f"{tuple(model.latent_shape)}"
+                f"{tuple(model.image_shape)}"
             )
         base = (1000 * seed + index) * SEED_STRIDE
         seeds = [base + i for i in range(len(real.prompts))]

@@ -59,18 +59,16 @@ def _run(
     from diffalign.align.dpo import DPOConfig, PreferenceDataError, train_dpo
     from diffalign.align.guard import NonFiniteError
     from diffalign.align.run_dir import RunDirError
-    from diffalign.models.registry import UnsupportedModelError, resolve_model_folder
-    from diffalign.models.tiny import TinyDiffusionModel
+    from diffalign.models.registry import UnsupportedModelError, model_image_size
     from diffalign.prefs.store import PreferenceStore, StoreError
 
     config = load_command_config(
         DPOConfig, config_file, overrides, {"method": method, "model": model, "runtime.device": device}
     )
     try:
-        folder = resolve_model_folder(config.model)
-    except (FileNotFoundError, UnsupportedModelError) as err:
+        size = model_image_size(config.model, config.pipeline)
+    except (FileNotFoundError, UnsupportedModelError, ValueError) as err:
         fail(str(err))
-    size = TinyDiffusionModel.load(folder).latent_shape[-1]
     if "://" not in store and not Path(store).is_file():
         fail(f"--store {store}: no such preference store (create one with `diffalign prefs import|simulate`)")
     try:
@@ -325,8 +323,7 @@ def spin_cmd(
 
     Overrides are SPINConfig fields (rounds=3) and the per-round DPO config under dpo. (dpo.steps=100)."""
     from diffalign.align.spin import SPINConfig, real_from_pairs, real_from_world, train_spin
-    from diffalign.models.registry import UnsupportedModelError, resolve_model_folder
-    from diffalign.models.tiny import TinyDiffusionModel
+    from diffalign.models.registry import UnsupportedModelError, model_image_size
     from diffalign.prefs.store import PreferenceStore, StoreError
 
     if (store is None) == (world == 0):
@@ -335,8 +332,8 @@ def spin_cmd(
         SPINConfig, config, overrides, {"dpo.model": model, "dpo.runtime.device": device}
     )
     try:
-        size = TinyDiffusionModel.load(resolve_model_folder(cfg.dpo.model)).latent_shape[-1]
-    except (FileNotFoundError, UnsupportedModelError) as err:
+        size = model_image_size(cfg.dpo.model, cfg.dpo.pipeline)
+    except (FileNotFoundError, UnsupportedModelError, ValueError) as err:
         fail(str(err))
     if store is not None:
         if "://" not in store and not Path(store).is_file():

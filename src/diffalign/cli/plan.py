@@ -32,15 +32,15 @@ def _config(method: str, config_file, overrides, model, reward, prompts, device)
     fail(f"plan: no trainer named {method!r}; choose one of {sorted(LENGTH_FIELDS)}")
 
 
-def _pairs(store: str | None, model_spec: str):
-    from diffalign.models.registry import load_model
+def _pairs(store: str | None, config):
+    from diffalign.models.registry import model_image_size
     from diffalign.prefs.store import PreferenceStore, StoreError
 
     if store is None:
         fail("plan: --measure of a DPO-family run needs --store (the pairs it trains on)")
     if "://" not in store and not Path(store).is_file():
         fail(f"--store {store}: no such preference store")
-    size = load_model(model_spec, device="cpu").latent_shape[-1]
+    size = model_image_size(config.model, config.pipeline)
     try:
         return PreferenceStore.open(store, create=False).pairs(size=size, include_ties=True)
     except StoreError as err:
@@ -94,7 +94,7 @@ def plan_cmd(
     try:
         if measure:
             short, long = (int(x) for x in measure_steps.split(","))
-            data = _pairs(store, cfg.model) if method in PAIR_METHODS else None
+            data = _pairs(store, cfg) if method in PAIR_METHODS else None
             console.print(f"measuring {method}: runs of {short} and {long} steps on this machine")
             cost = measure_step_cost(
                 method,

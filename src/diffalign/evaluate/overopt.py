@@ -260,8 +260,9 @@ def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
 def run_base(run_dir: str | Path) -> dict:
     """The run's base model spec and LoRA settings from RUN_DIR/config.json.
 
-    Returns {"model": spec, "reference": spec of the KL reference, "lora_rank", "lora_alpha"}; the
-    reference is the config's `reference` when set (DPO against an earlier iterate), else the model.
+    Returns {"model": spec, "reference": spec of the KL reference, "lora_rank", "lora_alpha",
+    "pipeline": the diffusers options (a dict, empty for older runs)}; the reference is the config's
+    `reference` when set (DPO against an earlier iterate), else the model.
     """
     from diffalign.align.run_dir import CONFIG_FILE
 
@@ -277,6 +278,7 @@ def run_base(run_dir: str | Path) -> dict:
         "reference": config.get("reference") or config["model"],
         "lora_rank": int(config.get("lora_rank", 0) or 0),
         "lora_alpha": float(config.get("lora_alpha", 0.0) or 0.0),
+        "pipeline": dict(config.get("pipeline") or {}),
     }
 
 
@@ -294,29 +296,35 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def load_checkpoint_model(
-    spec: str, checkpoint: Path, lora_rank: int = 0, lora_alpha: float = 0.0, device="cpu"
+    spec: str,
+    checkpoint: Path,
+    lora_rank: int = 0,
+    lora_alpha: float = 0.0,
+    device="cpu",
+    pipeline: dict | None = None,
 ):
-    """The base model `spec` with the checkpoint's trainable weights applied (LoRA adapters when
-    `lora_rank` > 0); tiny models only (they expose `unet`)."""
+    """The base model `spec` (a tiny model or a diffusers pipeline, with the run's `pipeline` options)
+    with the checkpoint's trainable weights applied to its denoiser (LoRA adapters when `lora_rank` > 0)."""
     from safetensors.torch import load_file
 
+    from diffalign.align.policy_setup import adapter_options, load_policy
     from diffalign.align.run_dir import WEIGHTS_FILE
-    from diffalign.models.registry import load_model
 
-    model = load_model(spec, device=device)
-    if not hasattr(model, "unet"):
-        raise ValueError(
-            f"overopt: checkpoints of {type(model).__name__} models are not supported (tiny models only)"
-        )
-    if lora_rank > 0:
-        model.enable_lora(lora_rank, alpha=lora_alpha or None)
+    model = load_policy(
+        spec,
+        device,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        pipeline=adapter_options(pipeline or {}),
+        fix_reference=False,
+    )
     weights = load_file(str(checkpoint / WEIGHTS_FILE), device=str(device))
-    own = set(model.unet.state_dict())
+    own = set(model.denoiser.state_dict())
     unknown = sorted(set(weights) - own)
     if unknown:
         raise ValueError(f"{checkpoint / WEIGHTS_FILE}: weights not in the model: {unknown[:5]}")
-    model.unet.load_state_dict(weights, strict=False)
-    model.unet.eval()
+    model.denoiser.load_state_dict(weights, strict=False)
+    model.denoiser.eval()
     return model
 
 
@@ -393,7 +401,9 @@ def checkpoint_points(
     if on_point is not None:
         on_point(points[-1])
     for step, path in checkpoints:
-        model = load_checkpoint_model(info["model"], path, info["lora_rank"], info["lora_alpha"], device)
+        model = load_checkpoint_model(
+            info["model"], path, info["lora_rank"], info["lora_alpha"], device, info["pipeline"]
+        )
         points.append(measure_point(model, base, step, prompts, seeds, config, rewards, batch_size))
         if on_point is not None:
             on_point(points[-1])

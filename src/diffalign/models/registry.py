@@ -73,3 +73,14 @@ def load_model(spec: str, device: torch.device | str = "cpu", diffusers_options=
     model = TinyDiffusionModel.load(folder, device=device)
     model.unet.eval()
     return model
+
+
+def model_image_size(spec: str, diffusers_options=None) -> int:
+    """Pixels per side of the images the model named by `spec` generates and trains on (a preference
+    store's pairs are read at this size), without loading a pipeline's weights."""
+    folder = resolve_model_folder(spec)
+    if (folder / PIPELINE_FILE).is_file():
+        from diffalign.models.diffusers_adapters.loading import pipeline_resolution
+
+        return pipeline_resolution(folder, diffusers_options)
+    return int(TinyDiffusionModel.load(folder).latent_shape[-1])

@@ -150,6 +150,11 @@ class TinyDiffusionModel(FrozenReference):
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(3, H, W) of the images `encode` takes: the latent shape, as this model works in pixels."""
+        return tuple(self.latent_shape)
+
     def to(self, device: torch.device | str) -> TinyDiffusionModel:
         self.unet.to(device)
         if self._reference is not None:

@@ -86,6 +86,22 @@ def adapter_class(folder: Path) -> type[DiffusersAdapter]:
     return ADAPTERS[name]
 
 
+def pipeline_resolution(folder: str | Path, config: AdapterConfig | None = None) -> int:
+    """The image size (pixels per side) the adapter of `folder` will work at, read from the component
+    configs without loading weights: `config.resolution`, else the denoiser's `sample_size` times the
+    VAE's downsampling factor (as `DiffusersAdapter` computes it)."""
+    folder = Path(folder)
+    if config is not None and config.resolution:
+        return int(config.resolution)
+    cls = adapter_class(folder)
+    try:
+        denoiser = json.loads((folder / cls.denoiser_name / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(denoiser["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"{folder}: cannot read the denoiser's or the VAE's config ({error})") from error
+
+
 def load_adapter(
     folder: str | Path, device: torch.device | str = "cpu", config: AdapterConfig | None = None
 ) -> DiffusersAdapter:

@@ -1,0 +1,77 @@
+"""The trainers' optimiser and compile options (`RuntimeConfig.optimizer`, `RuntimeConfig.compile`)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from diffalign.align.dpo import train_dpo
+from diffalign.align.run_dir import WEIGHTS_FILE
+from diffalign.align.runtime import RuntimeConfig, make_optimizer
+from diffalign.align.tracking import read_metrics
+from tests.align.helpers import config
+
+
+def _updates(kind: str) -> torch.Tensor:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    optimizer = make_optimizer(list(layer.parameters()), 1e-2, 0.01, RuntimeConfig(optimizer=kind))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        loss = layer(torch.randn(16, 8, generator=g)).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return layer.weight.detach().clone()
+
+
+def test_fused_adamw_takes_the_same_steps_as_adamw():
+    plain, fused = _updates("adamw"), _updates("adamw_fused")
+    assert not torch.equal(plain, torch.nn.Linear(8, 4).weight)  # the weights moved
+    assert torch.allclose(plain, fused, atol=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes installed")
+def test_8bit_adamw_without_bitsandbytes_says_what_to_install():
+    with pytest.raises(ValueError, match="pip install bitsandbytes"):
+        make_optimizer([torch.nn.Parameter(torch.zeros(2))], 1e-3, 0.0, RuntimeConfig(optimizer="adamw_8bit"))
+
+
+def test_unknown_runtime_options_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"runtime\.optimizer"):
+        RuntimeConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match=r"runtime\.compile"):
+        RuntimeConfig(compile="fast")
+
+
+def test_a_compiled_denoiser_trains_like_the_eager_one(tmp_path, eps_model_dir, pairs, monkeypatch):
+    """runtime.compile compiles the denoiser in place: same losses, same checkpoint names. (Dynamo
+    traces the network; the test swaps Inductor for the eager backend to stay fast on the CPU.)"""
+    calls = []
+    original = torch.nn.Module.compile
+
+    def eager_backend(self, *args, **kwargs):
+        calls.append(kwargs.get("mode"))
+        return original(self, backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", eager_backend)
+    plain = train_dpo(config(eps_model_dir, steps=2), pairs, tmp_path / "plain")
+    compiled_runtime = RuntimeConfig(device="cpu", compile="default")
+    compiled = train_dpo(
+        config(eps_model_dir, steps=2, runtime=compiled_runtime), pairs, tmp_path / "compiled"
+    )
+    assert calls == ["default"]
+    a = [m["loss"] for m in read_metrics(tmp_path / "plain" / "metrics.jsonl")]
+    b = [m["loss"] for m in read_metrics(tmp_path / "compiled" / "metrics.jsonl")]
+    assert b == pytest.approx(a, rel=1e-5)
+    from safetensors.torch import load_file
+
+    names = [
+        set(load_file(str(sorted((run / "checkpoints").glob("step-*"))[-1] / WEIGHTS_FILE)))
+        for run in (tmp_path / "plain", tmp_path / "compiled")
+    ]
+    assert names[0] == names[1]
+    for x, y in zip(plain.denoiser.parameters(), compiled.denoiser.parameters()):
+        assert torch.allclose(x, y, atol=1e-6)
