@@ -14,6 +14,7 @@ from diffalign.align.policy_setup import adapter_options
 from diffalign.align.runtime import RuntimeConfig
 from diffalign.diffusion.sampling import SAMPLERS, SamplerConfig
 from diffalign.models.diffusers_adapters.common import AdapterConfig
+from diffalign.rewards.placement import check_reward_device
 
 BACKPROP_METHODS = ("alignprop", "draft", "draft-lv", "refl")
 
@@ -34,6 +35,9 @@ class BackpropConfig:
             checkpointing, channels_last, TF32, chunked VAE decoding, resolution, LoRA target modules);
             refused for a tiny model. Its `lora_rank` stays 0: LoRA is `lora_rank` below.
         reward: the training reward spec (`diffalign.rewards.load_reward`); it must be differentiable.
+        reward_device: where the training reward model runs: None (the trainer's device), "cpu",
+            "cuda" or "cuda:N". Another device keeps a large reward model off the policy's GPU; images
+            go there and rewards come back (differentiably). Every process puts its reward model there.
         gold: the reward logged as `gold_mean` next to the training reward ("gold-faithfulness",
             "gold-utility", any reward spec), or "none". Skipped when equal to `reward`.
         prompts: training prompts: "world", "shapeseval" or a text file (`diffalign.align.prompts`).
@@ -80,6 +84,7 @@ class BackpropConfig:
     model: str = "base"
     pipeline: AdapterConfig = field(default_factory=AdapterConfig)
     reward: str = ""
+    reward_device: str | None = None
     gold: str = "gold-faithfulness"
     prompts: str = "world"
     sampler: str | None = None
@@ -162,6 +167,7 @@ class BackpropConfig:
         if isinstance(self.runtime, dict):
             self.runtime = RuntimeConfig(**self.runtime)
         self.pipeline = adapter_options(self.pipeline)
+        check_reward_device(self.reward_device)
 
     def sampler_config(self, prediction_type: str) -> SamplerConfig:
         """The training sampler for a model of `prediction_type`."""

@@ -13,6 +13,7 @@ from diffalign.align.policy_setup import adapter_options
 from diffalign.align.runtime import RuntimeConfig
 from diffalign.diffusion.sampling import SAMPLERS, SamplerConfig
 from diffalign.models.diffusers_adapters.common import AdapterConfig
+from diffalign.rewards.placement import check_reward_device
 
 PG_METHODS = ("ddpo", "dpok", "grpo")
 
@@ -35,6 +36,9 @@ class PGConfig:
             checkpointing, channels_last, TF32, chunked VAE decoding, resolution, LoRA target modules);
             refused for a tiny model. Its `lora_rank` stays 0: LoRA is `lora_rank` below.
         reward: the training reward spec (`diffalign.rewards.load_reward`).
+        reward_device: where the training reward model runs: None (the trainer's device), "cpu",
+            "cuda" or "cuda:N". Another device keeps a large reward model off the policy's GPU; images
+            go there and rewards come back (differentiably). Every process puts its reward model there.
         gold: the reward logged as `gold_mean` next to the training reward ("gold-faithfulness",
             "gold-utility", any reward spec), or "none". Skipped when equal to `reward`.
         prompts: where training prompts come from: "world", "shapeseval" or a text file
@@ -83,6 +87,7 @@ class PGConfig:
     model: str = "base"
     pipeline: AdapterConfig = field(default_factory=AdapterConfig)
     reward: str = "shapes:faithfulness"
+    reward_device: str | None = None
     gold: str = "gold-faithfulness"
     prompts: str = "world"
     sampler: str | None = None
@@ -157,6 +162,7 @@ class PGConfig:
         if isinstance(self.runtime, dict):
             self.runtime = RuntimeConfig(**self.runtime)
         self.pipeline = adapter_options(self.pipeline)
+        check_reward_device(self.reward_device)
 
     @property
     def samples_per_epoch(self) -> int:

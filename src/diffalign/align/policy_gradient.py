@@ -67,6 +67,7 @@ from diffalign.align.runtime import (
     seed_everything,
 )
 from diffalign.align.tracking import resolve_log_with
+from diffalign.rewards.placement import place_reward
 from diffalign.rewards.protocol import Reward
 from diffalign.rewards.registry import load_reward
 
@@ -181,7 +182,7 @@ def train_pg(
     sampler = config.sampler_config(model.prediction_type)
     kl_beta = config.resolved_kl_beta()
     source = load_prompt_source(config.prompts)
-    reward = reward if reward is not None else load_reward(config.reward, device=accelerator.device)
+    reward = place_reward(config.reward, reward, accelerator.device, config.reward_device)
     gold = None
     if config.gold not in ("none", config.reward):
         gold = load_reward(config.gold, device=accelerator.device)

@@ -68,6 +68,7 @@ from diffalign.align.runtime import (
     step_generator,
 )
 from diffalign.align.tracking import resolve_log_with
+from diffalign.rewards.placement import place_reward
 from diffalign.rewards.protocol import Reward, require_differentiable
 from diffalign.rewards.registry import load_reward
 from diffalign.world.dataset import DatasetConfig, ShapesGenerator
@@ -230,7 +231,7 @@ def train_backprop(
     # 1. Accelerate, seeding, the model and its frozen base, the reward, the prompts.
     accelerator = make_accelerator(config.runtime, resolve_log_with(config.log_with), run.logs_dir)
     seed_everything(config.runtime.seed)
-    reward = reward if reward is not None else load_reward(config.reward, device=accelerator.device)
+    reward = place_reward(config.reward, reward, accelerator.device, config.reward_device)
     require_differentiable(reward, config.method)
     model = load_policy(
         config.model,
