@@ -44,7 +44,7 @@ from diffalign.align.checkpointing import (
 )
 from diffalign.align.config_io import to_dict
 from diffalign.align.losses import diffusion_dpo_loss, diffusion_kto_loss, per_sample_mse
-from diffalign.align.policy_setup import adapter_options, load_policy
+from diffalign.align.policy_setup import adapter_options, policy_for
 from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
 from diffalign.align.runtime import (
     RuntimeConfig,
@@ -479,14 +479,7 @@ def train_dpo(
     # 1. Accelerate, seeding, the model and its reference.
     accelerator = make_accelerator(config.runtime, resolve_log_with(config.log_with), run.logs_dir)
     seed_everything(config.runtime.seed)
-    model = load_policy(
-        config.model,
-        accelerator.device,
-        lora_rank=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        pipeline=config.pipeline,
-        reference=config.reference,
-    )
+    model = policy_for(config, accelerator.device)
     if tuple(data.images.shape[1:]) != tuple(model.image_shape):
         raise PreferenceDataError(
             f"the preference images are {tuple(data.images.shape[1:])} but the model {config.model!r} "

@@ -56,7 +56,7 @@ from diffalign.align.pg_rollout import (
     sample_local,
     training_pairs,
 )
-from diffalign.align.policy_setup import load_policy
+from diffalign.align.policy_setup import policy_for
 from diffalign.align.prompts import load_prompt_source
 from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
 from diffalign.align.runtime import (
@@ -172,13 +172,7 @@ def train_pg(
     # 1. Accelerate, seeding, the model and its reference, the reward, the prompts.
     accelerator = make_accelerator(config.runtime, resolve_log_with(config.log_with), run.logs_dir)
     seed_everything(config.runtime.seed)
-    model = load_policy(
-        config.model,
-        accelerator.device,
-        lora_rank=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        pipeline=config.pipeline,
-    )
+    model = policy_for(config, accelerator.device)
     sampler = config.sampler_config(model.prediction_type)
     kl_beta = config.resolved_kl_beta()
     source = load_prompt_source(config.prompts)

@@ -69,3 +69,16 @@ def load_policy(
         model.freeze_reference()  # the reference is the model as loaded, before any checkpoint
     model.denoiser.eval()
     return model
+
+
+def policy_for(config, device: torch.device | str):
+    """`load_policy` with a trainer config's fields (`model`, `lora_rank`, `lora_alpha`, `pipeline`, and
+    `reference` where the config has one)."""
+    return load_policy(
+        config.model,
+        device,
+        lora_rank=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        pipeline=config.pipeline,
+        reference=getattr(config, "reference", None),
+    )

@@ -56,7 +56,7 @@ from diffalign.align.checkpointing import (
 )
 from diffalign.align.config_io import to_dict
 from diffalign.align.online_metrics import log_image_grid, sample_metrics, save_image_grid
-from diffalign.align.policy_setup import is_pipeline, load_policy
+from diffalign.align.policy_setup import is_pipeline, policy_for
 from diffalign.align.prompts import PromptSource, load_prompt_source
 from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
 from diffalign.align.runtime import (
@@ -233,13 +233,7 @@ def train_backprop(
     seed_everything(config.runtime.seed)
     reward = place_reward(config.reward, reward, accelerator.device, config.reward_device)
     require_differentiable(reward, config.method)
-    model = load_policy(
-        config.model,
-        accelerator.device,
-        lora_rank=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        pipeline=config.pipeline,
-    )
+    model = policy_for(config, accelerator.device)
     sampler = config.sampler_config(model.prediction_type)
     source = load_prompt_source(config.prompts)
     gold = None
