@@ -143,6 +143,12 @@ def main() -> None:
         default=GRAD_METHODS["guidance"][3]["scale"],
         help="reward guidance's scale (choose it on other seeds or prompts than the ones reported)",
     )
+    parser.add_argument(
+        "--guidance-schedule",
+        default="constant",
+        choices=["constant", "increasing", "decreasing"],
+        help="reward guidance's scale schedule over the steps",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -169,7 +175,7 @@ def main() -> None:
     if args.grad_reward:
         for key, (name, method, kind, options) in GRAD_METHODS.items():
             if key == "guidance":
-                options = {**options, "scale": args.guidance_strength}
+                options = {**options, "scale": args.guidance_strength, "schedule": args.guidance_schedule}
             methods[key] = (name, method, kind, {**options, "_reward": args.grad_reward})
     unknown = [key for key in args.only.split(",") if key not in methods]
     if unknown:

@@ -75,3 +75,15 @@ def test_a_compiled_denoiser_trains_like_the_eager_one(tmp_path, eps_model_dir, 
     assert names[0] == names[1]
     for x, y in zip(plain.denoiser.parameters(), compiled.denoiser.parameters()):
         assert torch.allclose(x, y, atol=1e-6)
+
+
+def test_sharded_launches_are_refused_before_anything_is_written():
+    from accelerate.utils import DistributedType
+
+    from diffalign.align.runtime import refuse_sharded_training
+
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        refuse_sharded_training(kind)
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ValueError, match=f"do not support {kind.value}.*ddp_8gpu.yaml"):
+            refuse_sharded_training(kind)

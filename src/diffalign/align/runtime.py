@@ -88,13 +88,36 @@ def make_accelerator(runtime: RuntimeConfig, log_with: list[str] | None = None, 
         raise ValueError("runtime.device is 'cuda' but no CUDA device is available (use cpu or auto)")
     if runtime.mixed_precision == "fp16" and runtime.device == "cpu":
         raise ValueError("runtime.mixed_precision 'fp16' needs a GPU; use 'no' or 'bf16' on the CPU")
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=runtime.device == "cpu",
         mixed_precision=runtime.mixed_precision,
         gradient_accumulation_steps=runtime.gradient_accumulation_steps,
         log_with=log_with,
         project_dir=str(project_dir) if project_dir is not None else None,
     )
+    refuse_sharded_training(accelerator.distributed_type)
+    return accelerator
+
+
+#: Accelerate's sharded modes, which the trainers do not support yet (`refuse_sharded_training`).
+SHARDED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def refuse_sharded_training(distributed_type) -> None:
+    """Stop a launch under FSDP, DeepSpeed or Megatron-LM before anything is written.
+
+    The trainers save checkpoints and the final model from the main process's copy of the weights and
+    optimiser, and sample and evaluate the reference through the unwrapped denoiser; under sharding
+    the main process holds only its shard, so a run would write incomplete checkpoints. Data-parallel
+    launches (DDP: one full copy per process) are what the trainers support (docs/scaling.md)."""
+    name = str(getattr(distributed_type, "value", distributed_type)).upper()
+    if name in SHARDED_TYPES:
+        raise ValueError(
+            f"the trainers do not support {name} yet: they checkpoint and sample from each process's full "
+            "copy of the weights. Launch with data parallelism instead (examples/accelerate/ddp_8gpu.yaml) "
+            "and fit the model with LoRA, pipeline.gradient_checkpointing, runtime.mixed_precision=bf16 "
+            "and runtime.optimizer=adamw_8bit (docs/scaling.md)"
+        )
 
 
 def make_optimizer(
