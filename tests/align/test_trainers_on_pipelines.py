@@ -181,3 +181,21 @@ def test_align_dpo_cli_on_a_pipeline_folder(tmp_path, pipelines):
     assert load_model(str(out)).latent_shape == load_model(str(folder)).latent_shape
     bad = invoke("dpo", "--store", store, "--out", tmp_path / "bad", "--model", folder, "pipeline.dtype=int8")
     assert bad.exit_code == 2 and "dtype" in bad.output
+
+
+def test_online_dpo_and_spin_run_rounds_on_a_pipeline(tmp_path, pipelines):
+    from diffalign.align.online_dpo import OnlineDPOConfig, train_online_dpo
+    from diffalign.align.spin import SPINConfig, real_from_world, train_spin
+
+    folder = pipelines["sd"]
+    round_config = config(folder, steps=1, batch_size=2, lora_rank=4, beta=100.0, checkpoint_every=1)
+    sizes = dict(rounds=2, pairs_per_round=4, sample_steps=2, sample_batch=8)
+    online = OnlineDPOConfig(dpo=round_config, labeller="shapes:utility", **sizes)
+    model = train_online_dpo(online, tmp_path / "online")
+    assert (tmp_path / "online" / "model" / "model_index.json").is_file()
+    assert len((tmp_path / "online" / "rounds.jsonl").read_text().splitlines()) == 2
+    lora_b = [p for n, p in model.denoiser.named_parameters() if "lora_B" in n]
+    assert any(float(p.detach().abs().max()) > 0 for p in lora_b)
+    spin = SPINConfig(dpo=round_config, rounds=1, sample_steps=2)
+    train_spin(spin, real_from_world(4, RESOLUTION), tmp_path / "spin")
+    assert (tmp_path / "spin" / "model" / "model_index.json").is_file()

@@ -116,7 +116,9 @@ def run_rounds(
             reference=None if reference == start or dpo.lora_rank > 0 else reference,
             runtime=replace(dpo.runtime, seed=dpo.runtime.seed + index),
         )
-        pairs, facts = make_pairs(index, load_model(start, device=_device(dpo)))
+        pairs, facts = make_pairs(
+            index, load_model(start, device=_device(dpo), diffusers_options=dpo.pipeline)
+        )
         lines: list[dict] = []
         model = train_dpo(
             config,
@@ -139,7 +141,11 @@ def run_rounds(
     if final.exists():
         shutil.rmtree(final)
     shutil.copytree(last, final)
-    return model if model is not None else load_model(str(final), device=_device(dpo))
+    return (
+        model
+        if model is not None
+        else load_model(str(final), device=_device(dpo), diffusers_options=dpo.pipeline)
+    )
 
 
 def _device(dpo: DPOConfig) -> str:
