@@ -149,3 +149,16 @@ def test_plan_command(model_dir, tmp_path):
     assert no_store.exit_code != 0 and "--store" in no_store.output
     unknown = runner.invoke(app, ["plan", "ppo", "--seconds-per-step", "1"])
     assert unknown.exit_code != 0 and "no trainer named 'ppo'" in unknown.output
+
+
+def test_a_pipeline_run_is_measured_like_a_tiny_one(tmp_path):
+    """`plan --measure` on a diffusers pipeline: the same trainer, its UNet's rows counted exactly."""
+    from tests.models.tiny_pipelines import build_sd
+
+    folder = build_sd(tmp_path / "sd")
+    cfg = dpo_config(folder, steps=10, batch_size=2, lora_rank=4, beta=100.0, checkpoint_every=0)
+    cost = measure_step_cost("dpo", trainer_runner("dpo", cfg, make_pairs(8)), "cpu", short=1, long=2)
+    # policy and reference (adapters off) on winner and loser; the policy's rows backpropagated
+    assert cost.forward_nfe_per_step == 2 * 4 and cost.backward_nfe_per_step == 2 * 2
+    # (seconds per step are not asserted: a tiny pipeline's step is far below the noise of its loading)
+    assert project(cost, RunShape(steps=10)).forward_nfe == pytest.approx(10 * 8)

@@ -124,6 +124,15 @@ class CountedReward:
         return out
 
 
+def _network_output(output: object) -> object:
+    """The prediction tensor of a denoiser call: the tensor itself (the tiny UNet), the first element of
+    a tuple (diffusers with `return_dict=False`), or the `.sample` of a diffusers output object."""
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    sample = getattr(output, "sample", None)
+    return sample if isinstance(sample, Tensor) else output
+
+
 class CostMeter:
     """Measure a stage: `with CostMeter((TinyUNet,), device) as meter: ...; meter.cost`.
 
@@ -159,6 +168,7 @@ class CostMeter:
             return
         rows = int(args[0].shape[0])
         self.cost.forward_nfe += rows
+        output = _network_output(output)
         if isinstance(output, Tensor) and output.requires_grad:
 
             def on_backward(grad: Tensor) -> None:
