@@ -149,6 +149,12 @@ def main() -> None:
         choices=["constant", "increasing", "decreasing"],
         help="reward guidance's scale schedule over the steps",
     )
+    parser.add_argument(
+        "--guidance-gradient",
+        default="denoiser",
+        choices=["denoiser", "x0"],
+        help="reward guidance's gradient: through the denoiser (DPS) or at the x0 prediction only",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -175,7 +181,12 @@ def main() -> None:
     if args.grad_reward:
         for key, (name, method, kind, options) in GRAD_METHODS.items():
             if key == "guidance":
-                options = {**options, "scale": args.guidance_strength, "schedule": args.guidance_schedule}
+                options = {
+                    **options,
+                    "scale": args.guidance_strength,
+                    "schedule": args.guidance_schedule,
+                    "gradient": args.guidance_gradient,
+                }
             methods[key] = (name, method, kind, {**options, "_reward": args.grad_reward})
     unknown = [key for key in args.only.split(",") if key not in methods]
     if unknown:

@@ -58,6 +58,12 @@ def test_gradient_methods_count_backward_passes():
     assert usage.reward_grads == 2 * S * B
     assert usage.cost == GuidanceConfig.chain_cost(stochastic("epsilon")) * 2 * B
 
+    # gradient at the x0 prediction: no backward pass through the denoiser, one reward backward per step
+    usage = _run("guidance", GuidanceConfig(num_samples=2, gradient="x0"), stochastic("epsilon"))
+    assert usage.nfe == 2 * 2 * S * B and usage.grad_nfe == 0
+    assert usage.reward_grads == 2 * S * B
+    assert usage.cost == GuidanceConfig.chain_cost(stochastic("epsilon"), "x0") * 2 * B == 2 * 2 * S * B
+
     config = DNOConfig(iterations=3)
     usage = _run("dno", config, stochastic("epsilon"))
     assert usage.nfe == 3 * 2 * S * B and usage.grad_nfe == 2 * 2 * S * B
@@ -76,6 +82,7 @@ def test_gradient_methods_count_backward_passes():
         ("search", 8 * 12 + 5, "num_chains", 8),
         ("fk", 4 * 12, "num_particles", 4),
         ("guidance", 8 * 12, "num_samples", 2),  # a guided chain costs 3 plain chains
+        ("guidance-x0", 8 * 12, "num_samples", 8),  # no denoiser backward: as a plain chain
         ("svdd", 8 * 12, "num_candidates", 8),  # (96 - 12) // ((S - 1) * 2) = 8
         ("dno", 8 * 12, "iterations", 3),  # 12 + 2 * (12 + 24) = 84 <= 96
     ],
@@ -84,7 +91,8 @@ def test_budgets_size_methods_and_are_not_exceeded(method, budget, field, expect
     from diffalign.steer import make_config
 
     sampler = stochastic("epsilon") if method != "search" else deterministic("epsilon")
-    config = make_config(method, budget, sampler)
+    method, options = ("guidance", {"gradient": "x0"}) if method == "guidance-x0" else (method, {})
+    config = make_config(method, budget, sampler, **options)
     assert getattr(config, field) == expected
     usage = _run(method, config, sampler)
     per_prompt = usage.cost / B

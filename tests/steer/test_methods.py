@@ -29,6 +29,7 @@ CASES = {
     "svdd": (SVDDConfig(num_candidates=3), stochastic),
     "dno-zero-order": (DNOConfig(mode="zero_order", iterations=2, perturbations=2), stochastic),
     "guidance": (GuidanceConfig(scale=0.2), stochastic),
+    "guidance-x0": (GuidanceConfig(scale=0.2, gradient="x0"), stochastic),
     "dno": (DNOConfig(iterations=2), stochastic),
 }
 BLACK_BOX = ["bon", "search-random", "search-zero-order", "fk", "svdd", "dno-zero-order"]
@@ -58,7 +59,7 @@ def test_black_box_methods_never_call_backward(case):
     assert torch.isfinite(result.rewards).all()
 
 
-@pytest.mark.parametrize("case", ["guidance", "dno"])
+@pytest.mark.parametrize("case", ["guidance", "guidance-x0", "dno"])
 def test_gradient_methods_refuse_black_boxes(case):
     with pytest.raises(NotDifferentiableError, match="black-box"):
         _run(case, BlackBox())

@@ -59,14 +59,16 @@ def run_method(
     reward: Reward,
     sampler: SamplerConfig,
     config: object,
+    prompt_seeds: Sequence[int] | None = None,
 ) -> SteerResult:
-    """Run `method` with its `config` (from `make_config`)."""
+    """Run `method` with its `config` (from `make_config`). `prompt_seeds` (one per prompt) makes each
+    prompt's result depend on its own seed only, not on the batch (`PromptRandomness`)."""
     if method not in METHODS:
         raise ValueError(f"unknown steering method {method!r}; choose one of {sorted(METHODS)}")
     config_cls, fn = METHODS[method]
     if not isinstance(config, config_cls):
         raise TypeError(f"method {method!r} needs a {config_cls.__name__}, got {type(config).__name__}")
-    return fn(model, prompts, reward, sampler, config)
+    return fn(model, prompts, reward, sampler, config, prompt_seeds)
 
 
 def steered_sample_fn(
@@ -74,14 +76,21 @@ def steered_sample_fn(
 ) -> Callable[[DiffusionModel, list[str], list[int], SamplerConfig], Tensor]:
     """A sampler hook `(model, prompts, seeds, sampler) -> images` that steers each batch with `method`.
 
-    The batch's first seed seeds the method, so results depend on the batch size of the caller.
+    Each image's seed is its prompt's own seed (`PromptRandomness`), so an image does not depend on the
+    batch it is steered in, nor on the caller's batch size. A `seed` option is refused: the caller's
+    seeds decide.
     """
+    if "seed" in options:
+        raise ValueError(
+            "steered_sample_fn: the seed comes from each image's own seed (the evaluation's --seed), "
+            "not from a 'seed' option"
+        )
 
     def sample_fn(
         model: DiffusionModel, prompts: list[str], seeds: list[int], sampler: SamplerConfig
     ) -> Tensor:
-        config = make_config(method, budget_nfe, sampler, **{**options, "seed": int(seeds[0])})
-        return run_method(method, model, prompts, reward, sampler, config).images
+        config = make_config(method, budget_nfe, sampler, **options)
+        return run_method(method, model, prompts, reward, sampler, config, prompt_seeds=seeds).images
 
     return sample_fn
 

@@ -13,7 +13,14 @@ from diffalign.diffusion.protocol import DiffusionModel
 from diffalign.diffusion.sampling import SamplerConfig
 from diffalign.rewards.protocol import Reward
 from diffalign.steer.budget import plain_nfe, units
-from diffalign.steer.common import Session, SteerResult, best_per_prompt, candidate_seeds, sample_final, score
+from diffalign.steer.common import (
+    PromptRandomness,
+    Session,
+    SteerResult,
+    best_per_prompt,
+    sample_final,
+    score,
+)
 
 
 @dataclass
@@ -46,15 +53,17 @@ def best_of_n(
     reward: Reward,
     sampler: SamplerConfig,
     config: BestOfNConfig,
+    prompt_seeds: Sequence[int] | None = None,
 ) -> SteerResult:
-    """Sample `config.n` candidates per prompt and keep each prompt's highest-reward candidate."""
+    """Sample `config.n` candidates per prompt and keep each prompt's highest-reward candidate;
+    `prompt_seeds` gives each prompt its own seed (`PromptRandomness`)."""
     run = Session(model, reward, prompts)
     n = config.n
     flat_prompts = [p for p in run.prompts for _ in range(n)]
     latents = sample_final(
         run.model,
         flat_prompts,
-        candidate_seeds(config.seed, len(run.prompts), n),
+        PromptRandomness(config.seed, len(run.prompts), prompt_seeds).candidate_seeds(n),
         sampler,
         batch_size=config.batch_size,
     )

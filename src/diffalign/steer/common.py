@@ -82,6 +82,81 @@ def candidate_seeds(seed: int, num_prompts: int, per_prompt: int) -> list[int]:
     return [seed + i * per_prompt + j for i in range(num_prompts) for j in range(per_prompt)]
 
 
+#: Added to a prompt's own seed to seed its generator of other draws, away from candidate seeds.
+GENERATOR_OFFSET = 1 << 40
+
+
+class PromptRandomness:
+    """The seeds and random draws of one steering run over `num_prompts` prompts.
+
+    Two modes:
+    - batch seed (`prompt_seeds` None): candidate j of prompt i uses seed `seed + i * per_prompt + j`
+      (`candidate_seeds`) and every other draw (resampling, extra children, search directions) comes
+      from one generator seeded with `seed`, shared by the batch. A prompt's result then depends on its
+      position in the batch and on the other prompts.
+    - per-prompt seeds: candidate j of prompt i uses seed `prompt_seeds[i] * per_prompt + j` and prompt
+      i's other draws come from its own generator, seeded with `prompt_seeds[i] + GENERATOR_OFFSET`,
+      so a prompt's result depends only on its own seed, whatever batch it is steered in (up to the
+      floating-point differences of batched kernels). `diffalign eval --steer` uses this mode.
+    """
+
+    def __init__(self, seed: int, num_prompts: int, prompt_seeds: Sequence[int] | None = None) -> None:
+        if prompt_seeds is not None:
+            prompt_seeds = [int(s) for s in prompt_seeds]
+            if len(prompt_seeds) != num_prompts:
+                raise ValueError(f"prompt_seeds: {len(prompt_seeds)} seeds for {num_prompts} prompts")
+            if len(set(prompt_seeds)) != num_prompts:
+                raise ValueError("prompt_seeds: every prompt needs its own seed (duplicates given)")
+            if min(prompt_seeds) < 0:
+                raise ValueError("prompt_seeds must be >= 0")
+        self.seed = int(seed)
+        self.num_prompts = num_prompts
+        self.prompt_seeds = prompt_seeds
+        if prompt_seeds is None:
+            self.generators = [torch.Generator().manual_seed(self.seed)]
+        else:
+            self.generators = [torch.Generator().manual_seed(s + GENERATOR_OFFSET) for s in prompt_seeds]
+
+    @property
+    def per_prompt(self) -> bool:
+        """True when every prompt has its own seed and generator."""
+        return self.prompt_seeds is not None
+
+    def candidate_seeds(self, per_prompt: int) -> list[int]:
+        """Seeds of `per_prompt` candidates of each prompt, prompt-major (see the class doc)."""
+        if self.prompt_seeds is None:
+            return candidate_seeds(self.seed, self.num_prompts, per_prompt)
+        return [s * per_prompt + j for s in self.prompt_seeds for j in range(per_prompt)]
+
+    def generator(self, prompt: int) -> torch.Generator:
+        """The generator of prompt `prompt`'s draws (the shared one in batch-seed mode)."""
+        return self.generators[prompt if self.per_prompt else 0]
+
+    def normal(self, shape: Sequence[int], prompt_dim: int = 0, dtype: torch.dtype | None = None) -> Tensor:
+        """Standard normals of `shape` (on the CPU) whose dimension `prompt_dim` has one entry per prompt;
+        in per-prompt mode, each prompt's slice comes from its own generator."""
+        shape = tuple(int(d) for d in shape)
+        if shape[prompt_dim] != self.num_prompts:
+            raise ValueError(f"normal: dimension {prompt_dim} of {shape} must be {self.num_prompts}")
+        if not self.per_prompt:
+            return torch.randn(shape, generator=self.generators[0], dtype=dtype)
+        rest = shape[:prompt_dim] + shape[prompt_dim + 1 :]
+        return torch.stack([torch.randn(rest, generator=g, dtype=dtype) for g in self.generators], prompt_dim)
+
+    def multinomial(self, weights: Tensor, count: int, replacement: bool = False) -> Tensor:
+        """`count` draws per prompt from the rows of `weights` [num_prompts, K] (on the CPU), as
+        [num_prompts, count]."""
+        if weights.shape[0] != self.num_prompts:
+            raise ValueError(f"multinomial: {weights.shape[0]} rows for {self.num_prompts} prompts")
+        if not self.per_prompt:
+            return torch.multinomial(weights, count, replacement=replacement, generator=self.generators[0])
+        draws = [
+            torch.multinomial(row, count, replacement=replacement, generator=g)
+            for row, g in zip(weights, self.generators, strict=True)
+        ]
+        return torch.stack(draws)
+
+
 def initial_noise(model: DiffusionModel, seeds: Sequence[int]) -> Tensor:
     """The x_T that `sample` draws for these seeds (each seed's generator's first standard normal)."""
     shape = tuple(int(d) for d in model.latent_shape)

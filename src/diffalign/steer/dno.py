@@ -36,7 +36,7 @@ from diffalign.diffusion.protocol import DiffusionModel
 from diffalign.diffusion.sampling import SamplerConfig, StepInfo, sample
 from diffalign.rewards.protocol import Reward, require_differentiable
 from diffalign.steer.budget import BACKWARD_COST, plain_nfe
-from diffalign.steer.common import Session, SteerResult, require_stochastic
+from diffalign.steer.common import PromptRandomness, Session, SteerResult, require_stochastic
 
 DNO_MODES = ("gradient", "zero_order")
 
@@ -49,13 +49,16 @@ class DNOConfig:
         mode: "gradient" (backpropagation through the chain) or "zero_order" (black-box rewards).
         iterations: chains evaluated at the current noises; iterations - 1 optimiser updates.
         lr: Adam learning rate (DNO uses 0.01 over ~100 iterations; the default suits a handful).
-        grad_clip: clip the gradient of all noises of the batch to this norm (DNO: 1.0).
+        grad_clip: clip the gradient of all noises of the batch to this norm (DNO: 1.0); with
+            per-prompt seeds, each prompt's noises are clipped on their own.
         gamma: weight of the regulariser R.
         block: d, the numbers per block of the regulariser's statistics.
         perturbations: q, random directions per zero-order iteration.
         mu: the zero-order finite-difference step.
         seed: prompt i's chain starts from the noises that seed `seed + i` draws; the regulariser's
-            permutation and the zero-order directions come from a generator seeded with `seed`.
+            permutation and the zero-order directions come from a generator seeded with `seed`. With
+            per-prompt seeds (`PromptRandomness`), prompt i starts from `prompt_seeds[i]`'s noises and
+            draws its directions from its own generator; the permutation still comes from `seed`.
     """
 
     mode: str = "gradient"
@@ -125,20 +128,34 @@ def _initial_noises(model: DiffusionModel, seeds: Sequence[int], num_steps: int)
     return torch.stack(starts).to(model.device), torch.stack(steps).to(model.device)
 
 
+def clip_noise_gradients(z_T: Tensor, z_steps: Tensor, max_norm: float, per_prompt: bool) -> None:
+    """Clip the noises' gradients to `max_norm`: jointly over the batch, or each prompt's on its own."""
+    if not per_prompt:
+        torch.nn.utils.clip_grad_norm_([z_T, z_steps], max_norm)
+        return
+    norms = torch.cat([z_T.grad.flatten(1), z_steps.grad.flatten(1)], dim=1).norm(dim=1)
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    z_T.grad.mul_(scale.view(-1, *[1] * (z_T.dim() - 1)))
+    z_steps.grad.mul_(scale.view(-1, *[1] * (z_steps.dim() - 1)))
+
+
 def dno(
     model: DiffusionModel,
     prompts: Sequence[str],
     reward: Reward,
     sampler: SamplerConfig,
     config: DNOConfig,
+    prompt_seeds: Sequence[int] | None = None,
 ) -> SteerResult:
-    """Optimise each prompt's noises for the reward (module doc)."""
+    """Optimise each prompt's noises for the reward (module doc); `prompt_seeds` gives each prompt its
+    own seed (`PromptRandomness`)."""
     require_stochastic(sampler, "DNO")
     if config.mode == "gradient":
         require_differentiable(reward, "DNO (mode 'gradient'; use mode 'zero_order' for a black-box reward)")
     run = Session(model, reward, prompts)
     num = len(run.prompts)
-    seeds = [config.seed + i for i in range(num)]
+    rng = PromptRandomness(config.seed, num, prompt_seeds)
+    seeds = rng.candidate_seeds(1)
     start, steps = _initial_noises(run.model, seeds, sampler.num_steps)
     z_T = start.clone().requires_grad_(True)
     z_steps = steps.clone().requires_grad_(True)
@@ -202,7 +219,10 @@ def dno(
             break
         if config.mode == "zero_order":
             q = config.perturbations
-            directions = torch.randn(q, *flat(z_T, z_steps).shape, generator=generator).to(z_T)
+            if rng.per_prompt:
+                directions = rng.normal((q, *flat(z_T, z_steps).shape), prompt_dim=1).to(z_T)
+            else:
+                directions = torch.randn(q, *flat(z_T, z_steps).shape, generator=generator).to(z_T)
             base = flat(z_T, z_steps).detach()
             moved = (base[None] + config.mu * directions).reshape(q * num, -1)
             split = z_T[0].numel()
@@ -218,7 +238,7 @@ def dno(
                 (config.gamma * reg.sum()).backward()
             z_T.grad -= estimate[:, :split].view_as(z_T)
             z_steps.grad -= estimate[:, split:].view_as(z_steps)
-        torch.nn.utils.clip_grad_norm_([z_T, z_steps], config.grad_clip)
+        clip_noise_gradients(z_T, z_steps, config.grad_clip, per_prompt=rng.per_prompt)
         optimizer.step()
 
     images = run.model.decode(best_latents).clamp(0, 1)

@@ -40,7 +40,7 @@ from diffalign.diffusion.protocol import DiffusionModel
 from diffalign.diffusion.sampling import SamplerConfig, StepInfo, sample
 from diffalign.rewards.protocol import Reward
 from diffalign.steer.budget import plain_nfe, units
-from diffalign.steer.common import Session, SteerResult, best_per_prompt, candidate_seeds, require_stochastic
+from diffalign.steer.common import PromptRandomness, Session, SteerResult, best_per_prompt, require_stochastic
 from diffalign.steer.particles import (
     effective_sample_size,
     flat_indices,
@@ -122,14 +122,16 @@ class FKState:
         history: one dict per potential step (step, rewards, log potentials, ESS, resampled).
     """
 
-    def __init__(self, config: FKConfig, num_prompts: int, device: torch.device) -> None:
+    def __init__(
+        self, config: FKConfig, num_prompts: int, device: torch.device, rng: PromptRandomness | None = None
+    ) -> None:
         self.config = config
         self.num_prompts = num_prompts
         count = num_prompts * config.num_particles
         zeros = torch.zeros(count, dtype=torch.float64, device=device)
         self.log_w, self.log_prod, self.last = zeros.clone(), zeros.clone(), zeros.clone()
         self.running = torch.full_like(zeros, -torch.inf) if config.potential == "max" else zeros.clone()
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.rng = rng if rng is not None else PromptRandomness(config.seed, num_prompts)
         self.history: list[dict] = []
         self.final_rewards: Tensor | None = None
 
@@ -173,7 +175,7 @@ class FKState:
         record["resampled"] = resample.tolist()
         if not bool(resample.any()):
             return None
-        ancestors = multinomial_ancestors(log_w, self.generator)
+        ancestors = multinomial_ancestors(log_w, self.rng)
         keep = torch.arange(k, device=ancestors.device).expand_as(ancestors)
         ancestors = torch.where(resample[:, None].to(ancestors.device), ancestors, keep)
         rows = flat_indices(ancestors).to(self.log_w.device)
@@ -189,14 +191,17 @@ def fk_steering(
     reward: Reward,
     sampler: SamplerConfig,
     config: FKConfig,
+    prompt_seeds: Sequence[int] | None = None,
 ) -> SteerResult:
-    """Run FK steering with `config.num_particles` particles per prompt (module doc)."""
+    """Run FK steering with `config.num_particles` particles per prompt (module doc); `prompt_seeds`
+    gives each prompt its own seed (`PromptRandomness`)."""
     require_stochastic(sampler, "FK steering")
     run = Session(model, reward, prompts)
     num, k = len(run.prompts), config.num_particles
     flat_prompts = [p for p in run.prompts for _ in range(k)]
     potential_steps = set(config.potential_steps(sampler.num_steps))
-    state = FKState(config, num, run.model.device)
+    rng = PromptRandomness(config.seed, num, prompt_seeds)
+    state = FKState(config, num, run.model.device, rng)
 
     def callback(info: StepInfo) -> Tensor | None:
         if info.step_index not in potential_steps:
@@ -213,7 +218,7 @@ def fk_steering(
             run.model,
             flat_prompts,
             config=sampler,
-            seeds=candidate_seeds(config.seed, num, k),
+            seeds=rng.candidate_seeds(k),
             callback=callback,
             decode=False,
         )
@@ -223,7 +228,7 @@ def fk_steering(
         chosen = best_per_prompt(rewards, num)
     else:
         weights = normalized_weights(state.log_w.view(num, k)).float().cpu()
-        picks = torch.multinomial(weights, 1, generator=state.generator).view(-1)
+        picks = rng.multinomial(weights, 1).view(-1)
         chosen = picks.to(rewards.device) + torch.arange(num, device=rewards.device) * k
     chosen_cpu = chosen.cpu()
     images = run.model.decode(finals[chosen]).clamp(0, 1)

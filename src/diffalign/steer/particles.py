@@ -6,8 +6,13 @@ k of prompt b is row b * K + k of the latent batch. Resampling only ever mixes a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from diffalign.steer.common import PromptRandomness
 
 
 def normalized_weights(log_weights: Tensor) -> Tensor:
@@ -24,11 +29,16 @@ def effective_sample_size(log_weights: Tensor) -> Tensor:
     return 1.0 / (w**2).sum(dim=-1)
 
 
-def multinomial_ancestors(log_weights: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def multinomial_ancestors(
+    log_weights: Tensor, generator: torch.Generator | PromptRandomness | None = None
+) -> Tensor:
     """K ancestors per population drawn with replacement in proportion to the weights [B, K] (multinomial
-    resampling, as the FK-steering reference does); the particle count is kept."""
+    resampling, as the FK-steering reference does); the particle count is kept. `generator` may be a
+    `PromptRandomness`, which draws each population from its own prompt's generator."""
     w = normalized_weights(log_weights).float().cpu()
     count = w.shape[-1]
+    if generator is not None and not isinstance(generator, torch.Generator):
+        return generator.multinomial(w, count, replacement=True).to(log_weights.device)
     return torch.multinomial(w, count, replacement=True, generator=generator).to(log_weights.device)
 
 

@@ -27,7 +27,7 @@ from diffalign.diffusion.sampling import SamplerConfig
 from diffalign.rewards.protocol import Reward
 from diffalign.steer.bon import BestOfNConfig, best_of_n
 from diffalign.steer.budget import plain_nfe, units
-from diffalign.steer.common import Session, SteerResult, initial_noise, sample_final, score
+from diffalign.steer.common import PromptRandomness, Session, SteerResult, initial_noise, sample_final, score
 
 SEARCH_MODES = ("random", "zero_order")
 
@@ -43,7 +43,8 @@ class SearchConfig:
         lam: weight of the pivot direction in a neighbour (0.95 in tt-scale-flux); 1 - lam^2 is the
             share of the new random direction.
         seed: prompt i's pivot (or its random noises) come from seeds `seed + i * num_chains + j`;
-            the neighbour directions from a generator seeded with `seed + i`.
+            the neighbour directions from a generator seeded with `seed + i`. With per-prompt seeds
+            (`PromptRandomness`), from `prompt_seeds[i] * num_chains + j` and prompt i's generator.
         batch_size: latents sampled per model call.
     """
 
@@ -90,8 +91,10 @@ def noise_search(
     reward: Reward,
     sampler: SamplerConfig,
     config: SearchConfig,
+    prompt_seeds: Sequence[int] | None = None,
 ) -> SteerResult:
-    """Search initial noises for each prompt with the reward as verifier (module doc)."""
+    """Search initial noises for each prompt with the reward as verifier (module doc); `prompt_seeds`
+    gives each prompt its own seed (`PromptRandomness`)."""
     if sampler.stochastic:
         raise ValueError(
             "noise search needs a deterministic sampler (ddim with eta=0 or flow_euler): with a stochastic "
@@ -99,20 +102,24 @@ def noise_search(
         )
     if config.mode == "random":
         bon = BestOfNConfig(n=config.num_chains, seed=config.seed, batch_size=config.batch_size)
-        result = best_of_n(model, prompts, reward, sampler, bon)
+        result = best_of_n(model, prompts, reward, sampler, bon, prompt_seeds)
         result.method = "search"
         result.info["mode"] = "random"
         return result
 
     run = Session(model, reward, prompts)
     num = len(run.prompts)
-    seeds = [config.seed + i * config.num_chains for i in range(num)]
+    rng = PromptRandomness(config.seed, num, prompt_seeds)
+    seeds = rng.candidate_seeds(config.num_chains)[:: config.num_chains]
     pivots = initial_noise(run.model, seeds)
     pivot_latents = sample_final(
         run.model, run.prompts, seeds, sampler, latents=pivots, batch_size=config.batch_size
     )
     pivot_rewards = score(run.reward, run.model, pivot_latents, run.prompts)
-    generators = [torch.Generator().manual_seed(config.seed + i) for i in range(num)]
+    if rng.per_prompt:
+        generators = [rng.generator(i) for i in range(num)]
+    else:
+        generators = [torch.Generator().manual_seed(config.seed + i) for i in range(num)]
     left, moves, rounds = config.num_chains - 1, 0, 0
     while left > 0:
         count = min(config.neighbors, left)

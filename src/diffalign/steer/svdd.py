@@ -26,7 +26,7 @@ from diffalign.diffusion.sampling import SamplerConfig, StepInfo, guided_predict
 from diffalign.diffusion.schedules import predict_x0_and_eps
 from diffalign.rewards.protocol import Reward
 from diffalign.steer.budget import plain_nfe
-from diffalign.steer.common import Session, SteerResult, candidate_seeds, require_stochastic, score
+from diffalign.steer.common import PromptRandomness, Session, SteerResult, require_stochastic, score
 
 
 @dataclass
@@ -77,15 +77,17 @@ def svdd(
     reward: Reward,
     sampler: SamplerConfig,
     config: SVDDConfig,
+    prompt_seeds: Sequence[int] | None = None,
 ) -> SteerResult:
-    """Sample with SVDD per-step selection among `config.num_candidates` children (module doc)."""
+    """Sample with SVDD per-step selection among `config.num_candidates` children (module doc);
+    `prompt_seeds` gives each prompt its own seed (`PromptRandomness`)."""
     require_stochastic(sampler, "SVDD")
     run = Session(model, reward, prompts)
     num, m = len(run.prompts), config.num_candidates
     with torch.no_grad():
         cond = run.model.encode_prompts(run.prompts).repeat_interleave(m)
         uncond = run.model.encode_prompts([""] * num).repeat_interleave(m) if sampler.guided else None
-    generator = torch.Generator().manual_seed(config.seed)
+    rng = PromptRandomness(config.seed, num, prompt_seeds)
     flat_prompts = [p for p in run.prompts for _ in range(m)]
     selections = []
 
@@ -95,7 +97,7 @@ def svdd(
         if not bool((std > 0).any()):
             return None  # a deterministic step: every child would be the same
         shape = out.prev.shape[1:]
-        extra = torch.randn(num, m - 1, *shape, generator=generator).to(out.mean)
+        extra = rng.normal((num, m - 1, *shape)).to(out.mean)
         draws = out.mean[:, None] + std.view(num, 1, 1, 1, 1).to(out.mean) * extra
         children = torch.cat([out.prev[:, None].to(out.mean), draws], dim=1).to(out.prev.dtype)
         flat = children.reshape(num * m, *shape)
@@ -110,7 +112,7 @@ def svdd(
             pick = values.argmax(dim=1)
         else:
             probs = torch.softmax(values.double().cpu() / config.alpha, dim=1)
-            pick = torch.multinomial(probs.float(), 1, generator=generator).view(-1).to(values.device)
+            pick = rng.multinomial(probs.float(), 1).view(-1).to(values.device)
         selections.append(pick.tolist())
         return children[torch.arange(num, device=children.device), pick.to(children.device)]
 
@@ -119,7 +121,7 @@ def svdd(
             run.model,
             run.prompts,
             config=sampler,
-            seeds=candidate_seeds(config.seed, num, 1),
+            seeds=rng.candidate_seeds(1),
             callback=callback,
             decode=False,
         )
