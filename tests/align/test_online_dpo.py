@@ -206,3 +206,43 @@ def test_cli_online_dpo_and_spin(tmp_path, eps_model_dir):
     assert both.exit_code == 2 and "exactly one" in both.output
     bad = runner.invoke(app, ["online-dpo", "--out", str(tmp_path / "y"), "nonsense=1"])
     assert bad.exit_code == 2 and "nonsense" in bad.output
+
+
+def test_each_round_loads_its_starting_model_once(tmp_path, eps_model_dir, monkeypatch):
+    """The model that samples a round's pairs is the one that trains on them (no second load)."""
+    import diffalign.align.policy_setup as policy_setup
+    import diffalign.align.rounds as rounds
+
+    loads: list[str] = []
+
+    def counting(module):
+        original = module.load_model
+
+        def load(spec, *args, **kwargs):
+            loads.append(str(spec))
+            return original(spec, *args, **kwargs)
+
+        monkeypatch.setattr(module, "load_model", load)
+
+    counting(rounds)
+    counting(policy_setup)
+    train_online_dpo(online(eps_model_dir), tmp_path / "online")
+    assert loads == [str(eps_model_dir), str(round_dir(tmp_path / "online", 0))]
+
+
+def test_a_loaded_model_on_another_device_is_refused(eps_model_dir):
+    from diffalign.align.policy_setup import same_device
+
+    model = load_model(str(eps_model_dir))
+    assert same_device(model.device, "cpu")
+    with pytest.raises(ValueError, match="is on cpu, the trainer on meta"):
+        policy_setup_load(eps_model_dir, model)
+
+
+def policy_setup_load(model_dir, loaded):
+    from diffalign.align.policy_setup import load_policy
+    from diffalign.models.diffusers_adapters.common import AdapterConfig
+
+    return load_policy(
+        str(model_dir), "meta", lora_rank=0, lora_alpha=0.0, pipeline=AdapterConfig(), loaded=loaded
+    )

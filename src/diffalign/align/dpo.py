@@ -453,6 +453,7 @@ def train_dpo(
     *,
     data_spec: dict | None = None,
     show_progress: bool = False,
+    model=None,
 ):
     """Fine-tune `config.model` on `pairs` with Diffusion-DPO (or KTO); returns the trained model.
 
@@ -467,6 +468,9 @@ def train_dpo(
         on_log: called with every metrics record on the main process.
         data_spec: where the pairs came from (e.g. {"store": path}), recorded in config.json.
         show_progress: a rich progress bar on the main process.
+        model: `config.model` already loaded (same pipeline options, on the trainer's device, not yet
+            changed), trained in place instead of loading it again (online DPO and SPIN pass the
+            model that sampled the round's pairs).
 
     Raises:
         PreferenceDataError: empty or tie-only data, images of another size than the model's.
@@ -479,7 +483,7 @@ def train_dpo(
     # 1. Accelerate, seeding, the model and its reference.
     accelerator = make_accelerator(config.runtime, resolve_log_with(config.log_with), run.logs_dir)
     seed_everything(config.runtime.seed)
-    model = policy_for(config, accelerator.device)
+    model = policy_for(config, accelerator.device, loaded=model)
     if tuple(data.images.shape[1:]) != tuple(model.image_shape):
         raise PreferenceDataError(
             f"the preference images are {tuple(data.images.shape[1:])} but the model {config.model!r} "

@@ -45,15 +45,25 @@ def load_policy(
     pipeline: AdapterConfig,
     reference: str | None = None,
     fix_reference: bool = True,
+    loaded=None,
 ):
     """Load `spec` (a tiny model, or a diffusers pipeline with the `pipeline` options), add LoRA
     adapters when `lora_rank` > 0, and fix its reference: the model as loaded (a frozen copy, or the
     adapters switched off), or the model `reference` names; `fix_reference=False` skips that (no
     frozen copy is made, for a model that is only sampled). Returns the model, its network in eval mode.
 
+    `loaded` is a model the caller already loaded from `spec` with the same `pipeline` options on
+    `device` and has not changed (e.g. the one that sampled an online round's pairs): it is set up in
+    place instead of loading `spec` a second time.
+
     Raises ValueError when `pipeline` options other than the defaults are given for a tiny model (they
-    would be ignored)."""
-    model = load_model(spec, device=device, diffusers_options=pipeline)
+    would be ignored), or when `loaded` is on another device than `device`."""
+    if loaded is not None:
+        if not same_device(loaded.device, device):
+            raise ValueError(f"the loaded model of {spec!r} is on {loaded.device}, the trainer on {device}")
+        model = loaded
+    else:
+        model = load_model(spec, device=device, diffusers_options=pipeline)
     if not is_pipeline(model) and pipeline != AdapterConfig():
         changed = {k: v for k, v in asdict(pipeline).items() if v != getattr(AdapterConfig(), k)}
         raise ValueError(
@@ -71,9 +81,21 @@ def load_policy(
     return model
 
 
-def policy_for(config, device: torch.device | str):
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """Whether two device specs name the same device ("cuda" is the current CUDA device)."""
+    a, b = torch.device(a), torch.device(b)
+
+    def index(d: torch.device) -> int:
+        if d.index is not None:
+            return d.index
+        return torch.cuda.current_device() if d.type == "cuda" else 0
+
+    return a.type == b.type and index(a) == index(b)
+
+
+def policy_for(config, device: torch.device | str, loaded=None):
     """`load_policy` with a trainer config's fields (`model`, `lora_rank`, `lora_alpha`, `pipeline`, and
-    `reference` where the config has one)."""
+    `reference` where the config has one); `loaded` as in `load_policy`."""
     return load_policy(
         config.model,
         device,
@@ -81,4 +103,5 @@ def policy_for(config, device: torch.device | str):
         lora_alpha=config.lora_alpha,
         pipeline=config.pipeline,
         reference=getattr(config, "reference", None),
+        loaded=loaded,
     )

@@ -116,9 +116,9 @@ def run_rounds(
             reference=None if reference == start or dpo.lora_rank > 0 else reference,
             runtime=replace(dpo.runtime, seed=dpo.runtime.seed + index),
         )
-        pairs, facts = make_pairs(
-            index, load_model(start, device=_device(dpo), diffusers_options=dpo.pipeline)
-        )
+        # One load per round: the starting model samples the round's pairs, then trains on them.
+        model = load_model(start, device=_device(dpo), diffusers_options=dpo.pipeline)
+        pairs, facts = make_pairs(index, model)
         lines: list[dict] = []
         model = train_dpo(
             config,
@@ -128,6 +128,7 @@ def run_rounds(
             on_log=lines.append,
             data_spec={"round": index, **facts},
             show_progress=show_progress,
+            model=model,
         )
         line = {"round": index, "model": start, "reference": reference, **facts}
         if lines:
