@@ -61,6 +61,7 @@ from diffalign.diffusion.protocol import Conditioning
 from diffalign.diffusion.schedules import FLOW_TIME_DISTRIBUTIONS, training_target
 from diffalign.models.diffusers_adapters.common import AdapterConfig
 from diffalign.prefs.pairs import PreferencePairs
+from diffalign.prefs.stored_pairs import StoredImages, StoredPairs
 
 METHODS = ("dpo", "kto")
 
@@ -198,7 +199,8 @@ class PreferenceDataError(ValueError):
 
 @dataclass
 class TrainingData:
-    """The examples a run draws from, held as uint8 images.
+    """The examples a run draws from, held as uint8 images (in memory, or read from the store as each
+    batch indexes them: `diffalign.prefs.stored_pairs.StoredImages`).
 
     DPO: `images` are the winners and `others` the losers of N pairs. KTO: `images` are single images
     (the winners and the losers of the pairs, taken apart), `liked` says which are liked, `others` is None.
@@ -206,17 +208,18 @@ class TrainingData:
     Attributes:
         prompts: the distinct prompts; `prompt_index` points into them.
         prompt_index: [N] prompt of each example.
-        images: uint8 [N, 3, H, W].
-        others: uint8 [N, 3, H, W] (DPO losers) or None.
+        images: uint8 [N, 3, H, W], or a `StoredImages` column of N images.
+        others: the same for the DPO losers, or None.
         liked: [N] bool (KTO) or None.
         ties_dropped: ties left out of the pairs.
-        fingerprint: sha256 of the examples (a resumed run refuses other data).
+        fingerprint: sha256 of the examples (a resumed run refuses other data): of the pixels in
+            memory, of the images' content hashes for stored images.
     """
 
     prompts: list[str]
     prompt_index: Tensor
-    images: Tensor
-    others: Tensor | None
+    images: Tensor | StoredImages
+    others: Tensor | StoredImages | None
     liked: Tensor | None
     ties_dropped: int
     fingerprint: str
@@ -225,8 +228,9 @@ class TrainingData:
         return int(self.images.shape[0])
 
 
-def training_data(pairs: PreferencePairs, method: str = "dpo") -> TrainingData:
+def training_data(pairs: PreferencePairs | StoredPairs, method: str = "dpo") -> TrainingData:
     """Winners and losers of the non-tied pairs (DPO), or the same images as liked / disliked (KTO).
+    `StoredPairs` keep their images in the store until a batch reads them.
 
     Raises `PreferenceDataError` for empty or tie-only data."""
     if len(pairs) == 0:
@@ -237,17 +241,27 @@ def training_data(pairs: PreferencePairs, method: str = "dpo") -> TrainingData:
         raise PreferenceDataError(
             f"the preference data holds only ties ({ties} pairs): DPO and KTO need pairs with a winner"
         )
-    a_wins = (kept.prob_a > 0.5)[:, None, None, None]
-    winners = torch.where(a_wins, kept.images_a, kept.images_b).to(torch.uint8)
-    losers = torch.where(a_wins, kept.images_b, kept.images_a).to(torch.uint8)
     prompts = list(dict.fromkeys(kept.prompts))
     lookup = {p: i for i, p in enumerate(prompts)}
     index = torch.tensor([lookup[p] for p in kept.prompts], dtype=torch.long)
     digest = hashlib.sha256()
     digest.update(method.encode())
     digest.update("\n".join(kept.prompts).encode())
-    digest.update(winners.contiguous().numpy().tobytes())
-    digest.update(losers.contiguous().numpy().tobytes())
+    if isinstance(kept, StoredPairs):
+        a_wins = (kept.prob_a > 0.5).tolist()
+        pairs_ab = zip(kept.hashes_a, kept.hashes_b, a_wins, strict=True)
+        winner_hashes, loser_hashes = zip(*[(a, b) if w else (b, a) for a, b, w in pairs_ab], strict=True)
+        digest.update(f"stored images at {kept.size} px\n".encode())
+        digest.update("\n".join(winner_hashes + loser_hashes).encode())
+        winners, losers = kept.column(winner_hashes), kept.column(loser_hashes)
+        both = kept.column(winner_hashes + loser_hashes)
+    else:
+        a_wins = (kept.prob_a > 0.5)[:, None, None, None]
+        winners = torch.where(a_wins, kept.images_a, kept.images_b).to(torch.uint8)
+        losers = torch.where(a_wins, kept.images_b, kept.images_a).to(torch.uint8)
+        digest.update(winners.contiguous().numpy().tobytes())
+        digest.update(losers.contiguous().numpy().tobytes())
+        both = None
     if method == "dpo":
         return TrainingData(prompts, index, winners, losers, None, ties, digest.hexdigest())
     n = len(kept)
@@ -255,7 +269,7 @@ def training_data(pairs: PreferencePairs, method: str = "dpo") -> TrainingData:
     return TrainingData(
         prompts,
         torch.cat([index, index]),
-        torch.cat([winners, losers]),
+        torch.cat([winners, losers]) if both is None else both,
         None,
         liked,
         ties,
@@ -357,6 +371,20 @@ def _latents(model, images: Tensor) -> Tensor:
         return model.encode(images.to(model.device).float() / 255)
 
 
+def prefetch_examples(data: TrainingData, indices: Tensor) -> None:
+    """Start reading these examples' images in the background (stored images only)."""
+    for column in (data.images, data.others):
+        if isinstance(column, StoredImages):
+            column.prefetch(indices)
+
+
+def close_examples(data: TrainingData) -> None:
+    """Stop the background readers of stored images."""
+    for column in (data.images, data.others):
+        if isinstance(column, StoredImages):
+            column.close()
+
+
 def pair_batch(model, data: TrainingData, draw: StepDraw) -> DenoisingBatch:
     """The DPO batch of `draw`: winners then losers, sharing noise, timestep and prompt dropout. The
     examples are taken from `data` where it is (the CPU) and only the batch moves to the model's device."""
@@ -445,7 +473,7 @@ def resolved_beta(config: DPOConfig, prediction_type: str) -> float:
 
 def train_dpo(
     config: DPOConfig,
-    pairs: PreferencePairs,
+    pairs: PreferencePairs | StoredPairs,
     run_dir: str | Path,
     resume: bool = False,
     stop_after: int | None = None,
@@ -462,6 +490,8 @@ def train_dpo(
     Args:
         config: the run's config.
         pairs: the preference pairs (ties are left out); images must have the model's size.
+            `StoredPairs` (`PreferenceStore.pair_references`) read each batch's images from the store
+            when it is drawn, for preference sets larger than memory.
         run_dir: the run folder.
         resume: continue from the latest checkpoint in `run_dir`; refuses a different config or data.
         stop_after: stop (with a checkpoint) after this many steps in total, as an interruption would.
@@ -545,16 +575,29 @@ def train_dpo(
     )
     started = time.perf_counter()
     done = start
+
+    def my_rows(draw: StepDraw, micro: int) -> StepDraw:
+        return draw.rows(
+            global_batch_slice(micro, accelerator.process_index, num_processes, config.batch_size)
+        )
+
+    def prefetch(step: int) -> None:
+        """Start reading step `step`'s images of this process when they are streamed from the store."""
+        if step < end and isinstance(data.images, StoredImages):
+            draw = draw_step(model, config, len(data), step, global_size)
+            for micro in range(accumulation):
+                prefetch_examples(data, my_rows(draw, micro).indices)
+
     try:
+        prefetch(start)
         for step in range(start, end):
             # 4. The step's global batch (a function of seed and step); this process takes its rows.
             draw = draw_step(model, config, len(data), step, global_size)
+            prefetch(step + 1)  # streamed images: the next step's are read while this one computes
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)
             for micro in range(accumulation):
-                mine = draw.rows(
-                    global_batch_slice(micro, accelerator.process_index, num_processes, config.batch_size)
-                )
+                mine = my_rows(draw, micro)
                 # `accumulate` syncs gradients across processes, and lets the optimiser step, only on
                 # the last micro-batch; `backward` divides the loss by the accumulation steps.
                 with accelerator.accumulate(unet):
@@ -611,6 +654,7 @@ def train_dpo(
                 )
     finally:
         tracker.close()
+        close_examples(data)
 
     # 7. The final model folder (what `load_model(run_dir)` and `diffalign sample --model` read).
     if done == config.steps:

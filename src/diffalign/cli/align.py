@@ -31,6 +31,13 @@ OverridesArg = Annotated[
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto (default: the config's).")]
 SourceOpt = Annotated[str | None, typer.Option(help="Only the store's comparisons from this source.")]
+StreamOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Read each batch's images from the store when it is drawn instead of loading every image "
+        "first (for preference sets larger than memory)."
+    ),
+]
 
 
 def load_command_config(cls, config_file: Path | None, overrides: list[str] | None, options: dict):
@@ -55,6 +62,7 @@ def _run(
     resume: bool,
     device: str | None,
     source: str | None,
+    stream: bool = False,
 ) -> None:
     from diffalign.align.dpo import DPOConfig, PreferenceDataError, train_dpo
     from diffalign.align.guard import NonFiniteError
@@ -72,10 +80,15 @@ def _run(
     if "://" not in store and not Path(store).is_file():
         fail(f"--store {store}: no such preference store (create one with `diffalign prefs import|simulate`)")
     try:
-        pairs = PreferenceStore.open(store, create=False).pairs(size=size, include_ties=True, source=source)
+        opened = PreferenceStore.open(store, create=False)
+        if stream:
+            pairs = opened.pair_references(size=size, include_ties=True, source=source)
+        else:
+            pairs = opened.pairs(size=size, include_ties=True, source=source)
     except StoreError as err:
         fail(f"--store {store}: {err}")
-    console.print(f"{method}: {len(pairs)} pairs from {store}; run folder {out}")
+    read = "read as batches need them" if stream else "in memory"
+    console.print(f"{method}: {len(pairs)} pairs from {store} ({read}); run folder {out}")
     try:
         with measured(out, config.runtime.device):
             train_dpo(
@@ -83,10 +96,10 @@ def _run(
                 pairs,
                 out,
                 resume=resume,
-                data_spec={"store": str(store), "source": source},
+                data_spec={"store": str(store), "source": source, "stream": stream},
                 show_progress=True,
             )
-    except (PreferenceDataError, RunDirError, NonFiniteError, ValueError) as err:
+    except (PreferenceDataError, RunDirError, NonFiniteError, StoreError, ValueError) as err:
         fail(f"{err}")
     from diffalign.align.tracking import read_metrics
 
@@ -213,9 +226,10 @@ def dpo_cmd(
     resume: ResumeOpt = False,
     device: DeviceOpt = None,
     source: SourceOpt = None,
+    stream: StreamOpt = False,
 ) -> None:
     """Diffusion-DPO (Wallace et al. 2023) on the store's pairs (ties left out)."""
-    _run("dpo", store, out, model, config, overrides, resume, device, source)
+    _run("dpo", store, out, model, config, overrides, resume, device, source, stream)
 
 
 @app.command("kto")
@@ -228,9 +242,10 @@ def kto_cmd(
     resume: ResumeOpt = False,
     device: DeviceOpt = None,
     source: SourceOpt = None,
+    stream: StreamOpt = False,
 ) -> None:
     """Diffusion-KTO (Li et al. 2024): the store's winners as liked, losers as disliked images."""
-    _run("kto", store, out, model, config, overrides, resume, device, source)
+    _run("kto", store, out, model, config, overrides, resume, device, source, stream)
 
 
 LabellerOpt = Annotated[

@@ -26,7 +26,7 @@ import shutil
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -58,6 +58,7 @@ from diffalign.prefs.schema import (
     StoreMeta,
 )
 from diffalign.prefs.schema import Image as ImageRow
+from diffalign.prefs.stored_pairs import StoredPairs
 
 _EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
 _IMAGE_BATCH = 500  # comparisons read per page by `comparisons()`
@@ -586,6 +587,34 @@ class PreferenceStore:
                 rgb = rgb.resize((size, size), PILImage.Resampling.BICUBIC)
             return np.asarray(rgb, dtype=np.uint8).copy()
 
+    def _pair_rows(self, include_ties: bool, source: str | None) -> StoredPairs:
+        """Every labelled pair's prompt, image hashes, label, rater and key (no image is read)."""
+        prompts, a_list, b_list, probs, raters, groups, keys = [], [], [], [], [], [], []
+        for comparison in self.comparisons(source=source):
+            for a, b, prob in _expand(comparison, include_ties):
+                prompts.append(comparison.prompt)
+                a_list.append(comparison.image_hashes[a])
+                b_list.append(comparison.image_hashes[b])
+                probs.append(prob)
+                raters.append(comparison.rater)
+                groups.append(comparison.rater_group)
+                keys.append(comparison.key)
+        if not prompts:
+            what = f" from source {source!r}" if source else ""
+            ties = "" if include_ties else " (ties left out)"
+            raise StoreError(f"the store {self.describe()} has no labelled pairs{what}{ties}")
+        return StoredPairs(
+            reader=self,
+            size=1,
+            prompts=prompts,
+            hashes_a=a_list,
+            hashes_b=b_list,
+            prob_a=torch.tensor(probs, dtype=torch.float32),
+            raters=raters,
+            groups=groups,
+            keys=keys,
+        )
+
     def pairs(
         self,
         *,
@@ -600,7 +629,7 @@ class PreferenceStore:
             include_ties: keep ties as pairs with probability 0.5.
             source: only comparisons from this source.
         """
-        prompts, a_list, b_list, probs, raters, groups, keys = [], [], [], [], [], [], []
+        rows = self._pair_rows(include_ties, source)
         cache: dict[str, np.ndarray] = {}
 
         def image(sha: str) -> np.ndarray:
@@ -608,20 +637,7 @@ class PreferenceStore:
                 cache[sha] = self.load_image(sha, size)
             return cache[sha]
 
-        for comparison in self.comparisons(source=source):
-            for a, b, prob in _expand(comparison, include_ties):
-                prompts.append(comparison.prompt)
-                a_list.append(comparison.image_hashes[a])
-                b_list.append(comparison.image_hashes[b])
-                probs.append(prob)
-                raters.append(comparison.rater)
-                groups.append(comparison.rater_group)
-                keys.append(comparison.key)
-        if not prompts:
-            what = f" from source {source!r}" if source else ""
-            ties = "" if include_ties else " (ties left out)"
-            raise StoreError(f"the store {self.describe()} has no labelled pairs{what}{ties}")
-        shapes = Counter(image(sha).shape for sha in a_list + b_list)
+        shapes = Counter(image(sha).shape for sha in rows.hashes_a + rows.hashes_b)
         if len(shapes) > 1:
             raise StoreError(f"the store's images differ in size {sorted(shapes)}; pass size= to resize them")
 
@@ -629,14 +645,25 @@ class PreferenceStore:
             return torch.from_numpy(np.stack([image(sha) for sha in hashes])).permute(0, 3, 1, 2).contiguous()
 
         return PreferencePairs(
-            prompts=prompts,
-            images_a=stack(a_list),
-            images_b=stack(b_list),
-            prob_a=torch.tensor(probs, dtype=torch.float32),
-            raters=raters,
-            groups=groups,
-            keys=keys,
+            prompts=rows.prompts,
+            images_a=stack(rows.hashes_a),
+            images_b=stack(rows.hashes_b),
+            prob_a=rows.prob_a,
+            raters=rows.raters,
+            groups=rows.groups,
+            keys=rows.keys,
         )
+
+    def pair_references(
+        self, *, size: int, include_ties: bool = True, source: str | None = None, read_workers: int = 4
+    ) -> StoredPairs:
+        """All comparisons as labelled pairs whose images are read only when indexed
+        (`diffalign.prefs.stored_pairs`): for stores larger than memory. Every image is resized to
+        size x size when read, so `size` is required (the sizes cannot be checked without reading
+        every image). `read_workers` threads per image column serve `prefetch`."""
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        return replace(self._pair_rows(include_ties, source), size=int(size), read_workers=read_workers)
 
     def stats(self) -> dict:
         """Counts by source and choice, raters, groups, images and prompts."""
