@@ -246,3 +246,38 @@ def policy_setup_load(model_dir, loaded):
     return load_policy(
         str(model_dir), "meta", lora_rank=0, lora_alpha=0.0, pipeline=AdapterConfig(), loaded=loaded
     )
+
+
+def test_real_from_stored_pairs_reads_only_the_chosen_images(tmp_path):
+    from diffalign.prefs.records import NewComparison
+    from diffalign.prefs.simulate import encode_png
+
+    pairs = make_pairs(6, ties=1)
+    store = PreferenceStore.open(tmp_path / "p.db")
+    store.add(
+        [
+            NewComparison(
+                prompt=pairs.prompts[i],
+                images=[encode_png(pairs.images_a[i]), encode_png(pairs.images_b[i])],
+                choice="tie" if float(pairs.prob_a[i]) == 0.5 else "image",
+                chosen=None if float(pairs.prob_a[i]) == 0.5 else (0 if float(pairs.prob_a[i]) == 1 else 1),
+                rater="r",
+                source="t",
+                key=f"t:{i}",
+            )
+            for i in range(6)
+        ]
+    )
+    refs = store.pair_references(size=16)
+    reads: list[str] = []
+
+    class Counting:
+        def load_image(self, sha256, size=None):
+            reads.append(sha256)
+            return store.load_image(sha256, size)
+
+    refs.reader = Counting()
+    stored = real_from_pairs(refs, limit=3)
+    in_memory = real_from_pairs(store.pairs(size=16), limit=3)
+    assert stored.prompts == in_memory.prompts and torch.equal(stored.images, in_memory.images)
+    assert len(reads) == 3

@@ -29,6 +29,7 @@ from diffalign.align.rounds import check_round_fields, run_rounds
 from diffalign.diffusion.sampling import sample
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.simulate import SEED_STRIDE
+from diffalign.prefs.stored_pairs import StoredPairs
 
 
 @dataclass
@@ -56,25 +57,34 @@ class RealExamples:
             raise PreferenceDataError(f"{self.source}: no real examples to train on")
 
 
-def real_from_pairs(pairs: PreferencePairs, limit: int = 0, source: str = "store") -> RealExamples:
-    """The preferred image of every non-tie pair (each distinct (prompt, image) once), first `limit`."""
-    prompts, images, seen = [], [], set()
+def real_from_pairs(
+    pairs: PreferencePairs | StoredPairs, limit: int = 0, source: str = "store"
+) -> RealExamples:
+    """The preferred image of every non-tie pair (each distinct (prompt, image) once), first `limit`.
+    With `StoredPairs` only the chosen images are read from the store."""
+    stored = isinstance(pairs, StoredPairs)
+    prompts, chosen, seen = [], [], set()
     for i in range(len(pairs)):
         prob = float(pairs.prob_a[i])
         if prob == 0.5:
             continue
-        image = pairs.images_a[i] if prob > 0.5 else pairs.images_b[i]
-        key = (pairs.prompts[i], hash(image.numpy().tobytes()))
+        if stored:
+            image = pairs.hashes_a[i] if prob > 0.5 else pairs.hashes_b[i]
+            key = (pairs.prompts[i], image)
+        else:
+            image = pairs.images_a[i] if prob > 0.5 else pairs.images_b[i]
+            key = (pairs.prompts[i], hash(image.numpy().tobytes()))
         if key in seen:
             continue
         seen.add(key)
         prompts.append(pairs.prompts[i])
-        images.append(image)
+        chosen.append(image)
         if limit and len(prompts) == limit:
             break
     if not prompts:
         raise PreferenceDataError(f"{source}: no preferred images (the pairs are empty or all ties)")
-    return RealExamples(prompts, torch.stack(images), source)
+    images = pairs.column(chosen)[:] if stored else torch.stack(chosen)
+    return RealExamples(prompts, images, source)
 
 
 def real_from_world(n: int, size: int, seed: int = 0) -> RealExamples:

@@ -354,7 +354,8 @@ def spin_cmd(
         if "://" not in store and not Path(store).is_file():
             fail(f"--store {store}: no such preference store")
         try:
-            pairs = PreferenceStore.open(store, create=False).pairs(
+            # only the chosen real images are read (`real_from_pairs` on stored pairs)
+            pairs = PreferenceStore.open(store, create=False).pair_references(
                 size=size, include_ties=False, source=source
             )
         except StoreError as err:
