@@ -227,7 +227,9 @@ def main() -> None:
         "seconds": time.time() - started,
         "command": f"python benchmarks/reward_models.py --images {args.images} "
         f"--train-pairs {args.train_pairs} --test-pairs {args.test_pairs} --epochs {args.epochs} "
-        f"--pretrain-steps {args.pretrain_steps} --ensemble {args.ensemble}",
+        f"--pretrain-steps {args.pretrain_steps} --ensemble {args.ensemble}"
+        + (" --shared-pretraining" if args.shared_pretraining else "")
+        + "".join(f" --set {o}" for o in args.overrides),
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     print(markdown(results))

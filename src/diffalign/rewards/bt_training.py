@@ -10,6 +10,14 @@ averaged over the pairs of a batch. With p = 0.5 the loss is minimised at r_A = 
 two rewards together. The loop below is explicit: seeded shuffling, AdamW with warm-up and cosine
 decay, gradient clipping, a held-out evaluation after every epoch, early stopping on the held-out loss
 (the best epoch's weights are kept), and an error on the first non-finite loss.
+
+Three options regularise fine-tuning of a pretrained model on few pairs (all off by default):
+`freeze_encoder_epochs` trains the head alone first (linear probing, then fine-tuning: Kumar et al.
+2022, "Fine-Tuning can Distort Pretrained Features and Underperform Out-of-Distribution"), `ema_decay`
+keeps an exponential moving average of the weights (Polyak and Juditsky 1992), which is what is
+evaluated and returned, and `matching_weight` adds the world-caption matching loss of the pretraining
+to every step. On the benchmark's 2,000 base-model pairs none of them measurably changed the held-out
+accuracy (docs/reward_models.md).
 """
 
 from __future__ import annotations
@@ -70,6 +78,22 @@ class RewardTrainConfig:
             rendering of another prompt (`pretrain_matching`). It teaches the encoders what the
             words look like from the world's captioned renderings, as real reward models start from
             CLIP or BLIP; it never sees a rater's label.
+        freeze_encoder_epochs: for this many epochs at the start of the preference training, only
+            the head (`image_proj`, `fuse`, `out`, the group table) is trained; the prompt encoder and
+            the conv stages (FiLM included) stay frozen, then everything trains (0: never frozen; a
+            value >= `epochs`: the head alone, always). Meant for a pretrained model
+            (`pretrain_steps` or `initial`): the head first adapts to the preference data, so that
+            fine-tuning starts from small errors and distorts the pretrained features less.
+        ema_decay: when > 0, keep an exponential moving average of the weights, updated after every
+            optimiser step as ema = ema_decay * ema + (1 - ema_decay) * weights, starting from the
+            weights training starts from (so it also pulls towards a pretrained model). The held-out
+            evaluation, early stopping and the returned model use the averaged weights. 0: off.
+            The average spans about 1 / (1 - ema_decay) steps.
+        matching_weight: when > 0, every preference step also takes a world-caption matching batch
+            (the `pretrain_steps` objective, `batch_size` pairs) and adds matching_weight x its loss,
+            so that fine-tuning keeps what pretraining taught (as InstructGPT mixes pretraining
+            gradients into its RL fine-tuning, Ouyang et al. 2022). Doubles the cost of a step.
+            0: off.
         model: the architecture (`RewardModelConfig`); groups are filled in for rater conditioning.
     """
 
@@ -90,6 +114,9 @@ class RewardTrainConfig:
     device: str = "cpu"
     eval_batch_size: int = 256
     pretrain_steps: int = 0
+    freeze_encoder_epochs: int = 0
+    ema_decay: float = 0.0
+    matching_weight: float = 0.0
     model: RewardModelConfig = field(default_factory=RewardModelConfig)
 
     def __post_init__(self) -> None:
@@ -103,6 +130,12 @@ class RewardTrainConfig:
             raise ValueError(f"held_out_fraction must be in [0, 1), got {self.held_out_fraction}")
         if not 0.0 <= self.group_dropout <= 1.0:
             raise ValueError(f"group_dropout must be in [0, 1], got {self.group_dropout}")
+        if self.freeze_encoder_epochs < 0:
+            raise ValueError(f"freeze_encoder_epochs must be >= 0, got {self.freeze_encoder_epochs}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.matching_weight < 0:
+            raise ValueError(f"matching_weight must be >= 0, got {self.matching_weight}")
 
 
 @dataclass
@@ -215,6 +248,32 @@ def evaluate_pairs(model: LearnedReward, pairs: PreferencePairs, batch_size: int
     return {"loss": float(bt_loss(margin, pairs.prob_a)), "accuracy": pair_accuracy(margin, pairs.prob_a)}
 
 
+class WeightEMA:
+    """An exponential moving average of a module's floating-point weights and buffers.
+
+    `update()` sets every averaged tensor to decay * average + (1 - decay) * current; `state_dict()`
+    is a state dict of the module with the averaged values (integer entries copied as they are).
+    """
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.module = module
+        self.decay = decay
+        self.average = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for key, value in self.module.state_dict().items():
+            if value.is_floating_point():
+                self.average[key].mul_(self.decay).add_(value.detach(), alpha=1 - self.decay)
+            else:
+                self.average[key].copy_(value)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in self.average.items()}
+
+
 def _lr_factor(step: int, total: int, config: RewardTrainConfig) -> float:
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
@@ -238,6 +297,42 @@ def near_miss_prompts(prompts: list[str], tags: list[str], max_words: int = 2) -
     return out
 
 
+class MatchingBatches:
+    """Seeded batches of world-caption matching pairs: a prompt, a rendering of its scene (preferred)
+    and a rendering of another prompt's scene, half of the other prompts near misses of the prompt
+    (`near_miss_prompts`); p = 0.5 where the other prompt happens to be the same one."""
+
+    def __init__(self, seed: int, image_size: int) -> None:
+        from diffalign.world.dataset import ShapesGenerator
+
+        self.world = ShapesGenerator()
+        self.gen = torch.Generator().manual_seed(seed)
+        self.size = image_size
+        meta = self.world.metadata
+        self.near = near_miss_prompts([m["prompt"] for m in meta], [m["tag"] for m in meta])
+
+    def next(self, batch_size: int) -> tuple[Tensor, Tensor, list[str], Tensor]:
+        """(preferred images, other images, prompts, prob_a), images float [B,3,S,S] in [0,1]."""
+        world, gen, size = self.world, self.gen, self.size
+        ids = world.sample_prompt_ids(batch_size, gen)
+        other = world.sample_prompt_ids(batch_size, gen)
+        near = torch.rand(batch_size, generator=gen) < 0.5
+        for k in near.nonzero().flatten().tolist():
+            pool = self.near[int(ids[k])]
+            other[k] = pool[torch.randint(len(pool), (1,), generator=gen)]
+        good = F.interpolate(world.render(world.scenes_for(ids, gen)), size=(size, size), mode="bilinear")
+        bad = F.interpolate(world.render(world.scenes_for(other, gen)), size=(size, size), mode="bilinear")
+        prompts = [world.metadata[i]["prompt"] for i in ids.tolist()]
+        return good, bad, prompts, 1 - 0.5 * (ids == other).float()
+
+
+def matching_loss(model: LearnedReward, batch: tuple[Tensor, Tensor, list[str], Tensor]) -> Tensor:
+    """The Bradley–Terry loss of `model` on one `MatchingBatches` batch."""
+    good, bad, prompts, prob = batch
+    r = model.forward(torch.cat([good, bad]).to(model.device), prompts + prompts)
+    return bt_loss(r[: len(prompts)] - r[len(prompts) :], prob.to(model.device))
+
+
 def pretrain_matching(
     model: LearnedReward, steps: int, config: RewardTrainConfig, device: torch.device
 ) -> None:
@@ -251,28 +346,13 @@ def pretrain_matching(
     rarely does: the pairs of a preference set show two images of the same prompt, which differ in
     exactly such details.
     """
-    from diffalign.world.dataset import ShapesGenerator
-
-    world = ShapesGenerator()
-    gen = torch.Generator().manual_seed(config.seed + 2)
-    tag_of = near_miss_prompts([m["prompt"] for m in world.metadata], [m["tag"] for m in world.metadata])
+    model.to(device)
+    batches = MatchingBatches(config.seed + 2, config.model.image_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    size = config.model.image_size
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
-        ids = world.sample_prompt_ids(config.batch_size, gen)
-        other = world.sample_prompt_ids(config.batch_size, gen)
-        near = torch.rand(config.batch_size, generator=gen) < 0.5
-        for k in near.nonzero().flatten().tolist():
-            pool = tag_of[int(ids[k])]
-            other[k] = pool[torch.randint(len(pool), (1,), generator=gen)]
-        good = F.interpolate(world.render(world.scenes_for(ids, gen)), size=(size, size), mode="bilinear")
-        bad = F.interpolate(world.render(world.scenes_for(other, gen)), size=(size, size), mode="bilinear")
-        same = (ids == other).float()
-        prompts = [world.metadata[i]["prompt"] for i in ids.tolist()]
-        r = model.forward(torch.cat([good, bad]).to(device), prompts + prompts)
-        loss = bt_loss(r[: len(prompts)] - r[len(prompts) :], (1 - 0.5 * same).to(device))
+        loss = matching_loss(model, batches.next(config.batch_size))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
@@ -351,6 +431,12 @@ def train_reward_model(
 
     gen = torch.Generator().manual_seed(config.seed + 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # Frozen parameters get no gradient (requires_grad off), so AdamW leaves them (and their decay) alone.
+    encoder = model.net.encoder_parameters()
+    ema = WeightEMA(model.net, config.ema_decay) if config.ema_decay > 0 else None
+    matching = None
+    if config.matching_weight > 0:
+        matching = MatchingBatches(config.seed + 3, model.config.image_size)
     n = len(train)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -362,6 +448,8 @@ def train_reward_model(
     stopped_early, step, start_time = False, 0, time.time()
     group_names = list(train.groups)
     for epoch in range(1, config.epochs + 1):
+        for param in encoder:
+            param.requires_grad_(epoch > config.freeze_encoder_epochs)
         perm = torch.randperm(n, generator=gen)
         running, seen = 0.0, 0
         for start in range(0, n, config.batch_size):
@@ -390,7 +478,10 @@ def train_reward_model(
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * _lr_factor(step, total, config)
             r = model.forward(torch.cat([a, b]).to(device), prompts + prompts, gid)
-            loss = bt_loss(r[: len(pos)] - r[len(pos) :], p.to(device))
+            pref_loss = bt_loss(r[: len(pos)] - r[len(pos) :], p.to(device))
+            loss = pref_loss
+            if matching is not None:
+                loss = loss + config.matching_weight * matching_loss(model, matching.next(config.batch_size))
             if not bool(torch.isfinite(loss)):
                 raise NonFiniteLossError(
                     f"reward-model training: the loss became {float(loss.detach())} at step {step} "
@@ -401,8 +492,10 @@ def train_reward_model(
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            if ema is not None:
+                ema.update()
             step += 1
-            running += float(loss.detach()) * len(pos)
+            running += float(pref_loss.detach()) * len(pos)
             seen += len(pos)
         record: dict = {
             "epoch": epoch,
@@ -414,6 +507,10 @@ def train_reward_model(
             "elapsed_s": time.time() - start_time,
         }
         if held is not None:
+            live = None
+            if ema is not None:  # evaluate (and keep) the averaged weights
+                live = copy.deepcopy(model.net.state_dict())
+                model.net.load_state_dict(ema.state_dict())
             metrics = evaluate_pairs(model, held, config.eval_batch_size)
             record["held_out_loss"], record["held_out_accuracy"] = metrics["loss"], metrics["accuracy"]
             if metrics["loss"] < best_loss - 1e-6:
@@ -421,6 +518,8 @@ def train_reward_model(
                 best_state = copy.deepcopy(model.net.state_dict())
             else:
                 bad_epochs += 1
+            if live is not None:
+                model.net.load_state_dict(live)
         else:
             best_epoch = epoch
         history.append(record)
@@ -431,7 +530,11 @@ def train_reward_model(
         if held is not None and config.patience > 0 and bad_epochs >= config.patience:
             stopped_early = True
             break
+    for param in encoder:
+        param.requires_grad_(True)
     if best_state is not None:
         model.net.load_state_dict(best_state)
+    elif ema is not None:
+        model.net.load_state_dict(ema.state_dict())
     model.eval()
     return TrainResult(model, history, best_epoch, stopped_early, train, held)

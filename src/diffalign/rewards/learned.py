@@ -231,6 +231,11 @@ class RewardNet(nn.Module):
             persistent=False,
         )
 
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The prompt encoder's and the conv stages' parameters (FiLM included): everything but the
+        head (`image_proj`, `fuse`, `out` and the group table)."""
+        return [*self.text.parameters(), *self.stages.parameters()]
+
     def forward(self, images: Tensor, ids: Tensor, mask: Tensor, group_ids: Tensor | None = None) -> Tensor:
         text = self.text(ids, mask)
         x = images * 2 - 1
