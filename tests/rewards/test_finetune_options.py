@@ -153,3 +153,29 @@ def test_the_options_are_set_from_the_command_line(tmp_path):
     assert config["matching_weight"] == 0.25
     bad = _cli(*args[:5], "--set", "ema_decay=1.5")
     assert bad.exit_code == 2 and "ema_decay" in bad.output
+
+
+def test_degrade_images_blurs_and_noises_within_range_and_zero_is_identity():
+    from diffalign.rewards.bt_training import degrade_images
+
+    images = torch.zeros(64, 3, 15, 15)
+    images[:, :, 7, 7] = 1.0  # one bright pixel per image
+    same = degrade_images(images, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(same, images)
+    out = degrade_images(images, 1.0, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+    centre = out[:, 0, 7, 7]
+    assert centre.min() < 0.5 < centre.max()  # some images strongly blurred, some nearly sharp
+    stronger = degrade_images(images, 3.0, torch.Generator().manual_seed(0))
+    assert (stronger - images).abs().mean() > (out - images).abs().mean()
+    again = degrade_images(images, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_pretrain_degrade_changes_the_pretraining_batches_and_is_refused_below_zero():
+    clean = MatchingBatches(0, 16).next(4)
+    degraded = MatchingBatches(0, 16, degrade=1.0).next(4)
+    assert clean[2] == degraded[2]  # the same prompts
+    assert not torch.equal(clean[0], degraded[0])
+    with pytest.raises(ValueError, match="pretrain_degrade"):
+        RewardTrainConfig(pretrain_degrade=-1.0)

@@ -78,6 +78,12 @@ class RewardTrainConfig:
             rendering of another prompt (`pretrain_matching`). It teaches the encoders what the
             words look like from the world's captioned renderings, as real reward models start from
             CLIP or BLIP; it never sees a rater's label.
+        pretrain_degrade: strength of the random degradation of the pretraining renderings (and of
+            the `matching_weight` batches): each image is blurred by a Gaussian of standard deviation
+            uniform in [0, 1.5 x pretrain_degrade] pixels and gets pixel noise of standard deviation
+            uniform in [0, 0.1 x pretrain_degrade], so that what the encoders learn from clean
+            renderings carries over to a diffusion model's imperfect samples (domain randomisation,
+            Tobin et al. 2017). 0: clean renderings.
         freeze_encoder_epochs: for this many epochs at the start of the preference training, only
             the head (`image_proj`, `fuse`, `out`, the group table) is trained; the prompt encoder and
             the conv stages (FiLM included) stay frozen, then everything trains (0: never frozen; a
@@ -114,6 +120,7 @@ class RewardTrainConfig:
     device: str = "cpu"
     eval_batch_size: int = 256
     pretrain_steps: int = 0
+    pretrain_degrade: float = 0.0
     freeze_encoder_epochs: int = 0
     ema_decay: float = 0.0
     matching_weight: float = 0.0
@@ -130,6 +137,8 @@ class RewardTrainConfig:
             raise ValueError(f"held_out_fraction must be in [0, 1), got {self.held_out_fraction}")
         if not 0.0 <= self.group_dropout <= 1.0:
             raise ValueError(f"group_dropout must be in [0, 1], got {self.group_dropout}")
+        if self.pretrain_degrade < 0:
+            raise ValueError(f"pretrain_degrade must be >= 0, got {self.pretrain_degrade}")
         if self.freeze_encoder_epochs < 0:
             raise ValueError(f"freeze_encoder_epochs must be >= 0, got {self.freeze_encoder_epochs}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -300,14 +309,16 @@ def near_miss_prompts(prompts: list[str], tags: list[str], max_words: int = 2) -
 class MatchingBatches:
     """Seeded batches of world-caption matching pairs: a prompt, a rendering of its scene (preferred)
     and a rendering of another prompt's scene, half of the other prompts near misses of the prompt
-    (`near_miss_prompts`); p = 0.5 where the other prompt happens to be the same one."""
+    (`near_miss_prompts`); p = 0.5 where the other prompt happens to be the same one. With `degrade`
+    > 0 every image is blurred and noised at random (`degrade_images`)."""
 
-    def __init__(self, seed: int, image_size: int) -> None:
+    def __init__(self, seed: int, image_size: int, degrade: float = 0.0) -> None:
         from diffalign.world.dataset import ShapesGenerator
 
         self.world = ShapesGenerator()
         self.gen = torch.Generator().manual_seed(seed)
         self.size = image_size
+        self.degrade = degrade
         meta = self.world.metadata
         self.near = near_miss_prompts([m["prompt"] for m in meta], [m["tag"] for m in meta])
 
@@ -323,7 +334,29 @@ class MatchingBatches:
         good = F.interpolate(world.render(world.scenes_for(ids, gen)), size=(size, size), mode="bilinear")
         bad = F.interpolate(world.render(world.scenes_for(other, gen)), size=(size, size), mode="bilinear")
         prompts = [world.metadata[i]["prompt"] for i in ids.tolist()]
+        if self.degrade > 0:
+            good, bad = degrade_images(good, self.degrade, gen), degrade_images(bad, self.degrade, gen)
         return good, bad, prompts, 1 - 0.5 * (ids == other).float()
+
+
+def degrade_images(images: Tensor, strength: float, generator: torch.Generator) -> Tensor:
+    """Blur each image [B, 3, H, W] in [0, 1] by a Gaussian of sigma ~ U[0, 1.5 strength] pixels (a
+    7-tap separable kernel; sigma near 0 leaves it unchanged) and add noise of sigma ~ U[0, 0.1
+    strength]; clamped to [0, 1]."""
+    batch, channels = images.shape[:2]
+    sigma = torch.rand(batch, generator=generator) * 1.5 * strength
+    taps = torch.arange(-3, 4, dtype=torch.float32)
+    kernel = torch.exp(-(taps[None] ** 2) / (2 * sigma[:, None].clamp(min=1e-3) ** 2))
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)
+    flat = images.reshape(1, batch * channels, *images.shape[2:])
+    flat = F.pad(flat, (3, 3, 3, 3), mode="replicate")
+    flat = F.conv2d(flat, kernel[:, None, None, :], groups=batch * channels)
+    flat = F.conv2d(flat, kernel[:, None, :, None], groups=batch * channels)
+    noise = torch.rand(batch, generator=generator) * 0.1 * strength
+    noisy = flat.reshape(images.shape) + noise.view(-1, 1, 1, 1) * torch.randn(
+        images.shape, generator=generator
+    )
+    return noisy.clamp(0, 1)
 
 
 def matching_loss(model: LearnedReward, batch: tuple[Tensor, Tensor, list[str], Tensor]) -> Tensor:
@@ -347,7 +380,7 @@ def pretrain_matching(
     exactly such details.
     """
     model.to(device)
-    batches = MatchingBatches(config.seed + 2, config.model.image_size)
+    batches = MatchingBatches(config.seed + 2, config.model.image_size, config.pretrain_degrade)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -436,7 +469,7 @@ def train_reward_model(
     ema = WeightEMA(model.net, config.ema_decay) if config.ema_decay > 0 else None
     matching = None
     if config.matching_weight > 0:
-        matching = MatchingBatches(config.seed + 3, model.config.image_size)
+        matching = MatchingBatches(config.seed + 3, model.config.image_size, config.pretrain_degrade)
     n = len(train)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
