@@ -581,18 +581,20 @@ def train_dpo(
             global_batch_slice(micro, accelerator.process_index, num_processes, config.batch_size)
         )
 
+    drawn: dict[int, StepDraw] = {}  # a step drawn ahead to prefetch its images
+
     def prefetch(step: int) -> None:
         """Start reading step `step`'s images of this process when they are streamed from the store."""
         if step < end and isinstance(data.images, StoredImages):
-            draw = draw_step(model, config, len(data), step, global_size)
+            drawn[step] = draw_step(model, config, len(data), step, global_size)
             for micro in range(accumulation):
-                prefetch_examples(data, my_rows(draw, micro).indices)
+                prefetch_examples(data, my_rows(drawn[step], micro).indices)
 
     try:
         prefetch(start)
         for step in range(start, end):
             # 4. The step's global batch (a function of seed and step); this process takes its rows.
-            draw = draw_step(model, config, len(data), step, global_size)
+            draw = drawn.pop(step, None) or draw_step(model, config, len(data), step, global_size)
             prefetch(step + 1)  # streamed images: the next step's are read while this one computes
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)

@@ -605,7 +605,7 @@ class PreferenceStore:
             raise StoreError(f"the store {self.describe()} has no labelled pairs{what}{ties}")
         return StoredPairs(
             reader=self,
-            size=1,
+            size=1,  # a placeholder: `pair_references` sets the size; `pairs` reads the hashes only
             prompts=prompts,
             hashes_a=a_list,
             hashes_b=b_list,
