@@ -254,7 +254,7 @@ def training_data(pairs: PreferencePairs | StoredPairs, method: str = "dpo") -> 
         digest.update(f"stored images at {kept.size} px\n".encode())
         digest.update("\n".join(winner_hashes + loser_hashes).encode())
         winners, losers = kept.column(winner_hashes), kept.column(loser_hashes)
-        both = kept.column(winner_hashes + loser_hashes)
+        both = kept.column(winner_hashes + loser_hashes) if method != "dpo" else None
     else:
         a_wins = (kept.prob_a > 0.5)[:, None, None, None]
         winners = torch.where(a_wins, kept.images_a, kept.images_b).to(torch.uint8)

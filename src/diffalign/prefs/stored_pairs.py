@@ -102,12 +102,6 @@ class StoredImages:
             self._pool = None
         self._pending.clear()
 
-    def concat(self, other: StoredImages) -> StoredImages:
-        """This column followed by `other` (same reader and size)."""
-        if other.reader is not self.reader or other.size != self.size:
-            raise ValueError("StoredImages.concat: the columns come from different stores or sizes")
-        return StoredImages(self.reader, self.hashes + other.hashes, self.size, self.read_workers)
-
 
 @dataclass
 class StoredPairs:
