@@ -8,8 +8,9 @@ import torch
 from diffalign.align.advantages import PerPromptStatTracker, clip_advantages, group_advantages
 from diffalign.align.pg_config import PGConfig
 from diffalign.align.pg_losses import gaussian_mean_kl, ppo_clip_loss
-from diffalign.align.pg_rollout import Rollout, training_pairs
+from diffalign.align.pg_rollout import Rollout, epoch_sampler, group_initial_noise, training_pairs
 from diffalign.align.prompts import PromptSourceError, load_prompt_source
+from diffalign.diffusion.sampling import SamplerConfig
 from diffalign.world.grammar import parse_prompt
 
 
@@ -129,3 +130,40 @@ def test_config_refuses_what_cannot_run():
         PGConfig(sampler="ddim").sampler_config("flow")
     assert PGConfig(method="grpo").resolved_kl_beta() == 0.04
     assert PGConfig().sampler_config("flow").sampler == "flow_sde"
+
+
+def test_sde_window_config_and_epoch_windows():
+    with pytest.raises(ValueError, match="sde_window_size must be in"):
+        PGConfig(num_steps=4, sde_window_size=5)
+    with pytest.raises(ValueError, match="needs sde_window_size > 0"):
+        PGConfig(sde_window_range=(0, 3))
+    with pytest.raises(ValueError, match="shorter than sde_window_size 3"):
+        PGConfig(num_steps=10, sde_window_size=3, sde_window_range=(2, 4))
+    with pytest.raises(ValueError, match="sde_window_range"):
+        PGConfig(num_steps=10, sde_window_size=2, sde_window_range=(8, 12))
+    assert PGConfig(num_steps=10, sde_window_size=2, sde_window_range=[1, 6]).sde_window_range == (1, 6)
+    base = SamplerConfig(num_steps=10, eta=1.0)
+    assert epoch_sampler(base, 0, None, seed=0, epoch=3) is base
+    windows = [epoch_sampler(base, 2, (1, 6), seed=0, epoch=e).sde_window for e in range(60)]
+    assert all(start >= 1 and end == start + 2 and end <= 6 for start, end in windows)
+    assert {w[0] for w in windows} == {1, 2, 3, 4}  # every placement is drawn, uniformly enough to see all
+    assert windows == [epoch_sampler(base, 2, (1, 6), seed=0, epoch=e).sde_window for e in range(60)]
+    assert windows != [epoch_sampler(base, 2, (1, 6), seed=1, epoch=e).sde_window for e in range(60)]
+    # the default range: every step that can be stochastic (DDIM's last step has no noise)
+    assert [epoch_sampler(base, 9, None, seed=0, epoch=e).sde_window for e in range(3)] == [(0, 9)] * 3
+    flow = SamplerConfig(sampler="flow_sde", num_steps=10)
+    assert epoch_sampler(flow, 10, None, seed=0, epoch=0).sde_window == (0, 10)
+    with pytest.raises(ValueError, match=r"only steps 0 \.\. 8 of 10 can be stochastic"):
+        PGConfig(num_steps=10, sde_window_size=10).sampler_config("epsilon")
+    with pytest.raises(ValueError, match=r"only steps 0 \.\. 8 of 10 can be stochastic"):
+        PGConfig(num_steps=10, sde_window_size=2, sde_window_range=(5, 10)).sampler_config("epsilon")
+    assert PGConfig(num_steps=10, sde_window_size=10).sampler_config("flow").sampler == "flow_sde"
+
+
+def test_group_initial_noise_is_the_first_samples_first_draw():
+    seeds = [5, 6, 7, 8, 9, 10]
+    noise = group_initial_noise(seeds, per_prompt=3, shape=(2, 4, 4))
+    for i, first in enumerate([5, 5, 5, 8, 8, 8]):
+        expected = torch.randn((2, 4, 4), generator=torch.Generator().manual_seed(first))
+        assert torch.equal(noise[i], expected)
+    assert not torch.equal(noise[0], noise[3])

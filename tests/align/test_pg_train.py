@@ -119,3 +119,44 @@ def test_lora_trains_only_adapters_and_logs_gold_and_grids(tmp_path, eps_model_d
     line = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
     assert 0.0 <= line["gold_mean"] <= 1.0 and line["diversity"] > 0
     assert (tmp_path / "run" / "grids" / "epoch-00001.png").is_file()
+
+
+@pytest.mark.parametrize("which", ["eps_model_dir", "flow_model_dir"])
+def test_sde_window_trains_only_the_windows_steps_and_shared_noise_starts_groups_together(
+    request, tmp_path, which, monkeypatch
+):
+    model_dir = request.getfixturevalue(which)
+    seen = []
+    original_pairs, original_sample = rollout_module.training_pairs, rollout_module.sample_local
+
+    def recording_pairs(rollout, *args, **kwargs):
+        rows, cols = original_pairs(rollout, *args, **kwargs)
+        seen.append((rollout.stochastic.clone(), rollout.latents[:, 0].clone(), cols.clone()))
+        return rows, cols
+
+    samplers = []
+
+    def recording_sample(model, prompts, seeds, config, batch_size, initial_noise=None):
+        samplers.append(config)
+        return original_sample(model, prompts, seeds, config, batch_size, initial_noise)
+
+    monkeypatch.setattr(pg_module, "training_pairs", recording_pairs)
+    monkeypatch.setattr(pg_module, "sample_local", recording_sample)
+    cfg = pg_config(
+        model_dir, method="grpo", epochs=3, sde_window_size=2, group_shared_noise=True, checkpoint_every=0
+    )
+    train_pg(cfg, tmp_path / "run", reward=Redness())
+    lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    for (stochastic, x_T, cols), config, line in zip(seen, samplers, lines):
+        start, end = config.sde_window
+        assert end - start == 2 and line["sde_window_start"] == start
+        assert stochastic.tolist() == [start <= i < end for i in range(4)]
+        assert ((cols >= start) & (cols < end)).all()  # only the window's steps are trained on
+        assert line["first_step_log_ratio"] < 1e-5
+        for group in range(4):  # 4 prompts x 2 samples: each group starts from one noise
+            assert torch.equal(x_T[2 * group], x_T[2 * group + 1])
+        assert not torch.equal(x_T[0], x_T[2])
+    # a resumed windowed run draws the same windows
+    train_pg(cfg, tmp_path / "split", stop_after=1, reward=Redness())
+    train_pg(cfg, tmp_path / "split", resume=True, reward=Redness())
+    assert _untimed(read_metrics(tmp_path / "split" / "metrics.jsonl")) == _untimed(lines)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from diffalign.align.policy_setup import adapter_options
 from diffalign.align.runtime import RuntimeConfig
-from diffalign.diffusion.sampling import SAMPLERS, SamplerConfig
+from diffalign.diffusion.sampling import SAMPLERS, SamplerConfig, check_sde_window
 from diffalign.models.diffusers_adapters.common import AdapterConfig
 from diffalign.rewards.placement import check_reward_device
 
@@ -50,6 +50,19 @@ class PGConfig:
         noise_level: the SDE's a in sigma_t = a sqrt(t / (1 - t)) (Flow-GRPO: 0.7).
         guidance_scale: classifier-free guidance while sampling; the log-prob trained on is that of the
             guided step the sampler took.
+        sde_window_size: 0 makes every sampling step stochastic and trainable. W > 0 mixes ODE and
+            SDE steps (MixGRPO, Li et al. 2025; Flow-GRPO-Fast): each epoch only W consecutive steps
+            are stochastic, the others deterministic (DDIM eta 0 / the flow ODE), and only those W
+            steps are trained on (`timestep_fraction` of them). The window's start is drawn per epoch,
+            uniformly and seeded, within `sde_window_range`.
+        sde_window_range: (start, end) steps the window must lie in; None: every step that can be
+            stochastic (the whole chain for "flow_sde"; all but the last for "ddim" and "ddpm", whose
+            last step lands on the clean end with no noise). Early steps decide the layout, late ones
+            the detail.
+        group_shared_noise: the samples of a prompt's group start from the same initial noise x_T
+            (DanceGRPO, Xue et al. 2025), so their rewards differ only by the stochastic steps' noise
+            and the group's advantages compare exploration, not starting points. Each sample still
+            draws its own step noise.
         epochs: outer epochs (sample, score, train).
         prompts_per_epoch: distinct prompt draws per epoch (global, over all processes).
         samples_per_prompt: samples of each drawn prompt (GRPO's group size, >= 2 for "grpo").
@@ -95,6 +108,9 @@ class PGConfig:
     eta: float = 1.0
     noise_level: float = 0.7
     guidance_scale: float = 3.0
+    sde_window_size: int = 0
+    sde_window_range: tuple[int, int] | None = None
+    group_shared_noise: bool = False
     epochs: int = 50
     prompts_per_epoch: int = 16
     samples_per_prompt: int = 4
@@ -157,6 +173,22 @@ class PGConfig:
             raise ValueError("dpok is DDPO with a KL to the base model: kl_beta must be > 0 (or use ddpo)")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.sde_window_size <= self.num_steps:
+            raise ValueError(
+                f"sde_window_size must be in [0, num_steps = {self.num_steps}], got {self.sde_window_size}"
+            )
+        if self.sde_window_range is not None:
+            if self.sde_window_size == 0:
+                raise ValueError("sde_window_range needs sde_window_size > 0")
+            self.sde_window_range = check_sde_window(
+                self.sde_window_range, self.num_steps, "sde_window_range"
+            )
+            start, end = self.sde_window_range
+            if end - start < self.sde_window_size:
+                raise ValueError(
+                    f"sde_window_range ({start}, {end}) is shorter than sde_window_size "
+                    f"{self.sde_window_size}"
+                )
         if not self.ratio_tolerance > 0:
             raise ValueError(f"ratio_tolerance must be > 0, got {self.ratio_tolerance}")
         if isinstance(self.runtime, dict):
@@ -190,5 +222,12 @@ class PGConfig:
             raise ValueError(
                 f"sampler {sampler!r} with eta={self.eta}, noise_level={self.noise_level} is deterministic: "
                 "a policy gradient needs step log-probs (use eta > 0 or noise_level > 0)"
+            )
+        last = self.num_steps if config.is_flow else self.num_steps - 1
+        if self.sde_window_size > last or (self.sde_window_range or (0, 0))[1] > last:
+            raise ValueError(
+                f"sampler {sampler!r}: only steps 0 .. {last - 1} of {self.num_steps} can be stochastic (the "
+                f"last step of DDIM/DDPM lands on the clean end with no noise); sde_window_size "
+                f"{self.sde_window_size} and sde_window_range {self.sde_window_range} must fit in them"
             )
         return config

@@ -1,7 +1,8 @@
 """Rollouts of policy-gradient fine-tuning: an epoch's samples, their step log-probs, and the
 (sample, step) pairs the policy is trained on.
 
-An epoch's global set of samples is a function of (seed, epoch) only: its prompts, each sample's seed
+An epoch's global set of samples is a function of (seed, epoch) only: its prompts, each sample's seed,
+the epoch's SDE window (`epoch_sampler`), the shared initial noise of a group (`group_initial_noise`)
 and, for every inner epoch, which steps of which samples are trained on in which order. Each process
 samples a contiguous share of the rows and the shares are gathered, so every process holds the whole
 epoch and takes its rows of every optimiser step by `runtime.global_batch_slice`. One process with
@@ -10,7 +11,7 @@ gradient accumulation k * P therefore computes the same updates as P processes w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -22,6 +23,7 @@ from diffalign.diffusion.sampling import SamplerConfig, StepOutput, guided_predi
 
 #: Sub-streams of `step_generator(seed, epoch, stream=...)`.
 PROMPT_STREAM = 1
+WINDOW_STREAM = 2
 PAIR_STREAM = 100  # + inner epoch
 
 
@@ -60,14 +62,53 @@ def epoch_prompts(source: PromptSource, seed: int, epoch: int, prompts_per_epoch
     return prompts, seeds
 
 
-def sample_local(model, prompts: list[str], seeds: list[int], config: SamplerConfig, batch_size: int):
-    """Sample `prompts` in chunks of `batch_size`: (latents, log_probs, images, timesteps, stochastic)."""
+def epoch_sampler(
+    sampler: SamplerConfig, window_size: int, window_range: tuple[int, int] | None, seed: int, epoch: int
+) -> SamplerConfig:
+    """The epoch's sampler: `sampler` itself with `window_size` 0, otherwise with an SDE window of
+    `window_size` steps whose start is drawn uniformly within `window_range` from the epoch's own
+    stream, so every process and a resumed run draw the same window. The default range is every step
+    that can be stochastic (`stochastic_range`)."""
+    if window_size == 0:
+        return sampler
+    low, high = window_range or stochastic_range(sampler)
+    gen = step_generator(seed, epoch, stream=WINDOW_STREAM)
+    start = low + int(torch.randint(high - low - window_size + 1, (1,), generator=gen))
+    return replace(sampler, sde_window=(start, start + window_size))
+
+
+def stochastic_range(sampler: SamplerConfig) -> tuple[int, int]:
+    """The steps (start, end) a sampler can make stochastic: all of flow_sde's; all but the last of
+    DDIM's and DDPM's, whose last step lands on abar = 1 and has no noise."""
+    return (0, sampler.num_steps) if sampler.is_flow else (0, sampler.num_steps - 1)
+
+
+def group_initial_noise(seeds: list[int], per_prompt: int, shape: tuple[int, ...]) -> Tensor:
+    """x_T [G, *shape] where every sample of a group of `per_prompt` starts from the noise its group's
+    first sample would draw (DanceGRPO's shared initial noise): the first normal of that seed's
+    generator, exactly what `sample` draws for it."""
+    firsts = [seeds[i - i % per_prompt] for i in range(len(seeds))]
+    draws = {s: torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in set(firsts)}
+    return torch.stack([draws[s] for s in firsts])
+
+
+def sample_local(
+    model,
+    prompts: list[str],
+    seeds: list[int],
+    config: SamplerConfig,
+    batch_size: int,
+    initial_noise: Tensor | None = None,
+):
+    """Sample `prompts` in chunks of `batch_size`: (latents, log_probs, images, timesteps, stochastic).
+    `initial_noise` [len(prompts), ...] replaces each sample's x_T (the step noise stays its seed's)."""
     latents, log_probs, images = [], [], []
     traj = None
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             chunk = slice(start, start + batch_size)
-            traj = sample(model, prompts[chunk], config=config, seeds=seeds[chunk])
+            x_T = None if initial_noise is None else initial_noise[chunk]
+            traj = sample(model, prompts[chunk], config=config, seeds=seeds[chunk], latents=x_T)
             latents.append(traj.latents)
             log_probs.append(traj.log_probs)
             images.append(traj.images)

@@ -12,7 +12,10 @@ whose log-density `diffalign.diffusion.steps` computes exactly (per dimension). 
        L = mean(max(-A rho, -A clip(rho, 1 - eps, 1 + eps))),  rho = exp(logp_theta - logp_old),
    plus, for DPOK and GRPO, kl_beta times the per-step KL to the base model
        KL = |mu_theta - mu_ref|^2 / (2 sigma_t^2)   (Flow-GRPO; DPOK's KL of two Gaussian steps).
-With a flow model the sampler is Flow-GRPO's SDE (`flow_sde_step`, noise level a).
+With a flow model the sampler is Flow-GRPO's SDE (`flow_sde_step`, noise level a). Two options change
+step 1: `sde_window_size` W makes only W consecutive steps stochastic each epoch (the others are the
+sampler's deterministic twin) and trains on those only (MixGRPO; Flow-GRPO-Fast), and
+`group_shared_noise` starts a group's samples from one initial noise (DanceGRPO).
 
 Built-in check: on the first optimiser step of every epoch the weights are the sampler's, so the
 recomputed log-probs must equal the stored ones (rho = 1); a larger |log rho| than `ratio_tolerance`
@@ -22,8 +25,8 @@ mixed precision, another guidance). Logged per epoch: reward mean/std, gold rewa
 and clip fraction, the gradient norm, the loss, the largest first-step |log rho|, reward queries.
 
 What this module leaves out: DPOK's learned value-function baseline (per-prompt reward statistics take
-its place) and its KL warm-up; Flow-GRPO's CFG-free training and its SDE window (every stochastic step
-can be trained); DanceGRPO's shared initial noise within a group. The loop runs on any
+its place) and its KL warm-up; Flow-GRPO's CFG-free training; MixGRPO's sliding (rather than randomly
+placed) window. The loop runs on any
 `DiffusionModel` (`policy_setup.py`): the tiny built-in models and diffusers pipelines (LoRA or full).
 """
 
@@ -52,6 +55,8 @@ from diffalign.align.pg_rollout import (
     NetworkPolicy,
     Rollout,
     epoch_prompts,
+    epoch_sampler,
+    group_initial_noise,
     pair_steps,
     sample_local,
     training_pairs,
@@ -173,7 +178,7 @@ def train_pg(
     accelerator = make_accelerator(config.runtime, resolve_log_with(config.log_with), run.logs_dir)
     seed_everything(config.runtime.seed)
     model = policy_for(config, accelerator.device)
-    sampler = config.sampler_config(model.prediction_type)
+    base_sampler = config.sampler_config(model.prediction_type)
     kl_beta = config.resolved_kl_beta()
     source = load_prompt_source(config.prompts)
     reward = place_reward(config.reward, reward, accelerator.device, config.reward_device)
@@ -193,7 +198,7 @@ def train_pg(
         "trainer": config.method,
         "config": to_dict(config),
         "model": {"spec": config.model, "prediction_type": model.prediction_type},
-        "resolved": {"kl_beta": kl_beta, "sampler": sampler.__dict__, "prompts": len(source)},
+        "resolved": {"kl_beta": kl_beta, "sampler": base_sampler.__dict__, "prompts": len(source)},
     }
     begin_run(run, record, resume, accelerator)
     # Eval mode throughout (`load_policy`): the policy's log-probs must be those of the network that
@@ -241,9 +246,16 @@ def train_pg(
             prompts, seeds = epoch_prompts(
                 source, seed, epoch, config.prompts_per_epoch, config.samples_per_prompt
             )
+            sampler = epoch_sampler(
+                base_sampler, config.sde_window_size, config.sde_window_range, seed, epoch
+            )
+            x_T = None
+            if config.group_shared_noise:
+                shape = tuple(int(d) for d in model.latent_shape)
+                x_T = group_initial_noise(seeds, config.samples_per_prompt, shape)[mine]
             with accelerator.autocast():
                 latents, log_probs, images, timesteps, stochastic = sample_local(
-                    model, prompts[mine], seeds[mine], sampler, config.sample_batch_size
+                    model, prompts[mine], seeds[mine], sampler, config.sample_batch_size, x_T
                 )
             rewards = _reward(reward, images, prompts[mine])
             guard.observe("reward", rewards, epoch + 1)
@@ -334,6 +346,8 @@ def train_pg(
                 line["first_step_log_ratio"] = float(mean[FIRST_RATIO])
                 if accelerator.is_main_process:
                     line.update(sample_metrics(rollout.images, rollout.prompts, rollout.rewards, gold))
+                if sampler.sde_window is not None:
+                    line["sde_window_start"] = sampler.sde_window[0]
                 line["sample_seconds"] = sample_seconds
                 line["seconds_per_epoch"] = (time.perf_counter() - started) / max(1, done - start)
                 tracker.log(line)

@@ -7,9 +7,9 @@ expanded to one value per sample.
 
 Reproducibility. Each sample owns a CPU `torch.Generator` seeded from its seed. It draws that sample's
 initial noise first and then, for a stochastic sampler, one standard normal per step, always in this
-order (also when `latents` overrides the initial noise: the initial draw is made and discarded), so
-a sample does not depend on the batch it is drawn in, up to floating-point differences of batched
-kernels.
+order (also when `latents` overrides the initial noise: the initial draw is made and discarded, and
+with an `sde_window`: the steps outside it draw their normal and do not use it), so a sample does not
+depend on the batch it is drawn in, up to floating-point differences of batched kernels.
 
 Guidance. Classifier-free guidance (Ho & Salimans 2022) runs the conditional and unconditional
 halves in one forward pass on [cond; uncond] and combines the raw outputs linearly,
@@ -55,6 +55,17 @@ FLOW_SAMPLERS: tuple[str, ...] = ("flow_euler", "flow_sde")
 DDPM_SAMPLERS: tuple[str, ...] = ("ddim", "ddpm")
 
 
+def check_sde_window(window: Sequence[int], num_steps: int, name: str) -> tuple[int, int]:
+    """`window` as a (start, end) pair with 0 <= start < end <= num_steps (ValueError naming `name`)."""
+    try:
+        start, end = (int(v) for v in window)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be two step indices (start, end), got {window!r}") from err
+    if not 0 <= start < end <= num_steps:
+        raise ValueError(f"{name} ({start}, {end}) must satisfy 0 <= start < end <= num_steps = {num_steps}")
+    return start, end
+
+
 @dataclass
 class SamplerConfig:
     """How to sample.
@@ -71,6 +82,11 @@ class SamplerConfig:
             unconditional forward pass).
         timestep_spacing: "trailing" or "leading" placement of DDPM timesteps (see
             `DDPMSchedule.timesteps`); flow samplers ignore it.
+        sde_window: (start, end): only steps start .. end - 1 (0 the noisiest) are the sampler's
+            stochastic steps; the others are its deterministic twin (`step_config`: DDIM with eta 0
+            for "ddim" and "ddpm", the flow ODE for "flow_sde"). None: every step is the sampler's
+            own. Mixing ODE and SDE steps this way is MixGRPO's (Li et al. 2025) and Flow-GRPO-Fast's:
+            a policy gradient then explores and trains on the window's steps only.
     """
 
     sampler: str = "ddim"
@@ -79,6 +95,7 @@ class SamplerConfig:
     noise_level: float = 0.7
     guidance_scale: float = 1.0
     timestep_spacing: str = "trailing"
+    sde_window: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -93,6 +110,13 @@ class SamplerConfig:
             raise ValueError(
                 f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {self.timestep_spacing!r}"
             )
+        if self.sde_window is not None:
+            self.sde_window = check_sde_window(self.sde_window, self.num_steps, "sde_window")
+            if not self.stochastic:
+                raise ValueError(
+                    f"sde_window {list(self.sde_window)} needs a stochastic sampler; {self.sampler!r} with "
+                    f"eta={self.eta}, noise_level={self.noise_level} is deterministic"
+                )
 
     @classmethod
     def for_prediction_type(cls, prediction_type: str, **overrides: object) -> SamplerConfig:
@@ -118,6 +142,16 @@ class SamplerConfig:
             or (self.sampler == "ddim" and self.eta > 0)
             or (self.sampler == "flow_sde" and self.noise_level > 0)
         )
+
+    def step_config(self, step_index: int) -> SamplerConfig:
+        """The sampler of step `step_index`: this one inside the SDE window (or without one), its
+        deterministic twin outside (DDIM eta 0 for "ddim"/"ddpm", "flow_euler" for "flow_sde")."""
+        window = self.sde_window
+        if window is None or window[0] <= step_index < window[1]:
+            return self
+        if self.is_flow:
+            return replace(self, sampler="flow_euler", sde_window=None)
+        return replace(self, sampler="ddim", eta=0.0, sde_window=None)
 
     def check_prediction_type(self, prediction_type: str) -> None:
         """Raise ValueError if this sampler cannot sample a model with this prediction type."""
@@ -458,7 +492,9 @@ def sample(
                 config.guidance_scale,
                 checkpoint_model=with_grad and checkpoint_grad_steps,
             )
-            out = sampler_step(config, model, model_output, x, t, t_prev, sigma_max=sigma_max, noise=noise)
+            out = sampler_step(
+                config.step_config(i), model, model_output, x, t, t_prev, sigma_max=sigma_max, noise=noise
+            )
         prev, log_prob = out.prev, out.log_prob
         if callback is not None:
             info = StepInfo(i, num_steps, timesteps[i], timesteps[i + 1], x, out, model_output)
@@ -541,4 +577,13 @@ def recompute_step(
         model, x_t, t, cond, uncond, config.guidance_scale, use_reference=use_reference
     )
     sigma_max = float(trajectory.timesteps[1]) if config.sampler == "flow_sde" else None
-    return sampler_step(config, model, model_output, x_t, t, t_prev, sigma_max=sigma_max, prev_sample=prev)
+    return sampler_step(
+        config.step_config(step_index),
+        model,
+        model_output,
+        x_t,
+        t,
+        t_prev,
+        sigma_max=sigma_max,
+        prev_sample=prev,
+    )
