@@ -5,7 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffalign.align.advantages import PerPromptStatTracker, clip_advantages, group_advantages
+from diffalign.align.advantages import (
+    PerPromptStatTracker,
+    clip_advantages,
+    flat_group_fraction,
+    group_advantages,
+)
 from diffalign.align.pg_config import PGConfig
 from diffalign.align.pg_losses import gaussian_mean_kl, ppo_clip_loss
 from diffalign.align.pg_rollout import Rollout, epoch_sampler, group_initial_noise, training_pairs
@@ -24,6 +29,9 @@ def test_group_advantages_standardise_within_groups():
     assert torch.equal(adv[4:8], torch.zeros(4))  # equal rewards carry no signal
     with pytest.raises(ValueError, match="groups of 5"):
         group_advantages(rewards, 5)
+    assert flat_group_fraction(rewards, 4) == pytest.approx(1 / 3)  # the 2, 2, 2, 2 group
+    assert flat_group_fraction(torch.tensor([1.0, 1.0, 0.0, 0.0]), 2) == 1.0
+    assert flat_group_fraction(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2) == 0.0
 
 
 def test_stat_tracker_uses_batch_stats_until_min_count_then_the_prompts_buffer():

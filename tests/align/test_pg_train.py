@@ -150,6 +150,7 @@ def test_sde_window_trains_only_the_windows_steps_and_shared_noise_starts_groups
     for (stochastic, x_T, cols), config, line in zip(seen, samplers, lines):
         start, end = config.sde_window
         assert end - start == 2 and line["sde_window_start"] == start
+        assert 0 <= line["flat_groups"] <= 1 and line["flat_groups"] * 4 == round(line["flat_groups"] * 4)
         assert stochastic.tolist() == [start <= i < end for i in range(4)]
         assert ((cols >= start) & (cols < end)).all()  # only the window's steps are trained on
         assert line["first_step_log_ratio"] < 1e-5

@@ -40,6 +40,14 @@ def group_advantages(rewards: Tensor, group_size: int, eps: float = STD_EPS) -> 
     return ((groups - mean) / (std + eps)).view(-1).float()
 
 
+def flat_group_fraction(rewards: Tensor, group_size: int) -> float:
+    """The share of GRPO groups (consecutive `group_size` rewards) whose rewards are all equal: they
+    get advantage 0 and teach nothing (common with a binary reward, or when a group's samples barely
+    differ)."""
+    groups = rewards.double().view(-1, group_size)
+    return float((groups.amax(dim=1) == groups.amin(dim=1)).double().mean())
+
+
 class PerPromptStatTracker:
     """DDPO's per-prompt reward statistics (ddpo-pytorch `stat_tracking.py`, same rules).
 

@@ -40,7 +40,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from diffalign.align.advantages import PerPromptStatTracker, clip_advantages, group_advantages
+from diffalign.align.advantages import (
+    PerPromptStatTracker,
+    clip_advantages,
+    flat_group_fraction,
+    group_advantages,
+)
 from diffalign.align.checkpointing import (
     begin_run,
     loop_bookkeeping,
@@ -346,6 +351,8 @@ def train_pg(
                 line["first_step_log_ratio"] = float(mean[FIRST_RATIO])
                 if accelerator.is_main_process:
                     line.update(sample_metrics(rollout.images, rollout.prompts, rollout.rewards, gold))
+                if config.method == "grpo":
+                    line["flat_groups"] = flat_group_fraction(rollout.rewards, config.samples_per_prompt)
                 if sampler.sde_window is not None:
                     line["sde_window_start"] = sampler.sde_window[0]
                 line["sample_seconds"] = sample_seconds
