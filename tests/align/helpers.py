@@ -53,3 +53,34 @@ def config(model_dir: Path, **overrides) -> DPOConfig:
     )
     values.update(overrides)
     return DPOConfig(**values)
+
+
+def store_with_preferences(path, n: int = 6, ties: int = 2) -> dict[bytes, str]:
+    """A preference store at `path` of n `make_pairs` pairs (the last `ties` tied); returns
+    {preferred image as uint8 bytes: its prompt}."""
+    from diffalign.prefs.records import NewComparison
+    from diffalign.prefs.simulate import encode_png
+    from diffalign.prefs.store import PreferenceStore
+
+    pairs = make_pairs(n, seed=5, ties=ties)
+    items, preferred = [], {}
+    for i in range(n):
+        prob = float(pairs.prob_a[i])
+        tie = prob == 0.5
+        chosen = None if tie else (0 if prob == 1.0 else 1)
+        items.append(
+            NewComparison(
+                prompt=pairs.prompts[i],
+                images=[encode_png(pairs.images_a[i]), encode_png(pairs.images_b[i])],
+                choice="tie" if tie else "image",
+                chosen=chosen,
+                rater="r",
+                source="test",
+                key=f"test:{i}",
+            )
+        )
+        if not tie:
+            image = pairs.images_a[i] if chosen == 0 else pairs.images_b[i]
+            preferred[image.numpy().tobytes()] = pairs.prompts[i]
+    PreferenceStore.open(path).add(items)
+    return preferred

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import diffalign.align.backprop_losses as losses_module
 from diffalign.align.backprop_config import BackpropConfig
 from diffalign.align.dpo import DPOConfig, train_dpo
 from diffalign.align.pg_config import PGConfig
@@ -21,7 +22,7 @@ from diffalign.align.tracking import read_metrics
 from diffalign.models.diffusers_adapters import AdapterConfig
 from diffalign.models.registry import load_model, model_image_size
 from tests.align.backprop_helpers import DiffRedness, bp_config
-from tests.align.helpers import config, make_pairs
+from tests.align.helpers import config, make_pairs, store_with_preferences
 from tests.align.pg_helpers import Redness, pg_config
 from tests.models.tiny_pipelines import RESOLUTION, build_sd, build_sd3, build_sdxl
 
@@ -143,6 +144,33 @@ def test_draft_trains_lora_through_the_vae_on_a_pipeline(tmp_path, pipelines, fa
     _check_lora_run(run, folder, model)
 
 
+def test_refl_on_a_pipeline_keeps_the_pretraining_loss_on_a_stores_images(tmp_path, pipelines, monkeypatch):
+    store_with_preferences(tmp_path / "p.db")  # 16-pixel images, read at the pipeline's resolution
+    seen = []
+    original = losses_module.pretrain_loss
+
+    def recording(model, unet, images, prompts, noise, t):
+        seen.append(tuple(images.shape))
+        return original(model, unet, images, prompts, noise, t)
+
+    monkeypatch.setattr(losses_module, "pretrain_loss", recording)
+    folder = pipelines["sd"]
+    cfg = bp_config(
+        folder,
+        method="refl",
+        steps=2,
+        lora_rank=4,
+        lr=1e-2,
+        pretrain_data=str(tmp_path / "p.db"),
+        checkpoint_every=1,
+    )
+    model = train_backprop(cfg, tmp_path / "run", reward=DiffRedness())
+    assert seen == [(4, 3, RESOLUTION, RESOLUTION)] * 2
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(m["pretrain_loss"] > 0 and m["grad_norm"] > 0 for m in metrics)
+    _check_lora_run(tmp_path / "run", folder, model)
+
+
 def test_pipeline_options_reach_the_model_and_are_refused_for_tiny_models(tmp_path, pipelines, eps_model_dir):
     folder = pipelines["sd"]
     assert model_image_size(str(folder)) == RESOLUTION
@@ -151,7 +179,7 @@ def test_pipeline_options_reach_the_model_and_are_refused_for_tiny_models(tmp_pa
         DPOConfig(pipeline={"lora_rank": 4})
     with pytest.raises(ValueError, match="apply to diffusers pipelines"):
         train_dpo(config(eps_model_dir, pipeline={"dtype": "bfloat16"}), make_pairs(4), tmp_path / "tiny")
-    with pytest.raises(ValueError, match="pretrain_weight"):
+    with pytest.raises(ValueError, match="pretrain_data='world'"):
         train_backprop(
             bp_config(folder, method="refl", pretrain_weight=1.0), tmp_path / "refl", reward=DiffRedness()
         )

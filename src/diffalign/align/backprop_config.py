@@ -61,7 +61,11 @@ class BackpropConfig:
         refl_margin: None: ReFL's loss is -reward; a number m: ImageReward's code's ReLU(m - reward)
             (rewards above m give no gradient).
         pretrain_weight: ReFL's pre-training loss weight lambda: lambda times the denoising loss on
-            `pretrain_batch_size` generated Shapes-world images is added to every micro-batch (0: off).
+            `pretrain_batch_size` images of `pretrain_data` is added to every micro-batch (0: off).
+        pretrain_data: ReFL's pre-training examples: "world" (rendered Shapes-world scenes, the tiny
+            models' training data) or a preference store (path or SQLAlchemy URL) whose preferred
+            images and prompts stand in for the pre-training set (required for a diffusers pipeline
+            when pretrain_weight > 0). See `align/pretrain_data.py`.
         pretrain_batch_size: images of that loss per micro-batch.
         reward_scale: the reward is multiplied by this in the loss (loss = -reward_scale * reward).
         checkpoint_grad_steps: activation checkpointing of the denoiser calls that carry gradients
@@ -101,6 +105,7 @@ class BackpropConfig:
     refl_margin: float | None = None
     pretrain_weight: float = 1.0
     pretrain_batch_size: int = 8
+    pretrain_data: str = "world"
     reward_scale: float = 1.0
     checkpoint_grad_steps: bool = True
     lr: float = 1e-4
@@ -162,6 +167,8 @@ class BackpropConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not str(self.pretrain_data).strip():
+            raise ValueError("pretrain_data must be 'world' or a preference store, got an empty string")
         if not self.reward_scale > 0:
             raise ValueError(f"reward_scale must be > 0, got {self.reward_scale}")
         if isinstance(self.runtime, dict):

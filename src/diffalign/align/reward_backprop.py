@@ -6,8 +6,9 @@ d reward / d image into the network through some of the sampling steps (`backpro
   with activation checkpointing of the denoiser calls that carry gradients;
 - DRaFT-K: the last K steps (fixed K); DRaFT-LV: the last step, applied to n re-noised copies of each
   final sample;
-- ReFL: one random late step's x0 prediction, plus the pre-training loss on generated Shapes-world
-  images (`diffalign.world.dataset`), the regulariser of the paper that its released code leaves out.
+- ReFL: one random late step's x0 prediction, plus the pre-training loss on `pretrain_data`
+  (`pretrain_data.py`: generated Shapes-world images, or a preference store's preferred images), the
+  regulariser of the paper that its released code leaves out.
 The reward must be differentiable (`require_differentiable`: a learned reward model, not a detector).
 
 `train_backprop` is one explicit loop, in the order of `dpo.train_dpo`: Accelerate, seeding, the model
@@ -23,9 +24,9 @@ reward mean/std, gold reward, diversity) and, with `log_kl`, the drift from the 
 those chains (`backprop_losses.drift_to_base`: a KL estimate for a stochastic sampler, the squared
 step-mean distance for DDIM with eta 0). Those metric evaluations are not counted as reward queries.
 
-What this module leaves out: AlignProp's and DRaFT's LoRA-only training of Stable Diffusion (here both
-full fine-tuning and LoRA on the tiny models), DRaFT's gradient-clipping of the reward, ReFL's
-alternation of ReFL and pre-training batches (the two losses are summed in every micro-batch).
+What this module leaves out: DRaFT's gradient-clipping of the reward, ReFL's alternation of ReFL and
+pre-training batches (the two losses are summed in every micro-batch). Every method trains full
+weights or LoRA adapters, on the tiny models and on diffusers pipelines (docs/diffusers.md).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from diffalign.align.checkpointing import (
 from diffalign.align.config_io import to_dict
 from diffalign.align.online_metrics import log_image_grid, sample_metrics, save_image_grid
 from diffalign.align.policy_setup import is_pipeline, policy_for
+from diffalign.align.pretrain_data import WORLD, StoreData, WorldData, pretrain_source
 from diffalign.align.prompts import PromptSource, load_prompt_source
 from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
 from diffalign.align.runtime import (
@@ -71,7 +73,6 @@ from diffalign.align.tracking import resolve_log_with
 from diffalign.rewards.placement import place_reward
 from diffalign.rewards.protocol import Reward, require_differentiable
 from diffalign.rewards.registry import load_reward
-from diffalign.world.dataset import DatasetConfig, ShapesGenerator
 
 #: Per-micro-batch metrics summed between log lines (then averaged), in this order.
 TRAIN_METRICS = ("loss", "train_reward", "pretrain_loss")
@@ -106,7 +107,7 @@ def draw_step(
     config: BackpropConfig,
     model,
     source: PromptSource,
-    world: ShapesGenerator | None,
+    data_source: WorldData | StoreData | None,
     step: int,
     global_size: int,
     data_size: int,
@@ -127,12 +128,12 @@ def draw_step(
         noise_gen = step_generator(seed, step, stream=NOISE_STREAM)
         lv_noise = torch.randn((global_size, config.lv_samples, *model.latent_shape), generator=noise_gen)
     data = None
-    if world is not None:
+    if data_source is not None:
         data_gen = step_generator(seed, step, stream=DATA_STREAM)
-        batch = world.sample(data_size, data_gen)
+        images, data_prompts = data_source.draw(data_size, data_gen)
         noise = torch.randn((data_size, *model.latent_shape), generator=data_gen)
         t = model.schedule.sample_training_timesteps(data_size, generator=data_gen)
-        data = (batch.images, batch.prompts, noise, t)
+        data = (images, data_prompts, noise, t)
     return StepDraw(prompts, seeds, k, refl_step, lv_noise, data)
 
 
@@ -239,15 +240,16 @@ def train_backprop(
     gold = None
     if config.gold not in ("none", config.reward):
         gold = load_reward(config.gold, device=accelerator.device)
-    world = None
+    data_source = None
     if config.method == "refl" and config.pretrain_weight > 0:
-        if is_pipeline(model):
+        if is_pipeline(model) and config.pretrain_data == WORLD:
             raise ValueError(
-                f"pretrain_weight={config.pretrain_weight}: ReFL's pre-training term draws images of the "
-                "Shapes world, the tiny models' training data; for a diffusers pipeline set "
-                "pretrain_weight=0 (a source of the pipeline's own pre-training images is not written yet)"
+                f"pretrain_weight={config.pretrain_weight} with pretrain_data='world': the Shapes world's "
+                "renderings are the tiny models' training data, not a pipeline's; give pretrain_data=STORE "
+                "(a preference store whose preferred images stand in for the pre-training set) or set "
+                "pretrain_weight=0"
             )
-        world = ShapesGenerator(DatasetConfig(canvas_size=int(model.image_shape[-1])))
+        data_source = pretrain_source(config.pretrain_data, int(model.image_shape[-1]))
     num_processes = accelerator.num_processes
     accumulation = config.runtime.gradient_accumulation_steps
     global_size = config.batch_size * num_processes * accumulation
@@ -299,7 +301,7 @@ def train_backprop(
         for step in range(start, end):
             # 3. The step's draw (a function of seed and step); this process takes its rows of each
             # micro-batch.
-            draw = draw_step(config, model, source, world, step, global_size, data_size)
+            draw = draw_step(config, model, source, data_source, step, global_size, data_size)
             grad_calls = 0
             for micro in range(accumulation):
                 rows = global_batch_slice(micro, rank, num_processes, config.batch_size)

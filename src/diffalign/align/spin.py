@@ -63,6 +63,18 @@ def real_from_pairs(
     """The preferred image of every non-tie pair (each distinct (prompt, image) once), first `limit`.
     With `StoredPairs` only the chosen images are read from the store."""
     stored = isinstance(pairs, StoredPairs)
+    prompts, chosen = preferred_images(pairs, limit, source)
+    images = pairs.column(chosen)[:] if stored else torch.stack(chosen)
+    return RealExamples(prompts, images, source)
+
+
+def preferred_images(
+    pairs: PreferencePairs | StoredPairs, limit: int = 0, source: str = "store"
+) -> tuple[list[str], list]:
+    """(prompts, images) of the preferred image of every non-tie pair, each distinct (prompt, image)
+    once, the first `limit` (0: all). The images are uint8 [3, H, W] tensors, or sha256 hashes for
+    `StoredPairs` (nothing is read). PreferenceDataError when there are none."""
+    stored = isinstance(pairs, StoredPairs)
     prompts, chosen, seen = [], [], set()
     for i in range(len(pairs)):
         prob = float(pairs.prob_a[i])
@@ -83,8 +95,7 @@ def real_from_pairs(
             break
     if not prompts:
         raise PreferenceDataError(f"{source}: no preferred images (the pairs are empty or all ties)")
-    images = pairs.column(chosen)[:] if stored else torch.stack(chosen)
-    return RealExamples(prompts, images, source)
+    return prompts, chosen
 
 
 def real_from_world(n: int, size: int, seed: int = 0) -> RealExamples:
