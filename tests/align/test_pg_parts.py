@@ -157,6 +157,22 @@ def test_sde_window_config_and_epoch_windows():
     assert {w[0] for w in windows} == {1, 2, 3, 4}  # every placement is drawn, uniformly enough to see all
     assert windows == [epoch_sampler(base, 2, (1, 6), seed=0, epoch=e).sde_window for e in range(60)]
     assert windows != [epoch_sampler(base, 2, (1, 6), seed=1, epoch=e).sde_window for e in range(60)]
+
+    # MixGRPO's progressive window: from the range's start, one step later every 3 epochs
+    def starts(**kw):
+        return [
+            epoch_sampler(base, 2, (1, 6), 0, e, schedule="progressive", **kw).sde_window[0]
+            for e in range(15)
+        ]
+
+    assert starts(shift_every=3) == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 4, 4, 4]  # stays at the end
+    assert starts(shift_every=3, roll_back=True) == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 1, 1, 1]
+    assert starts(shift_every=2, shift=2) == [1, 1, 3, 3, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]  # clamped to 4
+    assert starts(shift_every=1, shift=2, roll_back=True)[:6] == [1, 3, 1, 3, 1, 3]
+    with pytest.raises(ValueError, match="sde_window_schedule"):
+        PGConfig(sde_window_size=2, sde_window_schedule="sliding")
+    with pytest.raises(ValueError, match="must be >= 1"):
+        PGConfig(sde_window_size=2, sde_window_shift=0)
     # the default range: every step that can be stochastic (DDIM's last step has no noise)
     assert [epoch_sampler(base, 9, None, seed=0, epoch=e).sde_window for e in range(3)] == [(0, 9)] * 3
     flow = SamplerConfig(sampler="flow_sde", num_steps=10)

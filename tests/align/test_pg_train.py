@@ -161,3 +161,19 @@ def test_sde_window_trains_only_the_windows_steps_and_shared_noise_starts_groups
     train_pg(cfg, tmp_path / "split", stop_after=1, reward=Redness())
     train_pg(cfg, tmp_path / "split", resume=True, reward=Redness())
     assert _untimed(read_metrics(tmp_path / "split" / "metrics.jsonl")) == _untimed(lines)
+
+
+def test_progressive_sde_window_moves_one_step_per_epoch(tmp_path, eps_model_dir):
+    cfg = pg_config(
+        eps_model_dir,
+        method="grpo",
+        epochs=3,
+        sde_window_size=1,
+        sde_window_schedule="progressive",
+        sde_window_shift_every=1,
+        checkpoint_every=0,
+    )
+    train_pg(cfg, tmp_path / "run", reward=Redness())
+    lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [line["sde_window_start"] for line in lines] == [0, 1, 2]
+    assert all(line["first_step_log_ratio"] < 1e-5 for line in lines)

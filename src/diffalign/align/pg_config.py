@@ -17,6 +17,9 @@ from diffalign.rewards.placement import check_reward_device
 
 PG_METHODS = ("ddpo", "dpok", "grpo")
 
+#: How the SDE window moves from epoch to epoch (`PGConfig.sde_window_schedule`).
+WINDOW_SCHEDULES = ("random", "progressive")
+
 #: kl_beta when the config leaves it unset: DDPO has no KL term; DPOK's and Flow-GRPO's (GenEval) weights.
 DEFAULT_KL_BETA: dict[str, float] = {"ddpo": 0.0, "dpok": 0.01, "grpo": 0.04}
 
@@ -53,8 +56,15 @@ class PGConfig:
         sde_window_size: 0 makes every sampling step stochastic and trainable. W > 0 mixes ODE and
             SDE steps (MixGRPO, Li et al. 2025; Flow-GRPO-Fast): each epoch only W consecutive steps
             are stochastic, the others deterministic (DDIM eta 0 / the flow ODE), and only those W
-            steps are trained on (`timestep_fraction` of them). The window's start is drawn per epoch,
-            uniformly and seeded, within `sde_window_range`.
+            steps are trained on (`timestep_fraction` of them). The window lies within
+            `sde_window_range` and moves by `sde_window_schedule`.
+        sde_window_schedule: "random" (the window's start drawn per epoch, uniformly and seeded) or
+            "progressive" (MixGRPO's sliding window: from the start of the range, moved
+            `sde_window_shift` steps later every `sde_window_shift_every` epochs).
+        sde_window_shift_every: epochs between two moves of a progressive window (MixGRPO: 25).
+        sde_window_shift: steps a progressive window moves at a time.
+        sde_window_roll_back: a progressive window that reaches the end of the range starts again at
+            its beginning (otherwise it stays at the end).
         sde_window_range: (start, end) steps the window must lie in; None: every step that can be
             stochastic (the whole chain for "flow_sde"; all but the last for "ddim" and "ddpm", whose
             last step lands on the clean end with no noise). Early steps decide the layout, late ones
@@ -110,6 +120,10 @@ class PGConfig:
     guidance_scale: float = 3.0
     sde_window_size: int = 0
     sde_window_range: tuple[int, int] | None = None
+    sde_window_schedule: str = "random"
+    sde_window_shift_every: int = 25
+    sde_window_shift: int = 1
+    sde_window_roll_back: bool = False
     group_shared_noise: bool = False
     epochs: int = 50
     prompts_per_epoch: int = 16
@@ -176,6 +190,15 @@ class PGConfig:
         if not 0 <= self.sde_window_size <= self.num_steps:
             raise ValueError(
                 f"sde_window_size must be in [0, num_steps = {self.num_steps}], got {self.sde_window_size}"
+            )
+        if self.sde_window_schedule not in WINDOW_SCHEDULES:
+            raise ValueError(
+                f"sde_window_schedule must be one of {WINDOW_SCHEDULES}, got {self.sde_window_schedule!r}"
+            )
+        if self.sde_window_shift_every < 1 or self.sde_window_shift < 1:
+            raise ValueError(
+                "sde_window_shift_every and sde_window_shift must be >= 1, got "
+                f"{self.sde_window_shift_every} and {self.sde_window_shift}"
             )
         if self.sde_window_range is not None:
             if self.sde_window_size == 0:

@@ -63,17 +63,38 @@ def epoch_prompts(source: PromptSource, seed: int, epoch: int, prompts_per_epoch
 
 
 def epoch_sampler(
-    sampler: SamplerConfig, window_size: int, window_range: tuple[int, int] | None, seed: int, epoch: int
+    sampler: SamplerConfig,
+    window_size: int,
+    window_range: tuple[int, int] | None,
+    seed: int,
+    epoch: int,
+    *,
+    schedule: str = "random",
+    shift_every: int = 25,
+    shift: int = 1,
+    roll_back: bool = False,
 ) -> SamplerConfig:
     """The epoch's sampler: `sampler` itself with `window_size` 0, otherwise with an SDE window of
-    `window_size` steps whose start is drawn uniformly within `window_range` from the epoch's own
-    stream, so every process and a resumed run draw the same window. The default range is every step
-    that can be stochastic (`stochastic_range`)."""
+    `window_size` steps within `window_range` (default: every step that can be stochastic,
+    `stochastic_range`). Where the window starts:
+    - "random": drawn uniformly from the epoch's own stream (Flow-GRPO-Fast), so every process and a
+      resumed run draw the same window;
+    - "progressive": MixGRPO's sliding window: at the start of the range, moved `shift` steps later
+      every `shift_every` epochs; at the end of the range it stays there, or with `roll_back` starts
+      again at the beginning. (MixGRPO's scheduler lets the window shrink at the end of the chain;
+      here it keeps its size.)"""
     if window_size == 0:
         return sampler
     low, high = window_range or stochastic_range(sampler)
-    gen = step_generator(seed, epoch, stream=WINDOW_STREAM)
-    start = low + int(torch.randint(high - low - window_size + 1, (1,), generator=gen))
+    last = high - window_size  # the latest start that keeps the window inside the range
+    if schedule == "progressive":
+        offset = (epoch // shift_every) * shift
+        if roll_back:
+            offset %= (last - low) // shift * shift + shift
+        start = min(low + offset, last)
+    else:
+        gen = step_generator(seed, epoch, stream=WINDOW_STREAM)
+        start = low + int(torch.randint(last - low + 1, (1,), generator=gen))
     return replace(sampler, sde_window=(start, start + window_size))
 
 

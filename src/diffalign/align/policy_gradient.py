@@ -25,8 +25,8 @@ mixed precision, another guidance). Logged per epoch: reward mean/std, gold rewa
 and clip fraction, the gradient norm, the loss, the largest first-step |log rho|, reward queries.
 
 What this module leaves out: DPOK's learned value-function baseline (per-prompt reward statistics take
-its place) and its KL warm-up; Flow-GRPO's CFG-free training; MixGRPO's sliding (rather than randomly
-placed) window. The loop runs on any
+its place) and its KL warm-up; MixGRPO's higher-order ODE solver outside the window. Flow-GRPO's
+CFG-free training is `guidance_scale=1.0`. The loop runs on any
 `DiffusionModel` (`policy_setup.py`): the tiny built-in models and diffusers pipelines (LoRA or full).
 """
 
@@ -252,7 +252,15 @@ def train_pg(
                 source, seed, epoch, config.prompts_per_epoch, config.samples_per_prompt
             )
             sampler = epoch_sampler(
-                base_sampler, config.sde_window_size, config.sde_window_range, seed, epoch
+                base_sampler,
+                config.sde_window_size,
+                config.sde_window_range,
+                seed,
+                epoch,
+                schedule=config.sde_window_schedule,
+                shift_every=config.sde_window_shift_every,
+                shift=config.sde_window_shift,
+                roll_back=config.sde_window_roll_back,
             )
             x_T = None
             if config.group_shared_noise:
