@@ -1,6 +1,7 @@
 """Benchmark of reward backpropagation on the Shapes world (issue 5, the reward-backprop half).
 
-1. The differentiable reward: a learned reward model folder (`--reward DIR`), or, with
+1. The differentiable reward: a learned reward model folder (`--reward DIR`), the differentiable
+   relaxation of the grader (`--reward shapes:faithfulness-soft`, `rewards.soft_faithfulness`), or, with
    `--train-surrogate STEPS`, a differentiable surrogate of faithfulness trained here: the learned reward
    model of `diffalign.rewards.learned` trained for STEPS steps by world-caption matching only
    (`bt_training.pretrain_matching`: Bradley-Terry pairs preferring a rendering of the prompt to a
@@ -14,6 +15,7 @@
 
     nice python benchmarks/reward_backprop.py --train-surrogate 600 --methods draft --steps 60 --out bench_bp/
     python benchmarks/reward_backprop.py --reward rm/ --methods alignprop draft draft-lv refl --out bench_bp/
+    nice python benchmarks/reward_backprop.py --reward shapes:faithfulness-soft --steps 30 --out bench_bp/
     python benchmarks/reward_backprop.py --train-surrogate 20 --steps 2 --eval-prompts 4 --out /tmp/bp
 """
 
@@ -117,7 +119,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--reward", type=Path, help="a learned reward model folder (differentiable)")
+    parser.add_argument(
+        "--reward", help="a differentiable reward: a learned reward-model folder or shapes:faithfulness-soft"
+    )
     parser.add_argument("--train-surrogate", type=int, default=0, help="train a matching surrogate (steps)")
     parser.add_argument("--methods", nargs="+", default=["draft"], choices=BACKPROP_METHODS)
     parser.add_argument("--model", default="base")
@@ -139,7 +143,7 @@ def main() -> None:
     if args.train_surrogate:
         args.reward = train_surrogate(args.train_surrogate, args.out / "surrogate")
     if args.reward is None:
-        parser.error("give --reward DIR or --train-surrogate STEPS")
+        parser.error("give --reward DIR|SPEC or --train-surrogate STEPS")
     reward = load_reward(str(args.reward))
     sampler = SamplerConfig(sampler="ddim", num_steps=args.num_steps, eta=0.0, guidance_scale=args.guidance)
     evaluator = Evaluator(reward, args.eval_prompts, sampler)

@@ -8,11 +8,13 @@ steps). Prompts: `--per-tag` ShapesEval prompts from each of `--tags`, each samp
 Steering reward (the proxy): `shapes:faithfulness-partial`, the fraction of the prompt's GenEval
 clauses the world's detector finds; a black box. It is a denser version of the very check that grades
 the result, so these rows are a best case for steering (no proxy/gold gap). Gradient methods (reward
-guidance, DNO's gradient mode) need a differentiable reward: `--grad-reward DIR` names one (a reward
-model folder), or `--train-grad-reward STEPS` trains a small one on the world's captioned renderings
-only (`pretrain_matching`: it never sees a verdict of the graders), a real proxy; add their rows with
-`--only ...,guidance,dno`. `fk-adaptive` is FK with the difference potential and resampling only when
-the ESS drops under K/2 (the reference's adaptive setting).
+guidance, DNO's gradient mode) need a differentiable reward: `--grad-reward SPEC` names one (a reward
+model folder, or `shapes:faithfulness-soft`, the differentiable relaxation of the grader: the gradient
+methods' best case, as the partial score is the black-box methods'), or `--train-grad-reward STEPS`
+trains a small one on the world's captioned renderings only (`pretrain_matching`: it never sees a
+verdict of the graders), a real proxy; add their rows with `--only ...,guidance,dno`.
+`fk-adaptive` is FK with the difference potential and resampling only when the ESS drops under K/2
+(the reference's adaptive setting).
 
 For each method and budget (1x, 4x, 8x the NFEs of one plain sample; 1x is plain sampling for every
 method that has a 1x setting) the table reports:

@@ -5,6 +5,8 @@ Accepted forms, tried in this order:
   `gold-utility` (the rater panel's pooled utility), `gold-utility:GROUP` (one rater group's), or the
   same under the `shapes:` prefix: `shapes:faithfulness`, `shapes:faithfulness-partial`,
   `shapes:quality`, `shapes:utility`, `shapes:rater-GROUP`;
+- `shapes:faithfulness-soft`: a differentiable relaxation of the faithfulness grader
+  (`rewards.soft_faithfulness`), for the methods that need gradients; not a gold reward;
 - an external reward model by name, from local weights: `clip`, `pickscore`, `aesthetic`,
   `imagereward`, `hpsv2`, optionally with a local folder, file or cached hub id: `clip=PATH`;
 - a reward-model folder written by `diffalign reward train` (a model or an ensemble);
@@ -36,7 +38,8 @@ class RewardSpecError(ValueError):
 def reward_forms() -> str:
     return (
         "a gold reward (shapes:faithfulness, shapes:faithfulness-partial, shapes:quality, shapes:utility, "
-        "shapes:rater-GROUP), an external model (clip, pickscore, aesthetic, imagereward, hpsv2, "
+        "shapes:rater-GROUP), the differentiable shapes:faithfulness-soft, an external model (clip, "
+        "pickscore, aesthetic, imagereward, hpsv2, "
         "optionally NAME=PATH), a reward-model folder, or a callable (file.py:function, module:function)"
     )
 
@@ -44,12 +47,16 @@ def reward_forms() -> str:
 def _gold(spec: str) -> Reward:
     from diffalign.rewards.gold import gold_rewards
 
+    if spec == "shapes:faithfulness-soft":
+        from diffalign.rewards.soft_faithfulness import SoftFaithfulness
+
+        return SoftFaithfulness()
     name = _SHAPES_ALIASES.get(spec, spec)
     if name.startswith("shapes:rater-"):
         name = "gold-utility:" + name.removeprefix("shapes:rater-")
     rewards = gold_rewards()
     if name not in rewards:
-        known = ", ".join(sorted(rewards))
+        known = ", ".join([*sorted(rewards), "shapes:faithfulness-soft"])
         raise RewardSpecError(f"--reward {spec!r}: no such gold reward; the Shapes world has {known}")
     return rewards[name]
 
