@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import spearmanr
+from torchmetrics.functional.classification import binary_auroc
 
 from diffalign.diffusion import SamplerConfig
 from diffalign.diffusion.sampling import sample
@@ -33,12 +34,10 @@ from diffalign.world import ShapesGenerator, load_shapeseval
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float | None:
-    """P(a correct image scores above an incorrect one), ties half; None without both kinds."""
-    pos, neg = scores[labels > 0.5], scores[labels <= 0.5]
-    if len(pos) == 0 or len(neg) == 0:
+    """Area under the ROC curve of the scores for the verdict; None without both kinds of image."""
+    if labels.min() == labels.max():
         return None
-    diff = pos[:, None] - neg[None, :]
-    return float(((diff > 0).float() + 0.5 * (diff == 0).float()).mean())
+    return float(binary_auroc(scores.float(), labels.long()))
 
 
 def per_call_seconds(fn, images: torch.Tensor, prompts: list[str], backward: bool, repeats: int = 3) -> float:
