@@ -47,10 +47,6 @@ def reward_forms() -> str:
 def _gold(spec: str) -> Reward:
     from diffalign.rewards.gold import gold_rewards
 
-    if spec == "shapes:faithfulness-soft":
-        from diffalign.rewards.soft_faithfulness import SoftFaithfulness
-
-        return SoftFaithfulness()
     name = _SHAPES_ALIASES.get(spec, spec)
     if name.startswith("shapes:rater-"):
         name = "gold-utility:" + name.removeprefix("shapes:rater-")
@@ -68,6 +64,10 @@ def load_reward(
     if not spec or not spec.strip():
         raise RewardSpecError(f"--reward is empty; give {reward_forms()}")
     spec = spec.strip()
+    if spec == "shapes:faithfulness-soft":
+        from diffalign.rewards.soft_faithfulness import SoftFaithfulness
+
+        return SoftFaithfulness()
     if spec.startswith(("shapes:", "gold-")):
         return _gold(spec)
     name, _, path = spec.partition("=")

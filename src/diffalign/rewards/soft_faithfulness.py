@@ -183,6 +183,10 @@ class SoftFaithfulness:
         self.config = config or SoftFaithfulnessConfig()
         self.name = "soft-faithfulness"
         self.bank = template_bank(self.config)
+        # Built once: both kernel sets in one convolution, each template's area, each class's templates.
+        self._kernels = torch.cat([self.bank.kernels, self.bank.supports])
+        self._areas = self.bank.kernels.sum((1, 2, 3)).view(1, 1, -1, 1, 1)
+        self._class_templates = [(self.bank.classes == s).nonzero().squeeze(1) for s in range(len(SHAPES))]
         self._metadata: dict[str, Metadata] = {}
 
     def detection_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -192,16 +196,15 @@ class SoftFaithfulness:
             images = F.interpolate(images, size=(DEFAULT_CANVAS_SIZE, DEFAULT_CANVAS_SIZE), mode="area")
         ink = colour_ink(images, self.config.temperature)
         b, c, h, w = ink.shape
-        kernels = torch.cat([self.bank.kernels, self.bank.supports]).to(ink)
+        kernels, area = self._kernels.to(ink), self._areas.to(ink)
         both = F.conv2d(ink.reshape(b * c, 1, h, w), kernels, padding=kernels.shape[-1] // 2)
         overlap, local_ink = both.view(b, c, 2, -1, h, w).unbind(2)
-        area = self.bank.kernels.to(ink).sum((1, 2, 3)).view(1, 1, -1, 1, 1)
         # Soft intersection over union of the template with the ink inside the template's support:
         # |T m| / (|T| + |m| - |T m|), the detector's shape IoU with products for minima.
         response = overlap / (area + local_ink - overlap).clamp(min=1e-6)
         best, boxes = [], []
-        for s in range(len(SHAPES)):
-            index = (self.bank.classes == s).nonzero().squeeze(1).to(ink.device)
+        for index in self._class_templates:
+            index = index.to(ink.device)
             value, arg = response.index_select(2, index).max(2)
             best.append(value)
             boxes.append(self.bank.box.to(ink)[index][arg])
