@@ -255,3 +255,41 @@ def test_sft_weight_adds_the_winners_term(eps_model_dir, pairs):
     assert float(metrics[0]) == pytest.approx(float(with_sft.detach()))
     with pytest.raises(ValueError, match="sft_weight"):
         config("unused", sft_weight=-1.0)
+
+
+@pytest.mark.parametrize("which", ["eps_model_dir", "flow_model_dir"])
+def test_mirror_relations_flips_winner_and_loser_alike_and_exchanges_the_words(request, which):
+    model = load_model(str(request.getfixturevalue(which)))
+    prompts = ["a circle left of a square", "a square above a triangle"] * 4
+    pairs = make_pairs(8)
+    pairs = type(pairs)(prompts, pairs.images_a, pairs.images_b, pairs.prob_a)
+    data = training_data(pairs)
+    plain = draw_step(model, config("unused"), len(data), step=2, global_size=8)
+    draw = draw_step(model, config("unused", mirror_relations=True), len(data), step=2, global_size=8)
+    assert plain.flips is None
+    # the mirrors are drawn after everything else: the rest of the step's draw is unchanged
+    assert torch.equal(draw.noise, plain.noise) and torch.equal(draw.t, plain.t)
+    assert draw.flips.shape == (8, 2) and draw.flips.any() and not draw.flips.all()
+    batch = pair_batch(model, data, draw)
+    # the batch is the plain batch of the mirrored images under the mirrored prompts
+    idx = draw.indices
+    winners, losers = data.images[idx].clone(), data.others[idx].clone()
+    expected_prompts = []
+    for row, (horizontal, vertical) in enumerate(draw.flips.tolist()):
+        prompt = data.prompts[int(data.prompt_index[idx[row]])]
+        for flip, dim, words in ((horizontal, -1, ("left", "right")), (vertical, -2, ("above", "below"))):
+            if flip:
+                winners[row], losers[row] = winners[row].flip(dim), losers[row].flip(dim)
+                prompt = prompt.replace(words[0], "@").replace(words[1], words[0]).replace("@", words[1])
+        expected_prompts.append(prompt)
+    x0 = model.encode(torch.cat([winners, losers]).float() / 255)
+    expected = dpo_module.denoising_batch(
+        model,
+        x0,
+        torch.cat([draw.noise, draw.noise]),
+        torch.cat([draw.t, draw.t]),
+        model.encode_prompts(expected_prompts * 2),
+    )
+    assert torch.allclose(batch.x_t, expected.x_t, atol=1e-6)
+    assert torch.equal(batch.cond.tensors["input_ids"], expected.cond.tensors["input_ids"])
+    assert not torch.allclose(batch.x_t, pair_batch(model, data, plain).x_t)

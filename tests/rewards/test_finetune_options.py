@@ -179,3 +179,42 @@ def test_pretrain_degrade_changes_the_pretraining_batches_and_is_refused_below_z
     assert not torch.equal(clean[0], degraded[0])
     with pytest.raises(ValueError, match="pretrain_degrade"):
         RewardTrainConfig(pretrain_degrade=-1.0)
+
+
+def test_mirror_relations_trains_on_mirrored_pairs_with_the_words_exchanged(monkeypatch):
+    pairs = colour_pairs(32, seed=7)
+    # every prompt names both axes, so its mirrored words say which flips its pair got
+    prompts = [f"{p} left of a square, above a circle" for p in pairs.prompts]
+    pairs = type(pairs)(prompts, pairs.images_a, pairs.images_b, pairs.prob_a)
+    start = build_reward_model(prompts, TINY, seed=0)
+    original, seen = type(start).forward, []
+
+    def recording(self, images, batch_prompts, group_ids=None):
+        seen.append((images.detach().clone(), list(batch_prompts)))
+        return original(self, images, batch_prompts, group_ids)
+
+    monkeypatch.setattr(type(start), "forward", recording)
+    options = dict(epochs=1, batch_size=32, shift_pixels=0, swap_ab=False)
+    train_reward_model(pairs, _config(**options), initial=start)
+    ((plain_images, plain_prompts),) = seen
+    seen.clear()
+    train_reward_model(pairs, _config(**options, mirror_relations=True), initial=start)
+    ((images, mirrored),) = seen
+    assert sorted(plain_prompts) == sorted(prompts * 2)
+    changed = [i for i in range(32) if mirrored[i] != plain_prompts[i]]
+    assert changed and len(changed) < 32
+    assert {("right" in p, "below" in p) for p in mirrored} == {
+        (False, False),
+        (False, True),
+        (True, False),
+        (True, True),
+    }
+    for i in range(32):
+        h = "right" in mirrored[i]
+        v = "below" in mirrored[i]
+        # both images of the pair get the same flips, the ones its prompt says
+        for row in (i, i + 32):
+            expected = plain_images[row]
+            expected = expected.flip(-1) if h else expected
+            expected = expected.flip(-2) if v else expected
+            assert torch.equal(images[row], expected), (i, mirrored[i])

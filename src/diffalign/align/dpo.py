@@ -60,6 +60,7 @@ from diffalign.align.tracking import resolve_log_with
 from diffalign.diffusion.protocol import Conditioning
 from diffalign.diffusion.schedules import FLOW_TIME_DISTRIBUTIONS, training_target
 from diffalign.models.diffusers_adapters.common import AdapterConfig
+from diffalign.prefs.mirror import draw_mirrors, mirror_images, mirror_prompts
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.stored_pairs import StoredImages, StoredPairs
 
@@ -115,6 +116,12 @@ class DPOConfig:
             added to the DPO loss (as RPO, Pang et al. 2024, adds the winners' NLL) against DPO's
             tendency to raise both errors; 0 (the default) is plain Diffusion-DPO. DPO's own weight on
             err_w is 0.5 beta * sigmoid(-inside), 0.25 beta at the start.
+        mirror_relations: mirror each example at random (`diffalign.prefs.mirror`): a pair's winner
+            and loser (or a KTO image) flipped left-right with probability 0.5, with 'left'/'right'
+            exchanged in the prompt, and independently upside down, with 'above'/'below' and
+            'top'/'bottom' exchanged; the label is kept. Up to four views of every pair, for data
+            whose preferences are symmetric under mirroring once the spatial words are exchanged
+            (exactly so in the Shapes world; not for text in images or upright scenes). Off by default.
         lora_rank: 0 fine-tunes every weight; > 0 trains LoRA adapters of this rank (peft) and the
             reference is the adapters switched off.
         lora_alpha: LoRA scale numerator (0: equal to the rank).
@@ -145,6 +152,7 @@ class DPOConfig:
     flow_timesteps: str = "logit_normal"
     timestep_range: tuple[float, float] = (0.0, 1.0)
     sft_weight: float = 0.0
+    mirror_relations: bool = False
     lora_rank: int = 0
     lora_alpha: float = 0.0
     reference: str | None = None
@@ -286,15 +294,19 @@ class StepDraw:
         noise: [G, C, H, W] noise (one per pair for DPO: winner and loser share it).
         t: [G] training timesteps (shared by a pair).
         drop: [G] bool, prompt replaced by the empty prompt (shared by a pair).
+        flips: [G, 2] bool, left-right and upside-down flips (`mirror_relations`; shared by a pair),
+            or None.
     """
 
     indices: Tensor
     noise: Tensor
     t: Tensor
     drop: Tensor
+    flips: Tensor | None = None
 
     def rows(self, rows: slice) -> StepDraw:
-        return StepDraw(self.indices[rows], self.noise[rows], self.t[rows], self.drop[rows])
+        flips = None if self.flips is None else self.flips[rows]
+        return StepDraw(self.indices[rows], self.noise[rows], self.t[rows], self.drop[rows], flips)
 
 
 def draw_step(model, config: DPOConfig, n_examples: int, step: int, global_size: int) -> StepDraw:
@@ -312,7 +324,8 @@ def draw_step(model, config: DPOConfig, n_examples: int, step: int, global_size:
         t = model.schedule.sample_training_timesteps(global_size, generator=gen)
     t = restrict_timesteps(t, config.timestep_range, model)
     drop = torch.rand(global_size, generator=gen) < config.prompt_dropout
-    return StepDraw(indices, noise, t, drop)
+    flips = draw_mirrors(global_size, gen) if config.mirror_relations else None
+    return StepDraw(indices, noise, t, drop, flips)
 
 
 def restrict_timesteps(t: Tensor, timestep_range: tuple[float, float], model) -> Tensor:
@@ -361,12 +374,17 @@ def _examples(model, data: TrainingData, draw: StepDraw) -> tuple[Tensor, Condit
         "" if dropped else data.prompts[int(p)]
         for p, dropped in zip(data.prompt_index[idx].tolist(), draw.drop.tolist())
     ]
+    if draw.flips is not None:
+        prompts = mirror_prompts(prompts, draw.flips)
     with torch.no_grad():
         return idx, model.encode_prompts(prompts)
 
 
-def _latents(model, images: Tensor) -> Tensor:
-    """uint8 images -> the model's latents (the pixels for a tiny model, the frozen VAE's otherwise)."""
+def _latents(model, images: Tensor, flips: Tensor | None = None) -> Tensor:
+    """uint8 images -> the model's latents (the pixels for a tiny model, the frozen VAE's otherwise),
+    the images flipped first where `flips` says (rows of `flips` repeat over the images' rows)."""
+    if flips is not None:
+        images = mirror_images(images, flips.repeat(images.shape[0] // flips.shape[0], 1))
     with torch.no_grad():
         return model.encode(images.to(model.device).float() / 255)
 
@@ -390,7 +408,7 @@ def pair_batch(model, data: TrainingData, draw: StepDraw) -> DenoisingBatch:
     examples are taken from `data` where it is (the CPU) and only the batch moves to the model's device."""
     device = model.device
     idx, cond = _examples(model, data, draw)
-    x0 = _latents(model, torch.cat([data.images[idx], data.others[idx]]))
+    x0 = _latents(model, torch.cat([data.images[idx], data.others[idx]]), draw.flips)
     noise = draw.noise.to(device)
     t = draw.t.to(device)
     return denoising_batch(
@@ -402,7 +420,7 @@ def image_batch(model, data: TrainingData, draw: StepDraw) -> tuple[DenoisingBat
     """The KTO batch of `draw`: single images with their own noise, and their like/dislike labels."""
     device = model.device
     idx, cond = _examples(model, data, draw)
-    x0 = _latents(model, data.images[idx])
+    x0 = _latents(model, data.images[idx], draw.flips)
     batch = denoising_batch(model, x0, draw.noise.to(device), draw.t.to(device), cond)
     return batch, data.liked[idx].to(device)
 

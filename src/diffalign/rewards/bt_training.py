@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffalign.devices import resolve_device
+from diffalign.prefs.mirror import draw_mirrors, mirror_images, mirror_prompts
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.rewards.learned import LearnedReward, RewardModelConfig, build_reward_model
 
@@ -68,6 +69,12 @@ class RewardTrainConfig:
             vertical flips are not offered: positions carry meaning in this world ("left of").
         shift_pixels: translate every image by up to this many pixels (white fill), independently per
             image: object positions relative to each other are unchanged, so labels are preserved.
+        mirror_relations: mirror each training pair at random (`diffalign.prefs.mirror`): both
+            images flipped left-right with probability 0.5, with 'left' and 'right' exchanged in the
+            prompt, and (independently) upside down, with 'above'/'below' and 'top'/'bottom'
+            exchanged; the label is kept. Right where what the raters value is symmetric under
+            mirroring once the spatial words are exchanged: exactly so in the Shapes world, not in
+            every image domain (text in images, upright scenes), hence off by default.
         group_dropout: when rater-conditioned, the fraction of training pairs whose group is replaced
             by the pooled entry, so the pooled entry learns the population's preferences.
         seed: seeds the initialisation, the split, the shuffling and the augmentations.
@@ -115,6 +122,7 @@ class RewardTrainConfig:
     patience: int = 5
     swap_ab: bool = True
     shift_pixels: int = 1
+    mirror_relations: bool = False
     group_dropout: float = 0.2
     seed: int = 0
     device: str = "cpu"
@@ -500,9 +508,13 @@ def train_reward_model(
                     torch.where(swap[:, None, None, None], a, b),
                 )
                 p = torch.where(swap, 1 - p, p)
+            prompts = [train.prompts[i] for i in pos]
+            if config.mirror_relations:
+                flips = draw_mirrors(len(pos), gen)
+                a, b = mirror_images(a, flips), mirror_images(b, flips)
+                prompts = mirror_prompts(prompts, flips)
             a = shift_images(a, config.shift_pixels, gen)
             b = shift_images(b, config.shift_pixels, gen)
-            prompts = [train.prompts[i] for i in pos]
             gid = model.group_ids([group_names[i] for i in pos], len(pos))
             if gid is not None:
                 drop = (torch.rand(len(pos), generator=gen) < config.group_dropout).to(device)
