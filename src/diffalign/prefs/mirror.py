@@ -5,10 +5,11 @@ right of a square"; an upside-down flip turns "above" into "below". Where what t
 symmetric under mirroring once those words are exchanged, a pair mirrored this way keeps its label,
 so every pair gives up to four (the identity, two flips and both). That holds exactly in the Shapes
 world: GenEval's relations are read from centroids, shapes are accepted at every rotation, the panel's
-quality and taste (size, warmth, centrality) do not change under flips; on the shipped base model's
-samples the grader's verdict and the panel's utility are unchanged for every image
-(`tests/prefs/test_mirror.py`). It is not true of every image domain (text in images, upright
-scenes: sky above, ground below), so the trainers offer it as an option that is off by default.
+quality and taste (size, warmth, centrality) do not change under flips. On 600 samples of the
+shipped base model the grader's verdict and the panel's features were unchanged for every image
+(docs/reward_models.md); `tests/prefs/test_mirror.py` checks it on renderings. It is not true of
+every image domain (text in images, upright scenes: sky above, ground below), so the trainers offer
+it as an option that is off by default.
 
 Both images of a pair (and a DPO winner and its loser) always get the same flips: they share the prompt.
 """
