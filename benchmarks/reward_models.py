@@ -156,11 +156,21 @@ def main() -> None:
     )
 
     def log(tag: str):
-        return lambda r: print(
-            f"  [{tag}] epoch {r['epoch']} train {r['train_loss']:.4f} val {r['held_out_loss']:.4f} "
-            f"acc {r['held_out_accuracy']:.3f} ({r['elapsed_s']:.0f} s)",
-            flush=True,
-        )
+        def show(r: dict) -> None:
+            if "pretrain_step" in r:
+                print(
+                    f"  [{tag}] pretrain step {r['pretrain_step']} matching loss {r['matching_loss']:.4f} "
+                    f"caption matching {r['caption_matching_accuracy']:.3f} ({r['elapsed_s']:.0f} s)",
+                    flush=True,
+                )
+                return
+            print(
+                f"  [{tag}] epoch {r['epoch']} train {r['train_loss']:.4f} val {r['held_out_loss']:.4f} "
+                f"acc {r['held_out_accuracy']:.3f} ({r['elapsed_s']:.0f} s)",
+                flush=True,
+            )
+
+        return show
 
     pooled = train_reward_model(train, config, on_log=log("pooled"))
     ceiling = panel_ceiling(panel, test)

@@ -12,10 +12,13 @@ from diffalign.rewards.bt_training import (
     PreferenceDataError,
     RewardTrainConfig,
     bt_loss,
+    caption_matching_accuracy,
     evaluate_pairs,
+    pretrain_matching,
     train_reward_model,
 )
-from diffalign.rewards.learned import RewardModelConfig
+from diffalign.rewards.gold import ShapesFaithfulness
+from diffalign.rewards.learned import RewardModelConfig, build_reward_model
 from diffalign.world.dataset import DatasetConfig, ShapesGenerator
 from diffalign.world.scene import LayoutConfig
 
@@ -190,3 +193,61 @@ def test_world_caption_pretraining_runs_before_the_preferences():
     pre = train_reward_model(pairs, RewardTrainConfig(**{**vars(base), "pretrain_steps": 2}))
     x = pairs.images_a[:2].float() / 255
     assert not torch.equal(plain.model(x, pairs.prompts[:2]), pre.model(x, pairs.prompts[:2]))
+
+
+def _tiny_world_model():
+    gen = ShapesGenerator()
+    config = RewardModelConfig(channels=(8, 16), text_dim=16, hidden=16)
+    return build_reward_model([m["prompt"] for m in gen.metadata], config, seed=3).train()
+
+
+def test_pretraining_progress_is_logged_without_changing_the_weights_it_trains():
+    config = RewardTrainConfig(batch_size=8, warmup_steps=1, lr=1e-3)
+    logged, quiet, records = _tiny_world_model(), _tiny_world_model(), []
+    pretrain_matching(logged, 4, config, torch.device("cpu"), on_log=records.append, log_every=2)
+    pretrain_matching(quiet, 4, config, torch.device("cpu"))
+    for name, value in quiet.net.state_dict().items():
+        assert torch.equal(value, logged.net.state_dict()[name]), name
+    assert [r["pretrain_step"] for r in records] == [2, 4]
+    for record in records:
+        assert math.isfinite(record["matching_loss"]) and 0 <= record["caption_matching_accuracy"] <= 1
+    assert records[-1]["lr"] == pytest.approx(1e-3)  # constant after the warm-up
+    assert logged.net.training  # the probe puts the model back in training mode
+
+
+def test_cosine_pretraining_decays_the_learning_rate_like_the_preference_training():
+    config = RewardTrainConfig(batch_size=8, warmup_steps=1, lr=1e-3, min_lr_ratio=0.05, pretrain_cosine=True)
+    records = []
+    pretrain_matching(_tiny_world_model(), 4, config, torch.device("cpu"), on_log=records.append, log_every=1)
+    # step index 3 of 4, one warm-up step: progress (3 - 1) / (4 - 1) = 2/3, cos(2 pi / 3) = -1/2,
+    # factor 0.05 + 0.95 * 0.5 * (1 - 0.5) = 0.2875
+    assert [r["lr"] for r in records] == pytest.approx([1e-3, 1e-3, 1e-3 * 0.7625, 1e-3 * 0.2875])
+
+
+class _Scorer:
+    """Stands in for a LearnedReward in the probe: scores with a given function of (images, prompts)."""
+
+    def __init__(self, score):
+        self.net = torch.nn.Module()
+        self.config = RewardModelConfig()
+        self.device = torch.device("cpu")
+        self.score = score
+
+    def eval(self):
+        self.net.eval()
+        return self
+
+    def train(self, mode=True):
+        self.net.train(mode)
+        return self
+
+    def forward(self, images, prompts):
+        return self.score(images, prompts)
+
+
+def test_caption_matching_probe_is_chance_for_a_constant_and_high_for_the_grader():
+    constant = _Scorer(lambda images, prompts: torch.zeros(len(prompts)))
+    assert caption_matching_accuracy(constant, pairs=128) == 0.5  # every pair a tie, counted half
+    grader = ShapesFaithfulness(partial=True)
+    gold = _Scorer(lambda images, prompts: grader((images * 255).round().to(torch.uint8), prompts))
+    assert caption_matching_accuracy(gold, pairs=128) > 0.9

@@ -86,9 +86,9 @@ def test_shared_pretraining_runs_once_and_every_member_starts_from_it(monkeypatc
     calls, starts = [], []
     real_pretrain = bt.pretrain_matching
 
-    def counting_pretrain(model, steps, config, device):
+    def counting_pretrain(model, steps, config, device, **kwargs):
         calls.append(steps)
-        real_pretrain(model, steps, config, device)
+        real_pretrain(model, steps, config, device, **kwargs)
 
     real_train = bt.train_reward_model
 

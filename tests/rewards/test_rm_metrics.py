@@ -204,6 +204,7 @@ def test_cli_curve_and_world_pretraining(tmp_path):
         "cpu",
     )
     assert result.exit_code == 0, result.output
+    assert "pretrain step     2  matching loss" in result.output and "caption matching" in result.output
     wide = tmp_path / "wide"
     result = _cli(
         "train",
@@ -226,6 +227,7 @@ def test_cli_curve_and_world_pretraining(tmp_path):
         "cpu",
     )
     assert result.exit_code == 0, result.output
+    assert result.output.count("pretrain step") == 1  # pretrained once, for both members
     saved = json.loads((wide / "train.json").read_text())
     assert saved["ensemble"] == 2 and saved["shared_pretraining"] is True
     assert saved["model"]["channels"] == [8, 16, 32]

@@ -108,6 +108,12 @@ def train_cmd(
 
     def log(record: dict, member: int | None = None) -> None:
         who = "" if member is None else f"member {member}  "
+        if "pretrain_step" in record:
+            console.print(
+                f"{who}pretrain step {record['pretrain_step']:>5}  matching loss "
+                f"{record['matching_loss']:.4f}  caption matching {record['caption_matching_accuracy']:.3f}"
+            )
+            return
         held = record["held_out_accuracy"]
         extra = "" if held is None else f"  held-out loss {record['held_out_loss']:.4f}  acc {held:.3f}"
         console.print(f"{who}epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f}{extra}")

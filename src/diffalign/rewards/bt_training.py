@@ -85,6 +85,9 @@ class RewardTrainConfig:
             rendering of another prompt (`pretrain_matching`). It teaches the encoders what the
             words look like from the world's captioned renderings, as real reward models start from
             CLIP or BLIP; it never sees a rater's label.
+        pretrain_cosine: decay the pretraining learning rate after its warm-up by a cosine to
+            `min_lr_ratio` x lr over the `pretrain_steps` (as the preference training does) instead
+            of keeping it constant at lr.
         pretrain_degrade: strength of the random degradation of the pretraining renderings (and of
             the `matching_weight` batches): each image is blurred by a Gaussian of standard deviation
             uniform in [0, 1.5 x pretrain_degrade] pixels and gets pixel noise of standard deviation
@@ -129,6 +132,7 @@ class RewardTrainConfig:
     eval_batch_size: int = 256
     pretrain_steps: int = 0
     pretrain_degrade: float = 0.0
+    pretrain_cosine: bool = False
     freeze_encoder_epochs: int = 0
     ema_decay: float = 0.0
     matching_weight: float = 0.0
@@ -375,10 +379,16 @@ def matching_loss(model: LearnedReward, batch: tuple[Tensor, Tensor, list[str], 
 
 
 def pretrain_matching(
-    model: LearnedReward, steps: int, config: RewardTrainConfig, device: torch.device
+    model: LearnedReward,
+    steps: int,
+    config: RewardTrainConfig,
+    device: torch.device,
+    on_log: Callable[[dict], None] | None = None,
+    log_every: int = 250,
 ) -> None:
     """World-caption pretraining: BT batches preferring the prompt's rendered scene to another prompt's
-    scene (same constant learning rate schedule as `config`, its own optimiser; seeded).
+    scene (the warm-up of `config`, then a constant learning rate, or a cosine decay with
+    `config.pretrain_cosine`; its own optimiser; seeded).
 
     Half of the other prompts are near misses of the prompt: prompts of the same GenEval task that
     differ from it in one or two words ("three circles" against "two circles", "a red circle left of a
@@ -386,19 +396,64 @@ def pretrain_matching(
     relations and attribute binding, which a random other prompt (usually different colours and shapes)
     rarely does: the pairs of a preference set show two images of the same prompt, which differ in
     exactly such details.
+
+    `on_log`, when given, is called every `log_every` steps and after the last one with
+    {"pretrain_step", "matching_loss" (the mean over the steps since the last call), "lr",
+    "elapsed_s", "caption_matching_accuracy" (`caption_matching_accuracy` on 1,024 fresh pairs)}.
+    The probe draws from its own generator, so logging does not change the weights trained.
     """
     model.to(device)
     batches = MatchingBatches(config.seed + 2, config.model.image_size, config.pretrain_degrade)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    running, counted, start_time = 0.0, 0, time.time()
     for step in range(steps):
+        if config.pretrain_cosine:
+            factor = _lr_factor(step, steps, config)
+        else:
+            factor = min(1.0, (step + 1) / max(1, config.warmup_steps))
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+            group["lr"] = config.lr * factor
         loss = matching_loss(model, batches.next(config.batch_size))
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteLossError(
+                f"world-caption pretraining: the loss became {float(loss.detach())} at step {step}; "
+                f"lower lr (now {config.lr})"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
+        running, counted = running + float(loss.detach()), counted + 1
+        if on_log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
+            on_log(
+                {
+                    "pretrain_step": step + 1,
+                    "matching_loss": running / counted,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "elapsed_s": time.time() - start_time,
+                    "caption_matching_accuracy": caption_matching_accuracy(model),
+                }
+            )
+            running, counted = 0.0, 0
+
+
+@torch.no_grad()
+def caption_matching_accuracy(model: LearnedReward, pairs: int = 1024, seed: int = 12345) -> float:
+    """The share of fresh world-caption matching pairs (`MatchingBatches`, clean renderings, half of the
+    other prompts near misses) on which `model` scores the prompt's own rendering higher (equal scores
+    count half); pairs whose other prompt is the prompt itself are left out. A probe of what
+    pretraining has taught: a model that reads counts, relations and attribute binding approaches 1,
+    chance is 0.5."""
+    was_training = model.net.training
+    model.eval()
+    good, bad, prompts, prob = MatchingBatches(seed, model.config.image_size).next(pairs)
+    device = model.device
+    r_good = model.forward(good.to(device), prompts)
+    r_bad = model.forward(bad.to(device), prompts)
+    model.train(was_training)
+    wins = ((r_good > r_bad).float() + 0.5 * (r_good == r_bad).float()).cpu()
+    return float(wins[prob > 0.5].mean())
 
 
 def initial_model(
@@ -407,9 +462,11 @@ def initial_model(
     *,
     rater_conditioned: bool = False,
     name: str = "learned",
+    on_log: Callable[[dict], None] | None = None,
 ) -> LearnedReward:
     """A new reward model for `pairs` (its vocabulary from their prompts; one reward per rater group
-    seen in them with `rater_conditioned`), world-caption pretrained for `config.pretrain_steps`."""
+    seen in them with `rater_conditioned`), world-caption pretrained for `config.pretrain_steps`
+    (`on_log` receives the pretraining's progress records, `pretrain_matching`)."""
     model_config = copy.deepcopy(config.model)
     if rater_conditioned:
         model_config.groups = sorted({g for g in pairs.groups if g is not None})
@@ -421,7 +478,7 @@ def initial_model(
     model = build_reward_model(pairs.prompts, model_config, seed=config.seed, name=name).to(device)
     model.train()
     if config.pretrain_steps > 0:
-        pretrain_matching(model, config.pretrain_steps, config, device)
+        pretrain_matching(model, config.pretrain_steps, config, device, on_log=on_log)
     return model
 
 
@@ -443,7 +500,9 @@ def train_reward_model(
         rater_conditioned: learn one reward per rater group (the groups seen in the training pairs)
             plus a pooled reward; pairs without a group train the pooled entry.
         held_out: explicit held-out pairs (otherwise `config.held_out_fraction` of `pairs`, seeded).
-        on_log: called with each epoch's history record.
+        on_log: called with each epoch's history record, and while `config.pretrain_steps` run,
+            with the pretraining's progress records (`pretrain_matching`: they hold "pretrain_step"
+            instead of "epoch").
         name: the reward's name.
         initial: start from a copy of this model (e.g. one pretrained once for all the members of an
             ensemble, `initial_model`) instead of building and pretraining a new one.
@@ -464,7 +523,7 @@ def train_reward_model(
         held = None
 
     if initial is None:
-        model = initial_model(train, config, rater_conditioned=rater_conditioned, name=name)
+        model = initial_model(train, config, rater_conditioned=rater_conditioned, name=name, on_log=on_log)
     else:
         model = copy.deepcopy(initial).to(device)
         model.name = name

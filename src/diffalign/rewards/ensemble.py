@@ -152,7 +152,7 @@ def train_ensemble(
     rater_conditioned: bool = False,
     held_out: PreferencePairs | None = None,
     bootstrap: bool = True,
-    on_log: Callable[[int, dict], None] | None = None,
+    on_log: Callable[[int | None, dict], None] | None = None,
     shared_pretraining: bool = False,
 ) -> tuple[RewardEnsemble, list[TrainResult]]:
     """Train k members (seeds seed, seed+1, ...; each on a bootstrap resample of the training pairs).
@@ -161,7 +161,9 @@ def train_ensemble(
     so every member early-stops on the same data and none of it is trained on. With
     `shared_pretraining`, the world-caption pretraining (`config.pretrain_steps`) runs once and every
     member fine-tunes a copy of that model on its resample: k times cheaper, and the members then
-    differ by their data and batch order only, not by their initialisation.
+    differ by their data and batch order only, not by their initialisation. `on_log(member, record)`
+    receives each member's records (`train_reward_model`); the shared pretraining's records come
+    with member None.
     """
     if k < 1:
         raise ValueError(f"an ensemble needs k >= 1 members, got {k}")
@@ -172,7 +174,13 @@ def train_ensemble(
         train, held_out = pairs.split(config.held_out_fraction, seed=config.seed)
     shared = None
     if shared_pretraining and config.pretrain_steps > 0:
-        shared = initial_model(train, config, rater_conditioned=rater_conditioned, name="pretrained")
+        shared = initial_model(
+            train,
+            config,
+            rater_conditioned=rater_conditioned,
+            name="pretrained",
+            on_log=None if on_log is None else (lambda record: on_log(None, record)),
+        )
     results = []
     for i in range(k):
         member_train = train
