@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "dpo_streaming.py"
+from tests.benchmarks.helpers import load_benchmark
 
 
 def test_streaming_benchmark_measures_reading_and_training(tmp_path):
-    spec = importlib.util.spec_from_file_location("dpo_streaming", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("dpo_streaming")
     torch.set_num_threads(1)
     results = module.main(
         [

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "plot_curves.py"
+from tests.benchmarks.helpers import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("plot_curves", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("plot_curves")
 
 
 def _files(tmp_path: Path) -> tuple[Path, Path]:

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from diffalign.world.dataset import ShapesGenerator
 from diffalign.world.raters import RaterPanel
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "win_rate_scale.py"
+from tests.benchmarks.helpers import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("win_rate_scale", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("win_rate_scale")
 
 
 def _samples(prompts_count=12, per_prompt=8, seed=0):
