@@ -251,3 +251,17 @@ def test_caption_matching_probe_is_chance_for_a_constant_and_high_for_the_grader
     grader = ShapesFaithfulness(partial=True)
     gold = _Scorer(lambda images, prompts: grader((images * 255).round().to(torch.uint8), prompts))
     assert caption_matching_accuracy(gold, pairs=128) > 0.9
+
+
+def test_a_non_finite_pretraining_loss_stops_with_the_step(monkeypatch):
+    import diffalign.rewards.bt_training as bt
+
+    real, calls = bt.matching_loss, []
+
+    def loss_then_nan(model, batch):  # the third step's loss is NaN
+        calls.append(1)
+        return real(model, batch) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(bt, "matching_loss", loss_then_nan)
+    with pytest.raises(NonFiniteLossError, match=r"pretraining.*at step 2;"):
+        pretrain_matching(_tiny_world_model(), 5, RewardTrainConfig(batch_size=4), torch.device("cpu"))

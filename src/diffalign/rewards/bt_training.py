@@ -85,15 +85,15 @@ class RewardTrainConfig:
             rendering of another prompt (`pretrain_matching`). It teaches the encoders what the
             words look like from the world's captioned renderings, as real reward models start from
             CLIP or BLIP; it never sees a rater's label.
-        pretrain_cosine: decay the pretraining learning rate after its warm-up by a cosine to
-            `min_lr_ratio` x lr over the `pretrain_steps` (as the preference training does) instead
-            of keeping it constant at lr.
         pretrain_degrade: strength of the random degradation of the pretraining renderings (and of
             the `matching_weight` batches): each image is blurred by a Gaussian of standard deviation
             uniform in [0, 1.5 x pretrain_degrade] pixels and gets pixel noise of standard deviation
             uniform in [0, 0.1 x pretrain_degrade], so that what the encoders learn from clean
             renderings carries over to a diffusion model's imperfect samples (domain randomisation,
             Tobin et al. 2017). 0: clean renderings.
+        pretrain_cosine: decay the pretraining learning rate after its warm-up by a cosine to
+            `min_lr_ratio` x lr over the `pretrain_steps` (as the preference training does) instead
+            of keeping it constant at lr.
         freeze_encoder_epochs: for this many epochs at the start of the preference training, only
             the head (`image_proj`, `fuse`, `out`, the group table) is trained; the prompt encoder and
             the conv stages (FiLM included) stay frozen, then everything trains (0: never frozen; a
