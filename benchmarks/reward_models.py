@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from diffalign.align.config_io import load_config
 from diffalign.prefs.pairs import PreferencePairs
-from diffalign.rewards.bt_training import RewardTrainConfig, train_reward_model
+from diffalign.rewards.bt_training import RewardTrainConfig, describe_pretraining, train_reward_model
 from diffalign.rewards.ensemble import train_ensemble
 from diffalign.rewards.rm_metrics import (
     data_scarcity_curve,
@@ -158,11 +158,7 @@ def main() -> None:
     def log(tag: str):
         def show(r: dict) -> None:
             if "pretrain_step" in r:
-                print(
-                    f"  [{tag}] pretrain step {r['pretrain_step']} matching loss {r['matching_loss']:.4f} "
-                    f"caption matching {r['caption_matching_accuracy']:.3f} ({r['elapsed_s']:.0f} s)",
-                    flush=True,
-                )
+                print(f"  [{tag}] {describe_pretraining(r)} ({r['elapsed_s']:.0f} s)", flush=True)
                 return
             print(
                 f"  [{tag}] epoch {r['epoch']} train {r['train_loss']:.4f} val {r['held_out_loss']:.4f} "

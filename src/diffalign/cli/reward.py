@@ -82,6 +82,7 @@ def train_cmd(
         NonFiniteLossError,
         PreferenceDataError,
         RewardTrainConfig,
+        describe_pretraining,
         train_reward_model,
     )
     from diffalign.rewards.ensemble import train_ensemble
@@ -109,10 +110,7 @@ def train_cmd(
     def log(record: dict, member: int | None = None) -> None:
         who = "" if member is None else f"member {member}  "
         if "pretrain_step" in record:
-            console.print(
-                f"{who}pretrain step {record['pretrain_step']:>5}  matching loss "
-                f"{record['matching_loss']:.4f}  caption matching {record['caption_matching_accuracy']:.3f}"
-            )
+            console.print(f"{who}{describe_pretraining(record)}")
             return
         held = record["held_out_accuracy"]
         extra = "" if held is None else f"  held-out loss {record['held_out_loss']:.4f}  acc {held:.3f}"

@@ -438,6 +438,14 @@ def pretrain_matching(
             running, counted = 0.0, 0
 
 
+def describe_pretraining(record: dict) -> str:
+    """One line for a `pretrain_matching` progress record (printed by the CLI and the benchmark)."""
+    return (
+        f"pretrain step {record['pretrain_step']:>5}  matching loss {record['matching_loss']:.4f}  "
+        f"caption matching {record['caption_matching_accuracy']:.3f}"
+    )
+
+
 @torch.no_grad()
 def caption_matching_accuracy(model: LearnedReward, pairs: int = 1024, seed: int = 12345) -> float:
     """The share of fresh world-caption matching pairs (`MatchingBatches`, clean renderings, half of the
