@@ -29,7 +29,12 @@ import torch.nn.functional as F
 
 from diffalign.align.config_io import load_config
 from diffalign.prefs.pairs import PreferencePairs
-from diffalign.rewards.bt_training import RewardTrainConfig, describe_pretraining, train_reward_model
+from diffalign.rewards.bt_training import (
+    RewardTrainConfig,
+    describe_pretraining,
+    initial_model,
+    train_reward_model,
+)
 from diffalign.rewards.ensemble import train_ensemble
 from diffalign.rewards.rm_metrics import (
     data_scarcity_curve,
@@ -123,6 +128,16 @@ def main() -> None:
         help="Pretrain once and fine-tune every ensemble member from that model.",
     )
     parser.add_argument(
+        "--no-bootstrap",
+        action="store_true",
+        help="Fit every ensemble member on all the training pairs instead of a bootstrap resample.",
+    )
+    parser.add_argument(
+        "--skip-conditioned",
+        action="store_true",
+        help="Leave out the rater-conditioned model and its disagreement-pair comparison.",
+    )
+    parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -168,7 +183,12 @@ def main() -> None:
 
         return show
 
-    pooled = train_reward_model(train, config, on_log=log("pooled"))
+    # With --shared-pretraining the pooled model and every ensemble member start from one pretraining.
+    pretrained = None
+    if args.shared_pretraining and config.pretrain_steps > 0:
+        fit, _ = train.split(config.held_out_fraction, seed=config.seed)
+        pretrained = initial_model(fit, config, on_log=log("pretraining"))
+    pooled = train_reward_model(train, config, on_log=log("pooled"), initial=pretrained)
     ceiling = panel_ceiling(panel, test)
 
     def gold(images, prompts):
@@ -184,19 +204,32 @@ def main() -> None:
 
     ensemble_report = None
     if args.ensemble > 1:
-        ensemble, _ = train_ensemble(train, args.ensemble, config, shared_pretraining=args.shared_pretraining)
+        ensemble, members = train_ensemble(
+            train,
+            args.ensemble,
+            config,
+            shared_pretraining=args.shared_pretraining,
+            initial=pretrained,
+            bootstrap=not args.no_bootstrap,
+        )
         ensemble_report = evaluate_reward(ensemble, test, gold=gold, ceiling=ceiling)
-        print(f"ensemble of {args.ensemble}: accuracy {ensemble_report['accuracy']:.3f}", flush=True)
+        ensemble_report["members"] = [pairwise_accuracy(*_margin(m.model, test))["accuracy"] for m in members]
+        print(
+            f"ensemble of {args.ensemble}: accuracy {ensemble_report['accuracy']:.3f} "
+            f"(members {', '.join(f'{a:.3f}' for a in ensemble_report['members'])})",
+            flush=True,
+        )
 
-    conditioned = train_reward_model(train, config, rater_conditioned=True, on_log=log("conditioned"))
     disagree = disagreement_subset(panel, test)
-    split = {}
-    for name, model in (("pooled", pooled.model), ("conditioned", conditioned.model)):
-        ra, rb = reward_margins(model, disagree)
-        split[name] = pairwise_accuracy(ra - rb, disagree.prob_a)
-    cond_all = evaluate_reward(conditioned.model, test)
-    oracle_dis = panel_ceiling(panel, disagree)
-    print(f"disagreement pairs: {split}", flush=True)
+    split, cond_all, oracle_dis = {}, None, None
+    if not args.skip_conditioned:
+        conditioned = train_reward_model(train, config, rater_conditioned=True, on_log=log("conditioned"))
+        for name, model in (("pooled", pooled.model), ("conditioned", conditioned.model)):
+            ra, rb = reward_margins(model, disagree)
+            split[name] = pairwise_accuracy(ra - rb, disagree.prob_a)
+        cond_all = evaluate_reward(conditioned.model, test)
+        oracle_dis = panel_ceiling(panel, disagree)
+        print(f"disagreement pairs: {split}", flush=True)
 
     curve = [{"size": len(train), **pairwise_accuracy(*_margin(pooled.model, test)), "epochs": args.epochs}]
     sizes = [s for s in args.sizes if s < len(train)]
@@ -235,6 +268,8 @@ def main() -> None:
         f"--train-pairs {args.train_pairs} --test-pairs {args.test_pairs} --epochs {args.epochs} "
         f"--pretrain-steps {args.pretrain_steps} --ensemble {args.ensemble}"
         + (" --shared-pretraining" if args.shared_pretraining else "")
+        + (" --no-bootstrap" if args.no_bootstrap else "")
+        + (" --skip-conditioned" if args.skip_conditioned else "")
         + "".join(f" --set {o}" for o in args.overrides),
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
@@ -271,10 +306,17 @@ def markdown(r: dict) -> str:
             if r.get("ensemble")
             else []
         ),
-        f"| conditioned held-out accuracy (own group) | {r['conditioned_all']['accuracy']:.3f} |",
-        f"| disagreement pairs: pooled | {r['disagreement']['pooled']['accuracy']:.3f} |",
-        f"| disagreement pairs: conditioned | {r['disagreement']['conditioned']['accuracy']:.3f} |",
-        f"| disagreement pairs: oracle told the group | {r['disagreement_ceiling']['oracle_by_group']:.3f} |",
+        *(
+            [
+                f"| conditioned held-out accuracy (own group) | {r['conditioned_all']['accuracy']:.3f} |",
+                f"| disagreement pairs: pooled | {r['disagreement']['pooled']['accuracy']:.3f} |",
+                f"| disagreement pairs: conditioned | {r['disagreement']['conditioned']['accuracy']:.3f} |",
+                "| disagreement pairs: oracle told the group | "
+                f"{r['disagreement_ceiling']['oracle_by_group']:.3f} |",
+            ]
+            if r.get("conditioned_all")
+            else []
+        ),
         "",
         "| train pairs | held-out accuracy (95% CI) |",
         "|---|---|",

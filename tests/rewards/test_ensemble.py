@@ -20,6 +20,14 @@ torch.set_num_threads(1)
 PROMPTS = ["a red circle", "a blue square", "two triangles", "a circle left of a square"]
 
 
+def _random_pairs(n: int, seed: int) -> PreferencePairs:
+    """n pairs of random images for one prompt, alternately preferring a and b."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    b = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return PreferencePairs(["a red circle"] * n, a, b, (torch.arange(n) % 2).float())
+
+
 def _members(seeds):
     return [build_reward_model(PROMPTS, seed=s) for s in seeds]
 
@@ -101,11 +109,8 @@ def test_shared_pretraining_runs_once_and_every_member_starts_from_it(monkeypatc
 
     monkeypatch.setattr(bt, "pretrain_matching", counting_pretrain)
     monkeypatch.setattr("diffalign.rewards.ensemble.train_reward_model", recording_train)
-    g = torch.Generator().manual_seed(1)
-    n = 24
-    a = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    b = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    pairs = PreferencePairs(["a red circle"] * n, a, b, (torch.arange(n) % 2).float())
+    pairs = _random_pairs(24, seed=1)
+    a = pairs.images_a
     config = RewardTrainConfig(epochs=1, batch_size=8, held_out_fraction=0.25, pretrain_steps=2)
     ens, _ = train_ensemble(pairs, 3, config, shared_pretraining=True)
     assert calls == [2]  # one pretraining for three members
@@ -119,3 +124,26 @@ def test_shared_pretraining_runs_once_and_every_member_starts_from_it(monkeypatc
     calls.clear()
     train_ensemble(pairs, 2, config)  # without sharing: each member pretrains
     assert calls == [2, 2]
+
+
+def test_members_without_bootstrap_fit_every_pair_from_the_given_start():
+    from dataclasses import replace
+
+    from diffalign.rewards.bt_training import train_reward_model
+
+    pairs = _random_pairs(24, seed=3)
+    a = pairs.images_a
+    config = RewardTrainConfig(epochs=2, batch_size=8, held_out_fraction=0.25, patience=0)
+    start = build_reward_model(pairs.prompts, seed=9)
+    ens, results = train_ensemble(pairs, 2, config, bootstrap=False, initial=start)
+    fit, held = pairs.split(config.held_out_fraction, seed=config.seed)
+    x = a[:6].float() / 255
+    for i, member in enumerate(ens.members):
+        # member i = one model fitted on all the (non-held-out) pairs with seed + i, from `start`
+        alone = train_reward_model(fit, replace(config, seed=config.seed + i), held_out=held, initial=start)
+        assert torch.equal(member(x, ["a red circle"] * 6), alone.model(x, ["a red circle"] * 6))
+        assert sorted(results[i].held_out.keys) == sorted(held.keys)
+    assert not torch.equal(ens.members[0](x, ["a red circle"] * 6), ens.members[1](x, ["a red circle"] * 6))
+    # the start is copied, not trained in place
+    fresh = build_reward_model(pairs.prompts, seed=9)
+    assert torch.equal(start(x, ["a red circle"] * 6), fresh(x, ["a red circle"] * 6))

@@ -218,3 +218,20 @@ def test_mirror_relations_trains_on_mirrored_pairs_with_the_words_exchanged(monk
             expected = expected.flip(-1) if h else expected
             expected = expected.flip(-2) if v else expected
             assert torch.equal(images[row], expected), (i, mirrored[i])
+
+
+def test_pretrain_counterfactual_pairs_hold_the_prompts_own_objects_and_fail_it():
+    from diffalign.world.dataset import ShapesGenerator
+    from diffalign.world.geneval import score_image
+
+    plain = MatchingBatches(0, 32).next(16)
+    off = MatchingBatches(0, 32, counterfactual=0.0).next(16)
+    assert all(torch.equal(a, b) for a, b in zip(plain[:2] + plain[3:], off[:2] + off[3:]))  # same stream
+    good, bad, prompts, prob = MatchingBatches(0, 32, counterfactual=1.0).next(16)
+    assert prompts == plain[2] and torch.equal(good, plain[0])  # positives unchanged
+    assert torch.equal(prob, torch.ones(16))
+    meta = {m["prompt"]: m for m in ShapesGenerator().metadata}
+    assert not any(score_image(bad[k], meta[p]).correct for k, p in enumerate(prompts))
+    assert all(score_image(good[k], meta[p]).correct for k, p in enumerate(prompts))
+    with pytest.raises(ValueError, match="pretrain_counterfactual"):
+        RewardTrainConfig(pretrain_counterfactual=1.5)

@@ -177,6 +177,12 @@ def test_cli_train_then_eval_on_the_held_out_split(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert (ens / "ensemble.json").is_file()
+    assert json.loads((ens / "train.json").read_text())["bootstrap"] is True
+    whole = tmp_path / "whole"
+    args = ["train", "--store", store, "--out", whole, "--ensemble", "2", "--epochs", "1", "--no-bootstrap"]
+    result = _cli(*args, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert json.loads((whole / "train.json").read_text())["bootstrap"] is False
 
 
 def test_cli_curve_and_world_pretraining(tmp_path):

@@ -52,7 +52,9 @@ def train_cmd(
     rater_conditioned: Annotated[
         bool, typer.Option(help="Learn one reward per rater group plus a pooled one.")
     ] = False,
-    ensemble: Annotated[int, typer.Option(help="Train K members on bootstrap resamples (1: one model).")] = 1,
+    ensemble: Annotated[
+        int, typer.Option(help="Train K members (bootstrap resamples unless --no-bootstrap; 1: one model).")
+    ] = 1,
     epochs: int = 30,
     batch_size: int = 64,
     lr: float = 1e-3,
@@ -68,6 +70,10 @@ def train_cmd(
     shared_pretraining: Annotated[
         bool, typer.Option(help="With --ensemble and --pretrain-steps: pretrain once for all members.")
     ] = False,
+    bootstrap: Annotated[
+        bool,
+        typer.Option(help="With --ensemble: fit each member on a bootstrap resample (else on every pair)."),
+    ] = True,
     overrides: Annotated[
         list[str] | None,
         typer.Option(
@@ -128,6 +134,7 @@ def train_cmd(
                 rater_conditioned=rater_conditioned,
                 on_log=lambda i, r: log(r, i),
                 shared_pretraining=shared_pretraining,
+                bootstrap=bootstrap,
             )
     except (PreferenceDataError, NonFiniteLossError) as err:
         fail(str(err))
@@ -147,6 +154,7 @@ def train_cmd(
                 "config": {k: v for k, v in vars(config).items() if k != "model"},
                 "model": dataclasses.asdict(config.model),
                 "shared_pretraining": shared_pretraining,
+                "bootstrap": bootstrap,
                 "history": [r.history for r in results],
                 "best_epoch": [r.best_epoch for r in results],
             },

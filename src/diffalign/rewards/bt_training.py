@@ -36,6 +36,7 @@ from diffalign.devices import resolve_device
 from diffalign.prefs.mirror import draw_mirrors, mirror_images, mirror_prompts
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.rewards.learned import LearnedReward, RewardModelConfig, build_reward_model
+from diffalign.world.counterfactual import counterfactual_scenes
 
 
 class PreferenceDataError(ValueError):
@@ -91,6 +92,12 @@ class RewardTrainConfig:
             uniform in [0, 0.1 x pretrain_degrade], so that what the encoders learn from clean
             renderings carries over to a diffusion model's imperfect samples (domain randomisation,
             Tobin et al. 2017). 0: clean renderings.
+        pretrain_counterfactual: the fraction of the pretraining (and `matching_weight`) pairs whose
+            other image is the prompt's own scene edited to fail it (`diffalign.world.counterfactual`:
+            the relation broken, colours exchanged between the objects, one object removed, ...)
+            instead of another prompt's scene: hard negatives in the manner of NegCLIP, which hold
+            the same objects and differ only in the detail the prompt fixes, as the two images of a
+            preference pair usually do. 0: none (the other prompt's scene, half of them near misses).
         pretrain_cosine: decay the pretraining learning rate after its warm-up by a cosine to
             `min_lr_ratio` x lr over the `pretrain_steps` (as the preference training does) instead
             of keeping it constant at lr.
@@ -132,6 +139,7 @@ class RewardTrainConfig:
     eval_batch_size: int = 256
     pretrain_steps: int = 0
     pretrain_degrade: float = 0.0
+    pretrain_counterfactual: float = 0.0
     pretrain_cosine: bool = False
     freeze_encoder_epochs: int = 0
     ema_decay: float = 0.0
@@ -149,6 +157,8 @@ class RewardTrainConfig:
             raise ValueError(f"held_out_fraction must be in [0, 1), got {self.held_out_fraction}")
         if not 0.0 <= self.group_dropout <= 1.0:
             raise ValueError(f"group_dropout must be in [0, 1], got {self.group_dropout}")
+        if not 0 <= self.pretrain_counterfactual <= 1:
+            raise ValueError(f"pretrain_counterfactual must be in [0, 1], got {self.pretrain_counterfactual}")
         if self.pretrain_degrade < 0:
             raise ValueError(f"pretrain_degrade must be >= 0, got {self.pretrain_degrade}")
         if self.freeze_encoder_epochs < 0:
@@ -324,13 +334,15 @@ class MatchingBatches:
     (`near_miss_prompts`); p = 0.5 where the other prompt happens to be the same one. With `degrade`
     > 0 every image is blurred and noised at random (`degrade_images`)."""
 
-    def __init__(self, seed: int, image_size: int, degrade: float = 0.0) -> None:
+    def __init__(self, seed: int, image_size: int, degrade: float = 0.0, counterfactual: float = 0.0) -> None:
         from diffalign.world.dataset import ShapesGenerator
 
         self.world = ShapesGenerator()
         self.gen = torch.Generator().manual_seed(seed)
         self.size = image_size
         self.degrade = degrade
+        self.counterfactual = counterfactual
+        self.tags = [m["tag"] for m in self.world.metadata]
         meta = self.world.metadata
         self.near = near_miss_prompts([m["prompt"] for m in meta], [m["tag"] for m in meta])
 
@@ -343,12 +355,25 @@ class MatchingBatches:
         for k in near.nonzero().flatten().tolist():
             pool = self.near[int(ids[k])]
             other[k] = pool[torch.randint(len(pool), (1,), generator=gen)]
-        good = F.interpolate(world.render(world.scenes_for(ids, gen)), size=(size, size), mode="bilinear")
-        bad = F.interpolate(world.render(world.scenes_for(other, gen)), size=(size, size), mode="bilinear")
+        good_scenes = world.scenes_for(ids, gen)
+        bad_scenes = world.scenes_for(other, gen)
+        prob = 1 - 0.5 * (ids == other).float()
+        if self.counterfactual > 0:
+            # Drawn after the rest, so that counterfactual=0 keeps the batches of earlier versions.
+            edit = (torch.rand(batch_size, generator=gen) < self.counterfactual).nonzero().flatten()
+            if len(edit):
+                edited = counterfactual_scenes(
+                    good_scenes.select(edit), ids[edit], self.tags, world.template, world.config.layout, gen
+                )
+                for field in ("shape", "color", "x", "y", "size", "rotation"):
+                    getattr(bad_scenes, field)[edit] = getattr(edited, field)
+                prob[edit] = 1.0
+        good = F.interpolate(world.render(good_scenes), size=(size, size), mode="bilinear")
+        bad = F.interpolate(world.render(bad_scenes), size=(size, size), mode="bilinear")
         prompts = [world.metadata[i]["prompt"] for i in ids.tolist()]
         if self.degrade > 0:
             good, bad = degrade_images(good, self.degrade, gen), degrade_images(bad, self.degrade, gen)
-        return good, bad, prompts, 1 - 0.5 * (ids == other).float()
+        return good, bad, prompts, prob
 
 
 def degrade_images(images: Tensor, strength: float, generator: torch.Generator) -> Tensor:
@@ -403,7 +428,9 @@ def pretrain_matching(
     The probe draws from its own generator, so logging does not change the weights trained.
     """
     model.to(device)
-    batches = MatchingBatches(config.seed + 2, config.model.image_size, config.pretrain_degrade)
+    batches = MatchingBatches(
+        config.seed + 2, config.model.image_size, config.pretrain_degrade, config.pretrain_counterfactual
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     running, counted, start_time = 0.0, 0, time.time()
     for step in range(steps):
@@ -544,7 +571,9 @@ def train_reward_model(
     ema = WeightEMA(model.net, config.ema_decay) if config.ema_decay > 0 else None
     matching = None
     if config.matching_weight > 0:
-        matching = MatchingBatches(config.seed + 3, model.config.image_size, config.pretrain_degrade)
+        matching = MatchingBatches(
+            config.seed + 3, model.config.image_size, config.pretrain_degrade, config.pretrain_counterfactual
+        )
     n = len(train)
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * config.epochs
