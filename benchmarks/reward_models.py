@@ -301,7 +301,9 @@ def markdown(r: dict) -> str:
             [
                 f"| ensemble of {r['ensemble_members']} held-out accuracy (95% CI) | "
                 f"{r['ensemble']['accuracy']:.3f} "
-                f"[{r['ensemble']['ci95'][0]:.3f}, {r['ensemble']['ci95'][1]:.3f}] |"
+                f"[{r['ensemble']['ci95'][0]:.3f}, {r['ensemble']['ci95'][1]:.3f}] |",
+                f"| ensemble's gap to two-rater agreement (points) | "
+                f"{100 * (c['two_rater'] - r['ensemble']['accuracy']):.1f} |",
             ]
             if r.get("ensemble")
             else []
