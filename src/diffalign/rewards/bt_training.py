@@ -331,8 +331,10 @@ def near_miss_prompts(prompts: list[str], tags: list[str], max_words: int = 2) -
 class MatchingBatches:
     """Seeded batches of world-caption matching pairs: a prompt, a rendering of its scene (preferred)
     and a rendering of another prompt's scene, half of the other prompts near misses of the prompt
-    (`near_miss_prompts`); p = 0.5 where the other prompt happens to be the same one. With `degrade`
-    > 0 every image is blurred and noised at random (`degrade_images`)."""
+    (`near_miss_prompts`); p = 0.5 where the other prompt happens to be the same one. With
+    `counterfactual` > 0 that fraction of the other images is instead the prompt's own scene edited to
+    fail it (`diffalign.world.counterfactual`; p = 1). With `degrade` > 0 every image is blurred and
+    noised at random (`degrade_images`)."""
 
     def __init__(self, seed: int, image_size: int, degrade: float = 0.0, counterfactual: float = 0.0) -> None:
         from diffalign.world.dataset import ShapesGenerator
@@ -343,8 +345,7 @@ class MatchingBatches:
         self.degrade = degrade
         self.counterfactual = counterfactual
         self.tags = [m["tag"] for m in self.world.metadata]
-        meta = self.world.metadata
-        self.near = near_miss_prompts([m["prompt"] for m in meta], [m["tag"] for m in meta])
+        self.near = near_miss_prompts([m["prompt"] for m in self.world.metadata], self.tags)
 
     def next(self, batch_size: int) -> tuple[Tensor, Tensor, list[str], Tensor]:
         """(preferred images, other images, prompts, prob_a), images float [B,3,S,S] in [0,1]."""
