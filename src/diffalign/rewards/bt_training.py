@@ -366,8 +366,7 @@ class MatchingBatches:
                 edited = counterfactual_scenes(
                     good_scenes.select(edit), ids[edit], self.tags, world.template, world.config.layout, gen
                 )
-                for field in ("shape", "color", "x", "y", "size", "rotation"):
-                    getattr(bad_scenes, field)[edit] = getattr(edited, field)
+                bad_scenes.put(edit, edited)
                 prob[edit] = 1.0
         good = F.interpolate(world.render(good_scenes), size=(size, size), mode="bilinear")
         bad = F.interpolate(world.render(bad_scenes), size=(size, size), mode="bilinear")

@@ -68,7 +68,7 @@ def counterfactual_scenes(
         layout: the world's layout rules (sizes, gaps, canvas margin) for re-laid-out scenes.
         generator: the random stream (CPU).
     """
-    out = SceneBatch(*(getattr(scenes, f).clone() for f in ("shape", "color", "x", "y", "size", "rotation")))
+    out = scenes.clone()
     ids = prompt_ids.cpu()
     batch_tags = [tags[int(i)] for i in ids]
     unknown = set(batch_tags) - set(TASKS)
@@ -90,10 +90,6 @@ def _random_other(current: Tensor, n_values: int, generator: torch.Generator) ->
     return (current + shift) % n_values
 
 
-def _filled(scenes: SceneBatch, rows: Tensor) -> Tensor:
-    return scenes.shape[rows] >= 0
-
-
 def _edit_single_object(scenes, rows, coin, relation, layout, generator) -> None:
     scenes.shape[rows, 0] = _random_other(scenes.shape[rows, 0], len(SHAPES), generator)
 
@@ -104,7 +100,7 @@ def _edit_colors(scenes, rows, coin, relation, layout, generator) -> None:
 
 def _remove_one(scenes: SceneBatch, rows: Tensor, generator: torch.Generator) -> None:
     """Empty one filled slot of each row (chosen at random)."""
-    filled = _filled(scenes, rows).float()
+    filled = (scenes.shape[rows] >= 0).float()
     slot = torch.multinomial(filled, 1, generator=generator).squeeze(1)
     scenes.shape[rows, slot] = -1
     for field in ("x", "y", "size"):

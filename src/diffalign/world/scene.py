@@ -64,6 +64,9 @@ class Scene:
     objects: tuple[SceneObject, ...] = ()
 
 
+SCENE_FIELDS = ("shape", "color", "x", "y", "size", "rotation")
+
+
 @dataclass
 class SceneBatch:
     """Scenes as tensors [B, K] with K object slots; empty slots have shape -1.
@@ -92,14 +95,19 @@ class SceneBatch:
 
     def select(self, index: slice | Tensor | list[int]) -> SceneBatch:
         """The scenes at `index` (a slice or indices)."""
-        return SceneBatch(
-            *(getattr(self, f)[index] for f in ("shape", "color", "x", "y", "size", "rotation"))
-        )
+        return SceneBatch(*(getattr(self, f)[index] for f in SCENE_FIELDS))
 
     def to(self, device: torch.device | str) -> SceneBatch:
-        return SceneBatch(
-            *(getattr(self, f).to(device) for f in ("shape", "color", "x", "y", "size", "rotation"))
-        )
+        return SceneBatch(*(getattr(self, f).to(device) for f in SCENE_FIELDS))
+
+    def clone(self) -> SceneBatch:
+        """A copy whose tensors can be edited without touching this batch."""
+        return SceneBatch(*(getattr(self, f).clone() for f in SCENE_FIELDS))
+
+    def put(self, index: Tensor, scenes: SceneBatch) -> None:
+        """Overwrite the scenes at `index` [N] with `scenes` (N scenes with as many slots), in place."""
+        for field in SCENE_FIELDS:
+            getattr(self, field)[index] = getattr(scenes, field)
 
     @staticmethod
     def from_scenes(scenes: list[Scene], device: torch.device | str = "cpu") -> SceneBatch:
