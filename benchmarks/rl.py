@@ -1,4 +1,4 @@
-"""Benchmark of policy-gradient fine-tuning (DDPO / GRPO / Flow-GRPO) on the Shapes world (issue 5).
+"""Benchmark of online RL fine-tuning (DDPO / GRPO / Flow-GRPO / DiffusionNFT) on the Shapes world (issue 5).
 
 Trains the base model against the gold faithfulness reward (`shapes:faithfulness`, GenEval's verdict:
 1 when every clause of the prompt holds) for a wall-clock budget, and evaluates it on a fixed third of
@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 from diffalign.align.config_io import load_config, to_dict
+from diffalign.align.nft import train_nft
+from diffalign.align.nft_config import NFTConfig
 from diffalign.align.pg_config import PGConfig
 from diffalign.align.policy_gradient import train_pg
 from diffalign.diffusion.sampling import SamplerConfig, sample
@@ -72,7 +74,7 @@ def gold_accuracy(model, lines: list[dict], samples: int, batch: int = 50) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="base")
-    parser.add_argument("--method", default="grpo", choices=["ddpo", "dpok", "grpo"])
+    parser.add_argument("--method", default="grpo", choices=["ddpo", "dpok", "grpo", "nft"])
     parser.add_argument(
         "--minutes",
         type=float,
@@ -81,9 +83,9 @@ def main() -> None:
     )
     parser.add_argument("--eval-every", type=int, default=5, help="epochs between evaluations")
     parser.add_argument("--eval-samples", type=int, default=2, help="images per evaluation prompt")
-    parser.add_argument("--config", type=Path, default=None, help="a YAML of PGConfig fields")
+    parser.add_argument("--config", type=Path, default=None, help="a YAML of PGConfig (NFTConfig) fields")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("overrides", nargs="*", help="PGConfig overrides key=value")
+    parser.add_argument("overrides", nargs="*", help="PGConfig (NFTConfig for nft) overrides key=value")
     args = parser.parse_args()
 
     defaults = [
@@ -98,7 +100,9 @@ def main() -> None:
         "log_with=none",
         "runtime.device=cpu",
     ]
-    config = load_config(PGConfig, args.config, [*defaults, *args.overrides])
+    nft = args.method == "nft"
+    config = load_config(NFTConfig if nft else PGConfig, args.config, [*defaults, *args.overrides])
+    trainer = train_nft if nft else train_pg
     args.out.mkdir(parents=True, exist_ok=True)
     lines = eval_lines()
     budget = args.minutes * 60
@@ -146,7 +150,7 @@ def main() -> None:
             raise BudgetSpentError
 
     with contextlib.suppress(BudgetSpentError):
-        train_pg(config, args.out / "run", on_epoch=on_epoch, on_log=lambda line: print(json.dumps(line)))
+        trainer(config, args.out / "run", on_epoch=on_epoch, on_log=lambda line: print(json.dumps(line)))
     first, last = curve[0], curve[-1]
     best = max(curve, key=lambda p: p["overall"])
     print("\n| model | method | epochs | reward queries | 2-core CPU min | base | final | best | gain |")

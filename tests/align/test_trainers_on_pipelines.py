@@ -1,4 +1,4 @@
-"""Every trainer family's own loop (`train_dpo`, `train_pg`, `train_backprop`) on tiny
+"""Every trainer family's own loop (`train_dpo`, `train_pg`, `train_nft`, `train_backprop`) on tiny
 random diffusers pipelines built in the test: LoRA adapters change and the base weights do not, the
 checkpoints hold only the adapters, the run folder's model loads back with the trained weights, and an
 interrupted DPO run resumes to the uninterrupted result."""
@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import diffalign.align.backprop_losses as losses_module
 from diffalign.align.backprop_config import BackpropConfig
 from diffalign.align.dpo import DPOConfig, train_dpo
+from diffalign.align.nft import train_nft
 from diffalign.align.pg_config import PGConfig
 from diffalign.align.policy_gradient import train_pg
 from diffalign.align.reward_backprop import train_backprop
@@ -130,6 +131,20 @@ def test_grpo_with_guidance_trains_lora_on_a_pipeline(tmp_path, pipelines, famil
     model = train_pg(cfg, run, reward=Redness())
     metrics = read_metrics(run / "metrics.jsonl")
     assert len(metrics) == 2 and all(abs(m["first_step_log_ratio"]) < 1e-4 for m in metrics)
+    _check_lora_run(run, folder, model)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_nft_with_guidance_trains_lora_on_a_pipeline(tmp_path, pipelines, family):
+    from tests.align.test_nft import nft_config
+
+    folder = pipelines[family]
+    run = tmp_path / "run"
+    cfg = nft_config(folder, epochs=2, guidance_scale=2.0, lora_rank=4, lr=1e-3, checkpoint_every=1)
+    model = train_nft(cfg, run, reward=Redness())
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert len(metrics) == 2 and all(m["grad_norm"] > 0 for m in metrics)
+    assert metrics[1]["kl_to_base"] > 0  # the adapters moved the guided prediction away from the base
     _check_lora_run(run, folder, model)
 
 

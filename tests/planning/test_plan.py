@@ -116,6 +116,32 @@ def test_grpo_measurement_counts_its_reward_queries(model_dir):
     )
 
 
+def test_nft_measurement_counts_its_reward_queries_and_both_passes(model_dir):
+    from diffalign.align.nft_config import NFTConfig
+    from diffalign.align.runtime import RuntimeConfig
+
+    cfg = NFTConfig(
+        model=str(model_dir),
+        reward="shapes:faithfulness-partial",
+        gold="none",
+        num_steps=2,
+        epochs=10,
+        prompts_per_epoch=2,
+        samples_per_prompt=2,
+        sample_batch_size=4,
+        train_batch_size=4,
+        checkpoint_every=0,
+        log_with="none",
+        runtime=RuntimeConfig(device="cpu"),
+    )
+    cost = measure_step_cost("nft", trainer_runner("nft", cfg), "cpu", short=1, long=2, reward_counted=True)
+    assert cost.unit == "epoch" and cost.reward_queries_per_step == pytest.approx(4)
+    # sampling (4 samples x 2 guided steps) + the old policy's and the policy's guided predictions at
+    # 4 x 2 training points + the first batch's base prediction for the logged KL
+    assert cost.forward_nfe_per_step >= 4 * 2 * 2 + 2 * 8 * 2
+    assert cost.backward_nfe_per_step > 0
+
+
 def test_plan_command(model_dir, tmp_path):
     runner = CliRunner()
     out = tmp_path / "plan.json"

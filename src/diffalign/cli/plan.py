@@ -16,10 +16,11 @@ from diffalign.cli.common import console, fail
 def _config(method: str, config_file, overrides, model, reward, prompts, device):
     from diffalign.align.backprop_config import BackpropConfig
     from diffalign.align.dpo import DPOConfig
+    from diffalign.align.nft_config import NFTConfig
     from diffalign.align.pg_config import PGConfig
     from diffalign.cli.align import load_command_config
     from diffalign.planning.measure import LENGTH_FIELDS
-    from diffalign.planning.trainers import BACKPROP_METHODS, PAIR_METHODS, PG_METHODS
+    from diffalign.planning.trainers import BACKPROP_METHODS, NFT_METHODS, PAIR_METHODS, PG_METHODS
 
     options: dict = {"method": method, "model": model, "runtime.device": device}
     if method in PAIR_METHODS:
@@ -27,6 +28,8 @@ def _config(method: str, config_file, overrides, model, reward, prompts, device)
     options |= {"reward": reward, "prompts": prompts}
     if method in PG_METHODS:
         return load_command_config(PGConfig, config_file, overrides, options)
+    if method in NFT_METHODS:
+        return load_command_config(NFTConfig, config_file, overrides, options)
     if method in BACKPROP_METHODS:
         return load_command_config(BackpropConfig, config_file, overrides, options)
     fail(f"plan: no trainer named {method!r}; choose one of {sorted(LENGTH_FIELDS)}")
@@ -53,7 +56,7 @@ def _number(value: float | None, spec: str, unit: str = "") -> str:
 
 def plan_cmd(
     method: Annotated[
-        str, typer.Argument(help="dpo, kto, ddpo, dpok, grpo, alignprop, draft, draft-lv or refl.")
+        str, typer.Argument(help="dpo, kto, ddpo, dpok, grpo, nft, alignprop, draft, draft-lv or refl.")
     ],
     overrides: OverridesArg = None,
     model: ModelOpt = None,

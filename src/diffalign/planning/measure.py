@@ -8,7 +8,8 @@ separates from the per-step part without touching the trainer:
     per_step = (W_long - W_short) / (long - short)        fixed = W_short - short * per_step
 
 and the same for denoiser rows and reward queries. A step is an optimiser step (DPO, reward
-backpropagation) or an epoch (policy-gradient RL: sampling plus its updates), as each trainer counts.
+backpropagation) or an epoch (policy-gradient RL and DiffusionNFT: sampling plus its updates), as each
+trainer counts.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ LENGTH_FIELDS = {
     "ddpo": ("epochs", "epoch"),
     "dpok": ("epochs", "epoch"),
     "grpo": ("epochs", "epoch"),
+    "nft": ("epochs", "epoch"),
     "alignprop": ("steps", "step"),
     "draft": ("steps", "step"),
     "draft-lv": ("steps", "step"),

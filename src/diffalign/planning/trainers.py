@@ -10,12 +10,13 @@ from diffalign.planning.measure import LENGTH_FIELDS
 from diffalign.prefs.pairs import PreferencePairs
 
 PG_METHODS = ("ddpo", "dpok", "grpo")
+NFT_METHODS = ("nft",)
 BACKPROP_METHODS = ("alignprop", "draft", "draft-lv", "refl")
 PAIR_METHODS = ("dpo", "kto")
 
 
 def run_length(method: str, config: object) -> int:
-    """The run length of `config` (its `steps`, or `epochs` for policy-gradient RL)."""
+    """The run length of `config` (its `steps`, or `epochs` for policy-gradient RL and DiffusionNFT)."""
     return int(getattr(config, LENGTH_FIELDS[method][0]))
 
 
@@ -33,12 +34,14 @@ def trainer_runner(
             train_dpo(config, pairs, run_dir, stop_after=stop_after)
 
         return run_pairs
-    if method in PG_METHODS or method in BACKPROP_METHODS:
+    if method in PG_METHODS or method in NFT_METHODS or method in BACKPROP_METHODS:
         from diffalign.devices import resolve_device
         from diffalign.rewards.registry import load_reward
 
         if method in PG_METHODS:
             from diffalign.align.policy_gradient import train_pg as train
+        elif method in NFT_METHODS:
+            from diffalign.align.nft import train_nft as train
         else:
             from diffalign.align.reward_backprop import train_backprop as train
         reward = load_reward(config.reward, device=resolve_device(config.runtime.device))

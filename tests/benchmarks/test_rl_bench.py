@@ -1,0 +1,26 @@
+"""benchmarks/rl.py end to end on a tiny random model: a DiffusionNFT run stops at its CPU budget and
+writes the gold-accuracy curve (the base point first) with the run's config."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tests.align.helpers import save_tiny_model
+from tests.benchmarks.helpers import load_benchmark
+
+
+def test_nft_run_stops_at_its_budget_and_writes_the_curve(tmp_path, monkeypatch):
+    model = save_tiny_model(tmp_path / "model", "epsilon")
+    out = tmp_path / "bench"
+    argv = ["rl.py", "--model", str(model), "--method", "nft", "--minutes", "0.001", "--eval-every", "1"]
+    argv += ["--eval-samples", "1", "--out", str(out), "num_steps=2", "prompts_per_epoch=2"]
+    argv += ["samples_per_prompt=2", "sample_batch_size=4", "train_batch_size=4", "grid_every=0"]
+    monkeypatch.setattr(sys, "argv", argv)
+    load_benchmark("rl").main()
+    record = json.loads((out / "curve.json").read_text())
+    assert record["config"]["method"] == "nft" and record["config"]["timesteps_per_sample"] == 2
+    assert [p["epoch"] for p in record["curve"]] == [0, 1]  # the budget is spent after one epoch
+    for point in record["curve"]:
+        assert 0.0 <= point["overall"] <= 1.0 and len(point["tasks"]) == 6
+    assert record["curve"][1]["reward_queries"] == 4 and record["curve"][1]["train_cpu_seconds"] > 0
