@@ -16,7 +16,7 @@ from diffalign.align.tracking import read_metrics
 from diffalign.cli.align import app
 from diffalign.models.registry import load_model
 from tests.align.backprop_helpers import DiffRedness, bp_config
-from tests.align.test_distributed import _free_port
+from tests.align.test_distributed import _free_port, join_as_process
 
 runner = CliRunner()
 REWARD_FILE = """
@@ -55,15 +55,7 @@ def test_cli_trains_and_refuses_a_black_box_reward(tmp_path, eps_model_dir):
 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, run_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(1)
+    join_as_process(rank, world, port)
     cfg = bp_config(
         model_dir, "alignprop", steps=2, batch_size=2, num_steps=2, lora_rank=4, checkpoint_every=1
     )

@@ -18,7 +18,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, model_dir: str, run_dir: str, lora_rank: int) -> None:
+def join_as_process(rank: int, world: int, port: int) -> None:
+    """Make this spawned worker process `rank` of `world` for Accelerate (gloo on 127.0.0.1:`port`),
+    with one torch thread."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -28,6 +30,10 @@ def _worker(rank: int, world: int, port: int, model_dir: str, run_dir: str, lora
         LOCAL_WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, world: int, port: int, model_dir: str, run_dir: str, lora_rank: int) -> None:
+    join_as_process(rank, world, port)
     model = train_dpo(config(model_dir, steps=3, lora_rank=lora_rank), make_pairs(24), run_dir)
     from accelerate import PartialState
 

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
-import diffalign.cli.align_nft  # noqa: F401  (registers the command on the align app)
+import diffalign.cli.align_pg  # noqa: F401  (registers the commands on the align app)
 from diffalign.align.guard import NonFiniteError
 from diffalign.align.nft import OldPolicy, train_nft, training_points
 from diffalign.align.nft_config import NFTConfig
@@ -21,7 +21,7 @@ from diffalign.cli.align import app
 from diffalign.diffusion.schedules import DDPMSchedule, FlowSchedule
 from diffalign.models.registry import load_model
 from tests.align.pg_helpers import NaNAfter, Redness, trainable
-from tests.align.test_distributed import _free_port
+from tests.align.test_distributed import _free_port, join_as_process
 
 TIMINGS = ("sample_seconds", "seconds_per_epoch")
 
@@ -278,15 +278,7 @@ def test_cli_writes_a_run_whose_model_loads(tmp_path, eps_model_dir):
 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, run_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(1)
+    join_as_process(rank, world, port)
     model = train_nft(
         nft_config(model_dir, epochs=2, lora_rank=4, train_batch_size=4), run_dir, reward=Redness()
     )

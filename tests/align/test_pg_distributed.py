@@ -10,19 +10,11 @@ import torch.multiprocessing as mp
 
 from diffalign.align.policy_gradient import train_pg
 from tests.align.pg_helpers import Redness, pg_config, trainable
-from tests.align.test_distributed import _free_port
+from tests.align.test_distributed import _free_port, join_as_process
 
 
 def _worker(rank: int, world: int, port: int, model_dir: str, run_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
-    torch.set_num_threads(1)
+    join_as_process(rank, world, port)
     model = train_pg(
         pg_config(model_dir, epochs=2, lora_rank=4, train_batch_size=4), run_dir, reward=Redness()
     )

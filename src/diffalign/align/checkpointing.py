@@ -1,12 +1,13 @@
 """The run-folder steps every trainer takes with Accelerate, in one place.
 
 Each trainer (`dpo.py`, `policy_gradient.py`, `reward_backprop.py`) keeps its own explicit loop; these
-are the three moments where every process must act in the same order:
+are the moments where every process must act in the same order:
 - `begin_run`: every process checks the folder against the run record, then the main one writes it;
 - `resume_weights`: the latest checkpoint's trainable weights, loaded into the network before
   `accelerator.prepare` (the optimiser state and RNG are the trainer's to restore after it);
 - `save_training_checkpoint`: the main process opens the checkpoint, every process writes its own
-  state, the main process writes weights and optimiser and renames the folder into place.
+  state, the main process writes weights and optimiser and renames the folder into place;
+- `save_final_model`: once the run is complete, the main process writes its `model/` folder.
 """
 
 from __future__ import annotations
@@ -100,3 +101,15 @@ def loop_bookkeeping(
         show_progress=show_progress,
     )
     return end, FiniteGuard(accelerator.device), tracker
+
+
+def save_final_model(run: RunDir, accelerator, guard, model, done: int, total: int) -> None:
+    """When the run has reached its last step (`done == total`, not an interruption), check the NaN/inf
+    guard and write `run.model_dir` from the main process: the folder `load_model(run_dir)` and
+    `diffalign sample --model` read. Every process returns together."""
+    if done != total:
+        return
+    guard.check(run.latest_checkpoint())
+    if accelerator.is_main_process:
+        model.save(run.model_dir)
+    accelerator.wait_for_everyone()

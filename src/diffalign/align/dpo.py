@@ -40,6 +40,7 @@ from diffalign.align.checkpointing import (
     begin_run,
     loop_bookkeeping,
     resume_weights,
+    save_final_model,
     save_training_checkpoint,
 )
 from diffalign.align.config_io import to_dict
@@ -677,10 +678,6 @@ def train_dpo(
         close_examples(data)
 
     # 7. The final model folder (what `load_model(run_dir)` and `diffalign sample --model` read).
-    if done == config.steps:
-        guard.check(run.latest_checkpoint())
-        if accelerator.is_main_process:
-            model.save(run.model_dir)
-        accelerator.wait_for_everyone()
+    save_final_model(run, accelerator, guard, model, done, config.steps)
     network.eval()
     return model

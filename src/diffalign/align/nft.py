@@ -41,6 +41,7 @@ from diffalign.align.checkpointing import (
     begin_run,
     loop_bookkeeping,
     resume_weights,
+    save_final_model,
     save_training_checkpoint,
 )
 from diffalign.align.config_io import to_dict
@@ -375,9 +376,5 @@ def train_nft(
         tracker.close()
 
     # 9. The final model folder (what `load_model(run_dir)` and `diffalign sample --model` read).
-    if done == config.epochs:
-        guard.check(run.latest_checkpoint())
-        if accelerator.is_main_process:
-            model.save(run.model_dir)
-        accelerator.wait_for_everyone()
+    save_final_model(run, accelerator, guard, model, done, config.epochs)
     return model

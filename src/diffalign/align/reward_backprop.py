@@ -53,6 +53,7 @@ from diffalign.align.checkpointing import (
     begin_run,
     loop_bookkeeping,
     resume_weights,
+    save_final_model,
     save_training_checkpoint,
 )
 from diffalign.align.config_io import to_dict
@@ -387,9 +388,5 @@ def train_backprop(
         tracker.close()
 
     # 6. The final model folder (what `load_model(run_dir)` and `diffalign sample --model` read).
-    if done == config.steps:
-        guard.check(run.latest_checkpoint())
-        if accelerator.is_main_process:
-            model.save(run.model_dir)
-        accelerator.wait_for_everyone()
+    save_final_model(run, accelerator, guard, model, done, config.steps)
     return model

@@ -425,11 +425,10 @@ def pretrain_cmd(
 
 
 def _register_subcommands() -> None:
-    # align_backprop, align_nft, align_pg and overopt register their commands when imported.
+    # align_backprop, align_pg and overopt register their commands when imported.
     from diffalign.cli import (
         align,
         align_backprop,
-        align_nft,
         align_pg,
         collect,
         demo,
@@ -440,7 +439,7 @@ def _register_subcommands() -> None:
         steer,
     )
 
-    del align_backprop, align_nft, align_pg, overopt
+    del align_backprop, align_pg, overopt
     demo.register(app)
     plan.register(app)
     app.add_typer(prefs.app, name="prefs")

@@ -1,5 +1,5 @@
-"""`diffalign align ddpo|dpok|grpo`: policy-gradient fine-tuning against a reward (registered onto the
-`align` command group)."""
+"""`diffalign align ddpo|dpok|grpo|nft`: online RL against a reward, by policy gradients or DiffusionNFT
+(registered onto the `align` command group)."""
 
 from __future__ import annotations
 
@@ -20,10 +20,14 @@ def _run_pg(
     resume: bool,
     device: str | None,
 ) -> None:
+    from diffalign.align.nft import train_nft
+    from diffalign.align.nft_config import NFTConfig
     from diffalign.align.pg_config import PGConfig
     from diffalign.align.policy_gradient import RatioCheckError, train_pg
 
-    config = reward_trainer_config(PGConfig, method, overrides, model, reward, prompts, config_file, device)
+    config_class, trainer = (NFTConfig, train_nft) if method == "nft" else (PGConfig, train_pg)
+    options = (overrides, model, reward, prompts, config_file, device)
+    config = reward_trainer_config(config_class, method, *options)
     console.print(
         f"{method}: {config.epochs} epochs x {config.samples_per_epoch} samples, reward {config.reward}; "
         f"run folder {out}"
@@ -31,7 +35,7 @@ def _run_pg(
 
     def train() -> None:
         try:
-            train_pg(config, out, resume=resume, show_progress=True)
+            trainer(config, out, resume=resume, show_progress=True)
         except RatioCheckError as err:
             fail(str(err))
 
@@ -56,5 +60,10 @@ register_reward_trainer(
 register_reward_trainer(
     "grpo",
     "GRPO with group-standardised advantages; on a flow model, Flow-GRPO's SDE sampler and KL.",
+    _run_pg,
+)
+register_reward_trainer(
+    "nft",
+    "DiffusionNFT (Zheng et al. 2025): group advantages on the forward process; any sampler, no log-probs.",
     _run_pg,
 )
