@@ -1,9 +1,9 @@
 """The config of DiffusionNFT, online RL on the forward process (Zheng et al. 2025): one documented dataclass.
 
-Defaults follow the paper's reference settings where the Shapes world does not argue otherwise
-(docs/rl.md, "DiffusionNFT"): beta 1, advantages clipped at 5 and mapped to [0, 1], x0-space losses
-with the adaptive (self-normalised) weighting, a deterministic sampler (the method needs no
-log-probs), 10 sampling steps in training.
+Defaults (docs/rl.md, "DiffusionNFT"): beta 1, advantages clipped at 5 and mapped to [0, 1], and
+x0-space losses with the adaptive (self-normalised) weighting, as in the paper's reference code; a
+deterministic sampler (the method needs no log-probs) with 10 steps in training; lr 3e-5 for full
+fine-tuning of the tiny models (1e-4 gained faster and lost it again, docs/rl.md).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class NFTConfig:
             takes train_batch_size * processes * runtime.gradient_accumulation_steps points, which must
             divide the epoch's points.
         beta: the mixing coefficient of the implicit policies v+ = beta v_theta + (1 - beta) v_old and
-            v- = (1 + beta) v_old - beta v_theta (the paper's beta; 1 in its GenEval runs).
+            v- = (1 + beta) v_old - beta v_theta (the paper's beta). The loss's curvature in v_theta is
+            beta * adv_clip: a smaller beta is a looser trust region around the old policy.
         adv_clip: group advantages are clipped to [-adv_clip, adv_clip] and mapped to the optimality
             probability r = A / (2 adv_clip) + 1/2 in [0, 1]; the loss is scaled by adv_clip / beta.
         old_decay: the old (sampling) policy after every epoch: old <- old_decay old + (1 - old_decay)
