@@ -15,39 +15,14 @@ from diffalign.align.nft import OldPolicy, train_nft, training_points
 from diffalign.align.nft_config import NFTConfig
 from diffalign.align.nft_loss import nft_loss, optimality_probability
 from diffalign.align.run_dir import RunDirError
-from diffalign.align.runtime import RuntimeConfig
 from diffalign.align.tracking import read_metrics
 from diffalign.cli.align import app
 from diffalign.diffusion.schedules import DDPMSchedule, FlowSchedule
 from diffalign.models.registry import load_model
-from tests.align.pg_helpers import NaNAfter, Redness, trainable
+from tests.align.pg_helpers import NaNAfter, Redness, nft_config, trainable
 from tests.align.test_distributed import _free_port, join_as_process
 
 TIMINGS = ("sample_seconds", "seconds_per_epoch")
-
-
-def nft_config(model_dir, **overrides) -> NFTConfig:
-    """A small CPU config: 4 prompts x 2 samples, 4 sampling steps, no guidance, no gold reward."""
-    values = dict(
-        model=str(model_dir),
-        reward="redness",
-        gold="none",
-        num_steps=4,
-        guidance_scale=1.0,
-        epochs=3,
-        prompts_per_epoch=4,
-        samples_per_prompt=2,
-        sample_batch_size=8,
-        timesteps_per_sample=2,
-        train_batch_size=8,
-        lr=1e-3,
-        checkpoint_every=2,
-        grid_every=0,
-        log_with="none",
-        runtime=RuntimeConfig(device="cpu"),
-    )
-    values.update(overrides)
-    return NFTConfig(**values)
 
 
 # --- the loss ------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from diffalign.models.diffusers_adapters import AdapterConfig
 from diffalign.models.registry import load_model, model_image_size
 from tests.align.backprop_helpers import DiffRedness, bp_config
 from tests.align.helpers import config, make_pairs, store_with_preferences
-from tests.align.pg_helpers import Redness, pg_config
+from tests.align.pg_helpers import Redness, nft_config, pg_config
 from tests.models.tiny_pipelines import RESOLUTION, build_sd, build_sd3, build_sdxl
 
 BUILDERS = {
@@ -136,8 +136,6 @@ def test_grpo_with_guidance_trains_lora_on_a_pipeline(tmp_path, pipelines, famil
 
 @pytest.mark.parametrize("family", ["sd", "sd3"])
 def test_nft_with_guidance_trains_lora_on_a_pipeline(tmp_path, pipelines, family):
-    from tests.align.test_nft import nft_config
-
     folder = pipelines[family]
     run = tmp_path / "run"
     cfg = nft_config(folder, epochs=2, guidance_scale=2.0, lora_rank=4, lr=1e-3, checkpoint_every=1)

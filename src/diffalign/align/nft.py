@@ -263,6 +263,9 @@ def train_nft(
             rows, levels_t, noise = training_points(
                 per_epoch, levels, config.timesteps_per_sample, shape, seed, epoch
             )
+            with torch.no_grad():
+                cond_all = model.encode_prompts(prompts)
+                uncond_row = model.encode_prompts([""]) if guidance != 1.0 else None
             batches = []
             for opt_step in range(points // point_global):
                 for micro in range(accumulation):
@@ -274,19 +277,15 @@ def train_nft(
                     t = levels_t[take].to(device)
                     x0 = latents[r]
                     x_t = model.schedule.add_noise(x0, noise[take].to(device).to(x0.dtype), t)
-                    batches.append((r, t, x0, x_t))
-            with torch.no_grad():
-                cond_all = model.encode_prompts(prompts)
-                uncond_row = model.encode_prompts([""]) if guidance != 1.0 else None
+                    uncond = None if uncond_row is None else uncond_row[torch.zeros(len(r), dtype=torch.long)]
+                    batches.append((r, t, x0, x_t, uncond))
             old_outputs = []
             with old.active(), torch.no_grad(), accelerator.autocast():
-                for r, t, _, x_t in batches:
-                    uncond = None if uncond_row is None else uncond_row[torch.zeros(len(r), dtype=torch.long)]
+                for r, t, _, x_t, uncond in batches:
                     old_outputs.append(guided_predict(policy, x_t, t, cond_all[r], uncond, guidance).float())
 
             # 6. Train: one pass over the points.
-            for k, (r, t, x0, x_t) in enumerate(batches):
-                uncond = None if uncond_row is None else uncond_row[torch.zeros(len(r), dtype=torch.long)]
+            for k, (r, t, x0, x_t, uncond) in enumerate(batches):
                 need_kl = config.kl_beta > 0 or k == 0
                 with accelerator.accumulate(unet):
                     with accelerator.autocast():
@@ -306,11 +305,11 @@ def train_nft(
                         loss = out.loss
                         kl = torch.zeros((), device=device)
                         if need_kl:
-                            with torch.no_grad() if config.kl_beta == 0 else contextlib.nullcontext():
+                            with torch.no_grad():  # the base model is never trained
                                 ref = guided_predict(
                                     policy, x_t, t, cond_all[r], uncond, guidance, use_reference=True
                                 ).float()
-                            kl = ((new.float() - ref.detach()) ** 2).mean()
+                            kl = ((new.float() - ref) ** 2).mean()
                             if config.kl_beta > 0:
                                 loss = loss + config.kl_beta * kl
                     guard.observe("loss", loss, epoch + 1)
