@@ -36,6 +36,7 @@ from diffalign.align.nft_config import NFTConfig
 from diffalign.align.pg_config import PGConfig
 from diffalign.align.policy_gradient import train_pg
 from diffalign.diffusion.sampling import SamplerConfig, sample
+from diffalign.evaluate.failure_modes import failure_modes
 from diffalign.rewards.gold import ShapesFaithfulness
 from diffalign.world.shapeseval import load_shapeseval
 
@@ -50,7 +51,8 @@ def eval_lines(stride: int = 3) -> list[dict]:
 
 
 def gold_accuracy(model, lines: list[dict], samples: int, batch: int = 50) -> dict:
-    """GenEval-style accuracy of `model` on `lines`: per task, and overall as the mean of the tasks."""
+    """GenEval-style accuracy of `model` on `lines`: per task, overall as the mean of the tasks, and
+    each task's failure modes (`diffalign.evaluate.failure_modes`: share of its images per mode)."""
     sampler = SamplerConfig.for_prediction_type(
         model.prediction_type, num_steps=20, guidance_scale=3.0, eta=0.0
     )
@@ -59,16 +61,19 @@ def gold_accuracy(model, lines: list[dict], samples: int, batch: int = 50) -> di
     jobs = [(i, j) for i in range(len(lines)) for j in range(samples)]
     judge = ShapesFaithfulness()
     per_task: dict[str, list[float]] = {}
+    records = []
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
         prompts = [lines[i]["prompt"] for i, _ in chunk]
         seeds = [10_000 + i * samples + j for i, j in chunk]
         with torch.no_grad():
             images = sample(model, prompts, config=sampler, seeds=seeds).images
-        for (i, _), correct in zip(chunk, judge(images, prompts).tolist()):
-            per_task.setdefault(lines[i]["tag"], []).append(correct)
+        for (i, _), verdict in zip(chunk, judge.verdicts(images, prompts)):
+            per_task.setdefault(lines[i]["tag"], []).append(float(verdict.correct))
+            records.append({"tag": lines[i]["tag"], **verdict.to_dict()})
     tasks = {tag: sum(v) / len(v) for tag, v in per_task.items()}
-    return {"overall": sum(tasks.values()) / len(tasks), "tasks": tasks}
+    modes = {tag: entry["modes"] for tag, entry in failure_modes(records).items()}
+    return {"overall": sum(tasks.values()) / len(tasks), "tasks": tasks, "failure_modes": modes}
 
 
 def main() -> None:

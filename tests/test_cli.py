@@ -65,6 +65,11 @@ def test_score_resizes_other_sizes_and_reports_wrong_images(tmp_path):
     verdicts = {r["file"]: r["correct"] for r in results["images"]}
     assert verdicts["00000/samples/0001.png"] is False
     assert sum(verdicts.values()) == len(lines)
+    # The blank image is the only failure: its task's objects are missing, and the table says so.
+    tag = lines[0]["tag"]
+    assert results["failure_modes"][tag]["failed"] == 1
+    assert set(results["failure_modes"][tag]["modes"]) == {"missing"}
+    assert "missing" in result.output
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """benchmarks/rl.py end to end on a tiny random model: a DiffusionNFT run stops at its CPU budget and
-writes the gold-accuracy curve (the base point first) with the run's config."""
+writes the gold-accuracy curve (the base point first, failure modes per task) with the run's config."""
 
 from __future__ import annotations
 
@@ -23,4 +23,9 @@ def test_nft_run_stops_at_its_budget_and_writes_the_curve(tmp_path, monkeypatch)
     assert [p["epoch"] for p in record["curve"]] == [0, 1]  # the budget is spent after one epoch
     for point in record["curve"]:
         assert 0.0 <= point["overall"] <= 1.0 and len(point["tasks"]) == 6
+        assert set(point["failure_modes"]) == set(point["tasks"])
+        for tag, accuracy in point["tasks"].items():  # every failing task names how its images failed
+            modes = point["failure_modes"][tag]
+            assert all(0.0 < share <= 1.0 for share in modes.values())
+            assert (accuracy < 1.0) == bool(modes) and sum(modes.values()) >= 1.0 - accuracy - 1e-9
     assert record["curve"][1]["reward_queries"] == 4 and record["curve"][1]["train_cpu_seconds"] > 0

@@ -30,17 +30,28 @@ app.add_typer(world_app, name="world")
 
 def _score_table(results: dict, title: str) -> Table:
     table = Table(title=title)
+    from diffalign.evaluate.failure_modes import format_modes
+
+    modes = results.get("failure_modes", {})
     for col in ("task", "accuracy", "95% CI", "images"):
         table.add_column(col, justify="right" if col != "task" else "left")
+    table.add_column("failure modes (share of images)")
     for tag, cat in results["categories"].items():
         lo, hi = cat["ci95"]
-        table.add_row(tag, f"{cat['accuracy']:.3f}", f"[{lo:.3f}, {hi:.3f}]", str(cat["images"]))
+        table.add_row(
+            tag,
+            f"{cat['accuracy']:.3f}",
+            f"[{lo:.3f}, {hi:.3f}]",
+            str(cat["images"]),
+            format_modes(modes.get(tag, {}).get("modes", {})),
+        )
     lo, hi = results["overall"]["ci95"]
     table.add_row(
         "[bold]overall[/]",
         f"[bold]{results['overall']['score']:.3f}[/]",
         f"[{lo:.3f}, {hi:.3f}]",
         str(results["n_images"]),
+        "",
     )
     return table
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from diffalign.evaluate.failure_modes import failure_modes
 from diffalign.evaluate.stats import bootstrap_mean_ci, stratified_bootstrap_ci
 from diffalign.world.detector import DetectorConfig, load_image
 from diffalign.world.geneval import score_image
@@ -102,6 +103,7 @@ def score_folder(
         size: images of another size are resized to size x size (box filter); None keeps them as they are.
     Returns:
         {"overall": {"score", "ci95"}, "categories": {tag: {"accuracy", "ci95", "correct", "images"}},
+         "failure_modes": {tag: {"images", "failed", "modes": {mode: share}}} (`failure_modes`),
          "images": [per-image verdicts], "n_images", "n_prompts"}.
     """
     root = Path(root)
@@ -137,6 +139,7 @@ def score_folder(
             "ci95": list(stratified_bootstrap_ci(by_tag, n_boot=n_boot, seed=seed)),
         },
         "categories": categories,
+        "failure_modes": failure_modes(per_image),
         "n_images": len(per_image),
         "n_prompts": len(entries),
         "images": per_image,
