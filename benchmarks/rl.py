@@ -60,7 +60,6 @@ def gold_accuracy(model, lines: list[dict], samples: int, batch: int = 50) -> di
         sampler = SamplerConfig(sampler="flow_euler", num_steps=20, guidance_scale=3.0)
     jobs = [(i, j) for i in range(len(lines)) for j in range(samples)]
     judge = ShapesFaithfulness()
-    per_task: dict[str, list[float]] = {}
     records = []
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
@@ -69,10 +68,10 @@ def gold_accuracy(model, lines: list[dict], samples: int, batch: int = 50) -> di
         with torch.no_grad():
             images = sample(model, prompts, config=sampler, seeds=seeds).images
         for (i, _), verdict in zip(chunk, judge.verdicts(images, prompts)):
-            per_task.setdefault(lines[i]["tag"], []).append(float(verdict.correct))
             records.append({"tag": lines[i]["tag"], **verdict.to_dict()})
-    tasks = {tag: sum(v) / len(v) for tag, v in per_task.items()}
-    modes = {tag: entry["modes"] for tag, entry in failure_modes(records).items()}
+    summary = failure_modes(records)  # per task: images, failed images, failure-mode shares
+    tasks = {tag: 1.0 - entry["failed"] / entry["images"] for tag, entry in summary.items()}
+    modes = {tag: entry["modes"] for tag, entry in summary.items()}
     return {"overall": sum(tasks.values()) / len(tasks), "tasks": tasks, "failure_modes": modes}
 
 
