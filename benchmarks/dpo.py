@@ -12,6 +12,16 @@ For each parameterisation (`base`: epsilon, `base-flow`: rectified flow) and eac
 
 Acceptance: with 2,000 pairs the win rate is >= 65% with the interval above 50%, for both models.
 
+Diagnostics (docs/align.md, "What the pairs teach, and at which noise level"):
+- `--store PATH` trains on an existing store's pairs (simulated with keys simulated:0:<i>) instead of
+  simulating a new one;
+- `--labels` relabels the pairs before training: `panel` (the stored, noisy choices: the benchmark),
+  `gold` (the sign of the pooled gold utility, no rater noise), or one feature the panel reads
+  (`faithfulness`, `quality`, `size`, `warmth`, `centrality`: the image with more of it wins), with
+  pairs closer than `--label-margin` left out. It asks whether DPO can learn a given trait from these
+  pairs at all, separately from whether the raters' choices carry it;
+- `--eval-stride K` judges every K-th ShapesEval prompt (a quicker, still task-balanced evaluation).
+
     nice python benchmarks/dpo.py --out bench_dpo/                       # the full benchmark
     python benchmarks/dpo.py --pairs 64 --steps 20 --out /tmp/bench_dpo  # a smoke run
     python benchmarks/dpo.py --timing                                    # ms per DPO step only
@@ -38,10 +48,12 @@ from diffalign.models.registry import load_model
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.simulate import simulate_preferences
 from diffalign.prefs.store import PreferenceStore
-from diffalign.world.raters import RaterPanel
+from diffalign.world.raters import TASTE_FEATURES, ImageFeatures, RaterPanel
 from diffalign.world.shapeseval import load_shapeseval
 
 KEY = re.compile(r"^simulated:(\d+):(\d+)$")
+#: What `--labels` can relabel the pairs by, beside the stored choices ("panel") and "gold".
+LABEL_FEATURES: tuple[str, ...] = ("faithfulness", "quality", *TASTE_FEATURES)
 
 
 def first_pairs(pairs: PreferencePairs, n: int, seed: int = 0) -> PreferencePairs:
@@ -52,6 +64,44 @@ def first_pairs(pairs: PreferencePairs, n: int, seed: int = 0) -> PreferencePair
         if match and int(match.group(1)) == seed and int(match.group(2)) < n:
             keep.append(row)
     return pairs.select(keep)
+
+
+def feature_column(features: ImageFeatures, name: str) -> torch.Tensor:
+    """[B] float64 values of one feature the panel reads (see LABEL_FEATURES)."""
+    if name in TASTE_FEATURES:
+        return features.taste[:, TASTE_FEATURES.index(name)].double()
+    if name in ("faithfulness", "quality"):
+        return getattr(features, name).double()
+    raise ValueError(f"unknown label feature {name!r}; expected one of {LABEL_FEATURES}")
+
+
+def relabel(pairs: PreferencePairs, panel: RaterPanel, labels: str, margin: float) -> PreferencePairs:
+    """The pairs with deterministic labels: the image with the higher pooled gold utility ("gold") or
+    with more of one feature wins; pairs whose values differ by `margin` or less are left out (for
+    "gold", by less than the panel's tie margin when `margin` is 0). "panel" keeps the stored labels."""
+    if labels == "panel":
+        return pairs
+    features_a = panel.features(pairs.images_a, pairs.prompts)
+    features_b = panel.features(pairs.images_b, pairs.prompts)
+    if labels == "gold":
+        delta = panel.utility(features_a) - panel.utility(features_b)
+        margin = margin or panel.config.tie_margin
+    else:
+        delta = feature_column(features_a, labels) - feature_column(features_b, labels)
+    keep = torch.nonzero(delta.abs() > margin).flatten()
+    if len(keep) == 0:
+        raise ValueError(f"--labels {labels}: no pair differs by more than {margin}; lower --label-margin")
+    relabelled = pairs.select(keep)
+    relabelled.prob_a = (delta[keep] > 0).float()
+    return relabelled
+
+
+def feature_means(panel: RaterPanel, features: ImageFeatures) -> dict[str, float]:
+    """Mean pooled utility, quality and taste features of a set of judged images."""
+    means = {"utility": float(panel.utility(features).mean()), "quality": float(features.quality.mean())}
+    for name in TASTE_FEATURES:
+        means[name] = float(feature_column(features, name).mean())
+    return means
 
 
 def generate(model, prompts: list[str], sampler: SamplerConfig, seed: int, batch: int) -> torch.Tensor:
@@ -76,6 +126,8 @@ def judge(panel: RaterPanel, tuned: torch.Tensor, base: torch.Tensor, prompts: l
         "ci95": [lo, hi],
         "accuracy_tuned": float(features_tuned.correct.double().mean()),
         "accuracy_base": float(features_base.correct.double().mean()),
+        "means_tuned": feature_means(panel, features_tuned),
+        "means_base": feature_means(panel, features_base),
         "prompts": len(prompts),
     }
 
@@ -122,17 +174,18 @@ def dpo_config(args: argparse.Namespace, spec: str, steps: int) -> DPOConfig:
     return load_config(DPOConfig, None, [*fixed, *args.set])
 
 
-def offline(args: argparse.Namespace, spec: str, base, out: Path, evaluate) -> None:
+def offline(args: argparse.Namespace, spec: str, base, out: Path, evaluate, panel: RaterPanel) -> None:
     """Offline DPO on the first N simulated pairs of the base model, for each N of --pairs."""
     started = time.perf_counter()
-    store = PreferenceStore.open(out / spec / "prefs.db")
+    store = PreferenceStore.open(args.store or out / spec / "prefs.db")
     report = simulate_preferences(base, store, max(args.pairs), batch_size=args.sample_batch, model_name=spec)
     all_pairs = store.pairs(size=base.latent_shape[-1], include_ties=True)
     simulate_s = time.perf_counter() - started
     print(f"{spec}: {report.sampled} pairs simulated in {simulate_s:.0f} s ({len(all_pairs)} stored)")
     for n in args.pairs:
-        subset = first_pairs(all_pairs, n)
-        run = out / spec / f"dpo-{n}"
+        subset = relabel(first_pairs(all_pairs, n), panel, args.labels, args.label_margin)
+        suffix = "" if args.labels == "panel" else f"-{args.labels}"
+        run = out / spec / f"dpo-{n}{suffix}"
         started = time.perf_counter()
         lines: list[dict] = []
         tuned = train_dpo(
@@ -143,7 +196,7 @@ def offline(args: argparse.Namespace, spec: str, base, out: Path, evaluate) -> N
             on_log=lines.append,
         )
         row = {
-            "method": "offline",
+            "method": "offline" if args.labels == "panel" else f"offline, {args.labels} labels",
             "pairs": n,
             "pairs_used": int((subset.prob_a != 0.5).sum()),
             "steps": args.steps,
@@ -263,6 +316,18 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="SPIN runs on world-rendered scenes, ROUNDSxEXAMPLES each (e.g. 3x2000)",
     )
+    parser.add_argument(
+        "--store", default=None, help="train offline DPO on this store's pairs (extended if short)"
+    )
+    parser.add_argument(
+        "--labels",
+        default="panel",
+        choices=["panel", "gold", *LABEL_FEATURES],
+        help="offline DPO's labels: the stored choices, the gold utility's sign, or one feature's",
+    )
+    parser.add_argument(
+        "--label-margin", type=float, default=0.02, help="pairs closer than this in --labels are left out"
+    )
     parser.add_argument("--real-seed", type=int, default=0, help="seed of SPIN's rendered real scenes")
     parser.add_argument("--reference-every", type=int, default=1, help="online DPO's reference refresh")
     parser.add_argument("--steps", type=int, default=1000, help="DPO steps per run")
@@ -277,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         help="more DPOConfig fields, e.g. timestep_range=[0,0.3] sft_weight=0.5",
     )
     parser.add_argument("--eval-prompts", type=int, default=0, help="first N ShapesEval prompts (0: all)")
+    parser.add_argument("--eval-stride", type=int, default=1, help="judge every K-th ShapesEval prompt")
     parser.add_argument("--sample-batch", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timing", action="store_true", help="only measure ms per DPO step")
@@ -297,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [m["prompt"] for m in load_shapeseval()]
     if args.eval_prompts:
         prompts = prompts[: args.eval_prompts]
+    prompts = prompts[:: args.eval_stride]
     results: dict = {"args": vars(args), "runs": []}
     for spec in args.models:
         base = load_model(spec, device=args.device)
@@ -308,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate = evaluator(args, spec, sampler, prompts, panel, base_images, base_s, results, out)
 
         if args.pairs:
-            offline(args, spec, base, out, evaluate)
+            offline(args, spec, base, out, evaluate, panel)
         for shape in args.online:
             online(args, spec, out, shape, evaluate)
         for shape in args.spin:
