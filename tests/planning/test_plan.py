@@ -67,12 +67,12 @@ def test_dpo_projection_matches_a_measured_run(model_dir, tmp_path):
     """Projected from runs of 2 and 8 steps, a 40-step run's wall time is within 25% of the measured one.
 
     Wall time on a shared machine (the suite runs two workers) moves with its neighbours' load, so the
-    measure-then-run comparison is made up to three times and must hold in one; the NFE projection
-    must be exact every time."""
+    measure-then-run comparison is made up to five times and must hold in one (three were not always
+    enough on the 2-core CI machine); the NFE projection must be exact every time."""
     pairs = make_pairs(64)
     cfg = dpo_config(model_dir, steps=40, batch_size=16, checkpoint_every=0, log_every=10)
     errors = []
-    for attempt in range(3):
+    for attempt in range(5):
         cost = measure_step_cost("dpo", trainer_runner("dpo", cfg, pairs), "cpu", short=2, long=8)
         # Diffusion-DPO evaluates policy and reference on winner and loser, and backpropagates the policy.
         assert cost.forward_nfe_per_step == 16 * 4 and cost.backward_nfe_per_step == 16 * 2
