@@ -352,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch threads (1: a busy CPU runs tiny models fastest)"
     )
     args = parser.parse_args(argv)
+    if args.store and len(args.models) > 1:
+        parser.error(
+            f"--store {args.store} with --models {','.join(args.models)}: a store holds one model's "
+            "samples; run one model per store"
+        )
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

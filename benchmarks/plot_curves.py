@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from diffalign.demo.plots import Panel, Series, line_panels
+from diffalign.demo.plots import Panel, Series, line_panels, save_figure
 
 
 def file_series(path: Path) -> list[tuple[Series, Series]]:
@@ -69,11 +69,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("files", nargs="+", type=Path, help="results.json / curve.json files")
     parser.add_argument("--out", type=Path, default=Path("curves.png"))
     args = parser.parse_args(argv)
-    image = line_panels(curve_panels(args.files))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(args.out)
-    print(f"wrote {args.out}")
-    return args.out
+    return save_figure(line_panels(curve_panels(args.files)), args.out)
 
 
 if __name__ == "__main__":

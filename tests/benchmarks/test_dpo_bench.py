@@ -58,6 +58,14 @@ def test_relabel_refuses_an_unknown_feature_and_a_margin_nothing_passes():
         module.relabel(pairs, panel, "centrality", 2.0)
 
 
+def test_one_store_for_several_models_is_refused(tmp_path, capsys):
+    module = load_benchmark("dpo")
+    with pytest.raises(SystemExit):
+        module.main(["--models", "base,base-flow", "--store", str(tmp_path / "s.db"), "--out", str(tmp_path)])
+    assert "a store holds one model's samples" in capsys.readouterr().err
+    assert not (tmp_path / "s.db").exists()
+
+
 def test_a_tiny_relabelled_run_writes_its_row_with_what_moved(tmp_path):
     module = load_benchmark("dpo")
     out = tmp_path / "bench"

@@ -541,6 +541,25 @@ def test_line_panels_draws_in_memory_only(tmp_path, monkeypatch):
         line_panels([])
 
 
+def test_line_panels_band_and_reference_lines():
+    band_blue = (221, 235, 244)  # C0 at alpha 0.15 over white
+    plain = Panel("t", "x", "y", [Series("a", [1.0, 10.0, 100.0], [0.5, 0.6, 0.55], colour="C0")])
+    assert _colour_pixels(line_panels([plain]), band_blue) < 500  # only the line's anti-aliased edges
+    banded = Panel(
+        "t",
+        "x",
+        "y",
+        [Series("a", [1.0, 10.0, 100.0], [0.5, 0.6, 0.55], colour="C0", lower=[0.4] * 3, upper=[0.7] * 3)],
+        references=[(0.65, "target")],
+        xscale="log",
+    )
+    assert _colour_pixels(line_panels([banded]), band_blue) > 20_000  # the band between 0.4 and 0.7
+    with pytest.raises(ValueError, match="series 'a' of panel 't': lower without upper"):
+        line_panels([Panel("t", "x", "y", [Series("a", [0.0], [0.0], lower=[0.0])])])
+    with pytest.raises(ValueError, match="series 'a' of panel 't': 1 upper values for 2 points"):
+        line_panels([Panel("t", "x", "y", [Series("a", [0.0, 1.0], [0.0, 1.0], lower=[0, 0], upper=[1])])])
+
+
 def test_render_does_not_change_the_data(report):
     data, folder = report
     before = copy.deepcopy(data)
