@@ -32,9 +32,9 @@ def line_key(args: dict, row: dict) -> tuple:
 
 
 def line_label(key: tuple) -> str:
-    model, method, _steps, prompts, lr, beta, recipe = key
+    model, method, steps, prompts, lr, beta, recipe = key
     extras = [*recipe, *(f"{name}={v}" for name, v in (("lr", lr), ("beta", beta)) if v is not None)]
-    label = f"{model}, {method}"
+    label = f"{model}, {method}" + (f" {steps} steps" if isinstance(steps, int) else "")
     if extras:
         label += " (" + ", ".join(e.replace("timestep_range=", "t in ") for e in extras) + ")"
     return f"{label}, {prompts} prompts" if prompts else label

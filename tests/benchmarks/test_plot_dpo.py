@@ -45,11 +45,11 @@ def test_rows_of_one_recipe_join_one_line_across_files(tmp_path):
     series = module.dpo_series(files)
     by_label = {s.label: s for s in series}
     assert set(by_label) == {
-        "base, offline (t in [0.5,1.0]), 300 prompts",
-        "base, offline, 300 prompts",
+        "base, offline 300 steps (t in [0.5,1.0]), 300 prompts",
+        "base, offline 300 steps, 300 prompts",
         "base, online 4x500 (t in [0.5,1.0]), 300 prompts",
     }
-    offline = by_label["base, offline (t in [0.5,1.0]), 300 prompts"]
+    offline = by_label["base, offline 300 steps (t in [0.5,1.0]), 300 prompts"]
     assert offline.x == [500.0, 2000.0] and offline.y == [0.52, 0.567]
     assert offline.lower == pytest.approx([0.49, 0.537]) and offline.upper == pytest.approx([0.55, 0.597])
     online = by_label["base, online 4x500 (t in [0.5,1.0]), 300 prompts"]
