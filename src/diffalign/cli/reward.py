@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -119,7 +120,12 @@ def train_cmd(
             console.print(f"{who}{describe_pretraining(record)}")
             return
         held = record["held_out_accuracy"]
-        extra = "" if held is None else f"  held-out loss {record['held_out_loss']:.4f}  acc {held:.3f}"
+        if held is None:
+            extra = ""
+        else:
+            # accuracy leaves ties out: a held-out split of ties only has none to report
+            acc = "n/a (held-out pairs are all ties)" if math.isnan(held) else f"{held:.3f}"
+            extra = f"  held-out loss {record['held_out_loss']:.4f}  acc {acc}"
         console.print(f"{who}epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f}{extra}")
 
     try:
