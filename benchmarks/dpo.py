@@ -104,6 +104,18 @@ def feature_means(panel: RaterPanel, features: ImageFeatures) -> dict[str, float
     return means
 
 
+def faithfulness_outcomes(tuned: ImageFeatures, base: ImageFeatures, scores) -> dict[str, dict[str, float]]:
+    """The judged pairs split by whether the tuned image is more, less or equally faithful than the
+    base image of the same seed: each part's share of the pairs and its win rate (None when empty).
+    Pairs of equal faithfulness are decided by quality and taste alone."""
+    difference = (tuned.faithfulness - base.faithfulness).numpy()
+    parts = {"more": difference > 1e-6, "less": difference < -1e-6, "equal": abs(difference) <= 1e-6}
+    return {
+        name: {"share": float(mask.mean()), "win_rate": float(scores[mask].mean()) if mask.any() else None}
+        for name, mask in parts.items()
+    }
+
+
 def generate(model, prompts: list[str], sampler: SamplerConfig, seed: int, batch: int) -> torch.Tensor:
     """uint8 images, image i sampled with seed `seed + i` (the same seeds for every model)."""
     out = []
@@ -124,6 +136,11 @@ def judge(panel: RaterPanel, tuned: torch.Tensor, base: torch.Tensor, prompts: l
     return {
         "win_rate": float(p.mean()),
         "ci95": [lo, hi],
+        "win_rate_by_group": {
+            group.name: float(panel.preference_prob(features_tuned, features_base, group=group.name).mean())
+            for group in panel.config.groups
+        },
+        "faithfulness": faithfulness_outcomes(features_tuned, features_base, p),
         "accuracy_tuned": float(features_tuned.correct.double().mean()),
         "accuracy_base": float(features_base.correct.double().mean()),
         "means_tuned": feature_means(panel, features_tuned),
@@ -251,7 +268,8 @@ def evaluator(args, spec, sampler, prompts, panel, base_images, base_s, results,
         print(
             f"{spec} {row['method']} {row['pairs']} labels: win rate {verdict['win_rate']:.3f} "
             f"[{lo:.3f}, {hi:.3f}], accuracy {verdict['accuracy_base']:.3f} -> "
-            f"{verdict['accuracy_tuned']:.3f}",
+            f"{verdict['accuracy_tuned']:.3f}; by group "
+            + ", ".join(f"{name} {value:.3f}" for name, value in verdict["win_rate_by_group"].items()),
             flush=True,
         )
         results["runs"].append(row)

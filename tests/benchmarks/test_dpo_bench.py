@@ -76,4 +76,12 @@ def test_a_tiny_relabelled_run_writes_its_row_with_what_moved(tmp_path):
     assert row["method"] == "offline, quality labels" and row["prompts"] == 4
     assert set(row["means_tuned"]) == {"utility", "quality", *TASTE_FEATURES}
     assert 0.0 <= row["win_rate"] <= 1.0
+    # the pooled panel is the groups' mixture by share (bold and calm, half each)
+    by_group = row["win_rate_by_group"]
+    assert set(by_group) == {"bold", "calm"}
+    assert row["win_rate"] == pytest.approx((by_group["bold"] + by_group["calm"]) / 2, abs=1e-6)
+    parts = row["faithfulness"]
+    assert sum(part["share"] for part in parts.values()) == pytest.approx(1.0)
+    weighted = sum(p["share"] * p["win_rate"] for p in parts.values() if p["win_rate"] is not None)
+    assert weighted == pytest.approx(row["win_rate"], abs=1e-6)
     assert (out / "base" / "dpo-8-quality").is_dir() and (tmp_path / "prefs.db").is_file()

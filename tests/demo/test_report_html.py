@@ -554,6 +554,13 @@ def test_line_panels_band_and_reference_lines():
         xscale="log",
     )
     assert _colour_pixels(line_panels([banded]), band_blue) > 20_000  # the band between 0.4 and 0.7
+    # one point has no band to shade: its interval is an error bar in the line's colour
+    point = Panel("t", "x", "y", [Series("a", [10.0], [0.55], colour="C0", marker="o")], xscale="log")
+    interval = Series("a", [10.0], [0.55], colour="C0", marker="o", lower=[0.2], upper=[0.9])
+    single = Panel("t", "x", "y", [interval], xscale="log")
+    assert (
+        _colour_pixels(line_panels([single]), TAB_BLUE) > _colour_pixels(line_panels([point]), TAB_BLUE) + 100
+    )
     with pytest.raises(ValueError, match="series 'a' of panel 't': lower without upper"):
         line_panels([Panel("t", "x", "y", [Series("a", [0.0], [0.0], lower=[0.0])])])
     with pytest.raises(ValueError, match="series 'a' of panel 't': 1 upper values for 2 points"):

@@ -17,7 +17,8 @@ from PIL import Image
 @dataclass
 class Series:
     """One line: `label` in the legend, points (x[i], y[i]) joined in the order given; with `lower`
-    and `upper` (one value per point, e.g. a 95% interval) a shaded band is drawn between them."""
+    and `upper` (one value per point, e.g. a 95% interval) a shaded band is drawn between them (an error
+    bar for a single point)."""
 
     label: str
     x: list[float]
@@ -80,7 +81,10 @@ def line_panels(
                 color=series.colour,
                 label=series.label,
             )
-            if series.lower is not None:
+            if series.lower is not None and len(series.x) == 1:  # a band needs two points: an error bar
+                below, above = series.y[0] - series.lower[0], series.upper[0] - series.y[0]
+                axes.errorbar(series.x, series.y, yerr=[[below], [above]], color=line.get_color(), capsize=3)
+            elif series.lower is not None:
                 axes.fill_between(series.x, series.lower, series.upper, color=line.get_color(), alpha=0.15)
         for k_ref, (value, label) in enumerate(panel.references):
             axes.axhline(value, color="0.4", linestyle=("--", ":", "-.")[k_ref % 3], linewidth=1, label=label)
