@@ -260,19 +260,8 @@ def test_cli_pretraining_refuses_prompts_outside_the_world(tmp_path):
 def test_cli_says_when_the_held_out_pairs_are_all_ties(tmp_path):
     # the seeded 25% split of 8 pairs keeps pairs 0 and 4 aside: make exactly those the ties
     store = _store_with(tmp_path, ["tie", "image", "image", "image", "tie", "image", "image", "image"])
-    result = _cli(
-        "train",
-        "--store",
-        store,
-        "--out",
-        tmp_path / "rm",
-        "--epochs",
-        "1",
-        "--held-out",
-        "0.25",
-        "--device",
-        "cpu",
-    )
+    args = ["--store", store, "--out", tmp_path / "rm", "--epochs", "1", "--held-out", "0.25"]
+    result = _cli("train", *args, "--device", "cpu")
     assert result.exit_code == 0, result.output
     held = json.loads((tmp_path / "rm" / "split.json").read_text())["held_out_keys"]
     from diffalign.prefs.store import PreferenceStore
