@@ -223,3 +223,19 @@ def test_eval_metric_suite(tmp_path):
     assert {"diversity", "fid"} <= set(suite)
     bad = runner.invoke(app, [str(a) for a in args] + ["--reward", "nonsense:thing"])
     assert bad.exit_code == 2 and "nonsense" in bad.output
+
+
+def test_main_leaves_the_process_group_a_command_started(monkeypatch):
+    """`diffalign` under `accelerate launch` must not exit with gloo's group alive (its threads can abort
+    the interpreter at shutdown after a successful run)."""
+    import torch.distributed as dist
+
+    from diffalign import cli
+    from tests.align.test_distributed import _free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    monkeypatch.setattr("sys.argv", ["diffalign", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 0
+    assert not dist.is_initialized()

@@ -107,6 +107,9 @@ Path(sys.argv[1], f"rank-{rank}.txt").write_text(
     f"rank {rank}/{accelerator.num_processes} {accelerator.distributed_type.value} "
     f"{torch.distributed.get_backend()} fsdp={fsdp} sum={total.item():g}"
 )
+# Leave the gloo group before exit, as `diffalign.cli.main` does: a live group's threads can abort the
+# interpreter at shutdown ("terminate called without an active exception").
+accelerator.end_training()
 """
 
 

@@ -463,12 +463,23 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def _leave_process_group() -> None:
+    """Destroy torch.distributed's default group if a command started one (`accelerate launch`): gloo's
+    threads still alive at interpreter exit can abort the process ("terminate called without an active
+    exception") after a run that otherwise succeeded."""
+    distributed = sys.modules.get("torch.distributed")  # never import torch just to leave
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
 def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    finally:
+        _leave_process_group()
 
 
 if __name__ == "__main__":
