@@ -47,6 +47,7 @@ def test_dpo_happy_path_writes_a_usable_run_folder(tmp_path, eps_model_dir):
     result = invoke("dpo", "--store", store, "--out", out, "--model", eps_model_dir, "--device", "cpu", *FAST)
     assert result.exit_code == 0, result.output
     assert "run folder" in result.output and str(out) in result.output
+    assert "6 pairs with a winner" in result.output and "2 ties left out" in result.output
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
     assert load_model(str(out)).prediction_type == "epsilon"
     # a finished run resumes to the end at once; a different override is refused with the key named

@@ -88,7 +88,11 @@ def _run(
     except StoreError as err:
         fail(f"--store {store}: {err}")
     read = "read as batches need them" if stream else "in memory"
-    console.print(f"{method}: {len(pairs)} pairs from {store} ({read}); run folder {out}")
+    ties = int(pairs.is_tie.sum())
+    console.print(
+        f"{method}: {len(pairs) - ties} pairs with a winner from {store} ({read}; {ties} ties left out); "
+        f"run folder {out}"
+    )
     try:
         with measured(out, config.runtime.device):
             train_dpo(
