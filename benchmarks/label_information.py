@@ -118,6 +118,14 @@ def selector_rows(name: str, scores: Tensor, beats: Tensor, ks: list[int]) -> di
     }
 
 
+def ranking_agreement(scores: Tensor, utility: Tensor, margin: float) -> float:
+    """Share of a prompt's sample pairs (over all prompts) that `scores` order as the gold `utility`
+    does, among pairs whose utilities differ by more than `margin` (the panel's tie margin)."""
+    gold = utility.unsqueeze(2) - utility.unsqueeze(1)
+    same = (scores.unsqueeze(2) - scores.unsqueeze(1)).sign() == gold.sign()
+    return float(same[gold.abs() > margin].double().mean())
+
+
 def label_agreement(panel: RaterPanel, pairs) -> dict:
     """How often a stored label agrees with the pooled gold utility's sign (pairs whose utilities differ
     by more than the panel's tie margin), and how many pairs have a winner."""
@@ -178,11 +186,12 @@ def main(argv: list[str] | None = None) -> dict:
     features = panel.features(images, repeated)
     beats = within_prompt_beats(features, panel, args.per_prompt)
     shape = (len(prompts), args.per_prompt)
+    gold_utility = panel.utility(features).view(shape)
     results = {
         "args": vars(args),
         "prompts": len(prompts),
         "sample_seconds": time.perf_counter() - started,
-        "gold": selector_rows("gold", panel.utility(features).view(shape), beats, args.best_of),
+        "gold": selector_rows("gold", gold_utility, beats, args.best_of),
         "learned": [],
     }
     store = PreferenceStore.open(args.store or out / "prefs.db")
@@ -202,6 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
             {
                 "pairs": n,
                 "labels": label_agreement(panel, pairs),
+                "ranking_agreement": ranking_agreement(
+                    scores.view(shape), gold_utility, panel.config.tie_margin
+                ),
                 "held_out_accuracy": next(
                     r["held_out_accuracy"] for r in fitted.history if r["epoch"] == fitted.best_epoch
                 ),

@@ -72,6 +72,16 @@ def test_within_prompt_beats_reads_the_panel_and_averages_to_a_coin_flip():
         module.within_prompt_beats(features, panel, 3)
 
 
+def test_ranking_agreement_counts_pairs_in_the_gold_order_past_the_margin():
+    module = _module()
+    utility = torch.tensor([[0.0, 1.0, 2.0, 2.005]])
+    scores = torch.tensor([[0.0, 2.0, 1.0, 5.0]])
+    # pairs past the 0.01 margin: (0,1) (0,2) (0,3) (1,2) (1,3), each counted in both orders;
+    # the scores reverse (1,2) only
+    assert module.ranking_agreement(scores, utility, 0.01) == pytest.approx(4 / 5)
+    assert module.ranking_agreement(utility, utility, 0.01) == 1.0
+
+
 @pytest.mark.slow
 def test_a_tiny_run_writes_gold_and_learned_rows(tmp_path, capsys):
     module = _module()
@@ -93,6 +103,7 @@ def test_a_tiny_run_writes_gold_and_learned_rows(tmp_path, capsys):
     assert saved["gold"] == results["gold"] and len(saved["learned"]) == 1
     learned = saved["learned"][0]
     assert learned["pairs"] == 24 and learned["labels"]["pairs_with_winner"] <= 24
+    assert 0.0 <= learned["ranking_agreement"] <= 1.0
     assert [row["k"] for row in learned["best_of"]] == [2, 3]
     kls = [row["kl"] for row in saved["gold"]["tilt"]]
     assert kls == sorted(kls) and kls[-1] <= math.log(3) + 1e-9  # sharper tilts move further
