@@ -142,14 +142,15 @@ def label_agreement(panel: RaterPanel, pairs) -> dict:
     }
 
 
-def samples(args, model, prompts: list[str], out: Path, dpo) -> Tensor:
+def samples(args, model, prompts: list[str], repeated: list[str], out: Path, dpo) -> Tensor:
+    """The K samples of every prompt (`repeated`: each prompt K times, prompt-major), from the cache in
+    `out` when it was drawn for the same model, K, prompts and seed."""
     cache = out / "samples.pt"
     key = {"model": args.model, "per_prompt": args.per_prompt, "prompts": prompts, "seed": SAMPLE_SEED}
     if cache.is_file():
         stored = torch.load(cache)
         if stored["key"] == key:
             return stored["images"]
-    repeated = [p for p in prompts for _ in range(args.per_prompt)]
     sampler = SamplerConfig.for_prediction_type(model.prediction_type)
     images = dpo.generate(model, repeated, sampler, seed=SAMPLE_SEED, batch=args.sample_batch)
     torch.save({"key": key, "images": images}, cache)
@@ -181,8 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_model(args.model)
     prompts = [m["prompt"] for m in load_shapeseval()[:: args.eval_stride]]
     started = time.perf_counter()
-    images = samples(args, model, prompts, out, dpo)
     repeated = [p for p in prompts for _ in range(args.per_prompt)]
+    images = samples(args, model, prompts, repeated, out, dpo)
     features = panel.features(images, repeated)
     beats = within_prompt_beats(features, panel, args.per_prompt)
     shape = (len(prompts), args.per_prompt)
@@ -206,21 +207,17 @@ def main(argv: list[str] | None = None) -> dict:
         with torch.no_grad():
             scores = torch.cat(
                 [reward(images[s : s + 256], repeated[s : s + 256]) for s in range(0, len(repeated), 256)]
-            )
+            ).view(shape)
         results["learned"].append(
             {
                 "pairs": n,
                 "labels": label_agreement(panel, pairs),
-                "ranking_agreement": ranking_agreement(
-                    scores.view(shape), gold_utility, panel.config.tie_margin
-                ),
+                "ranking_agreement": ranking_agreement(scores, gold_utility, panel.config.tie_margin),
                 "held_out_accuracy": next(
                     r["held_out_accuracy"] for r in fitted.history if r["epoch"] == fitted.best_epoch
                 ),
                 "train_seconds": time.perf_counter() - started,
-                **selector_rows(
-                    f"reward model on {n} pairs", scores.view(shape).double(), beats, args.best_of
-                ),
+                **selector_rows(f"reward model on {n} pairs", scores.double(), beats, args.best_of),
             }
         )
     (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
