@@ -1,5 +1,7 @@
 """The Accelerate configs in examples/accelerate: each parses with Accelerate's own loader, has every
-field documented, and launches what docs/scaling.md says it launches."""
+field documented, and launches what docs/scaling.md says it launches; the trainer configs in
+examples/configs load into their dataclasses, and the FSDP one's settings run `align dpo` sharded on two
+CPU processes."""
 
 from __future__ import annotations
 
@@ -8,24 +10,21 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
+import torch
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
-from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-from accelerate.utils.launch import prepare_multi_gpu_env
+from accelerate.utils import DistributedType
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "examples" / "accelerate"
+TRAINER_CONFIGS = ROOT / "examples" / "configs"
 EXPECTED = {
     "single_gpu_bf16.yaml": (DistributedType.NO, 1, 1),
     "ddp_8gpu.yaml": (DistributedType.MULTI_GPU, 8, 1),
     "ddp_2nodes_8gpu.yaml": (DistributedType.MULTI_GPU, 16, 2),
-    "fsdp_8gpu.yaml": (DistributedType.FSDP, 8, 1),
     "cpu_2proc_gloo.yaml": (DistributedType.MULTI_GPU, 2, 1),  # the torchrun launcher, --device cpu
-    "fsdp_cpu.yaml": (DistributedType.FSDP, 2, 1),
 }
 KEY = re.compile(r"^(\s*)([A-Za-z_][A-Za-z0-9_]*):")
 
@@ -42,16 +41,16 @@ def test_each_config_parses_with_accelerates_loader(name):
     assert isinstance(config, ClusterConfig)
     kind, processes, machines = EXPECTED[name]
     assert (config.distributed_type, config.num_processes, config.num_machines) == (kind, processes, machines)
-    launch_flags = {a.dest for a in launch_command_parser()._actions}
-    for key in config.fsdp_config or {}:  # fsdp_config keys become `accelerate launch --fsdp_*` flags
-        assert key in launch_flags, f"{name}: fsdp_config.{key} is not an accelerate launch option"
+    assert not config.fsdp_config  # FSDP is the trainers' runtime.sharding, not Accelerate's launch type
     if config.num_machines > 1:
         assert config.main_process_ip and config.main_process_port
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_every_field_has_a_comment(name):
-    lines = (CONFIGS / name).read_text().splitlines()
+@pytest.mark.parametrize(
+    "path", [CONFIGS / name for name in sorted(EXPECTED)] + sorted(TRAINER_CONFIGS.glob("*.yaml")), ids=str
+)
+def test_every_field_has_a_comment(path):
+    lines = path.read_text().splitlines()
     keys = 0
     for i, line in enumerate(lines):
         match = KEY.match(line)
@@ -61,37 +60,22 @@ def test_every_field_has_a_comment(name):
         value = line[match.end() :]
         above = lines[i - 1].strip() if i else ""
         if not ("#" in value or above.startswith("#") or value.strip() == ""):
-            pytest.fail(f"{name}:{i + 1}: {match.group(2)} has no comment")
-    assert keys == len(_all_keys(yaml.safe_load((CONFIGS / name).read_text())))
+            pytest.fail(f"{path.name}:{i + 1}: {match.group(2)} has no comment")
+    assert keys == len(_all_keys(yaml.safe_load(path.read_text())))
 
 
 def _all_keys(tree: dict) -> list[str]:
     return [k for k, v in tree.items() for k in [k, *(_all_keys(v) if isinstance(v, dict) else [])]]
 
 
-def test_the_fsdp_config_becomes_an_fsdp_plugin_that_wraps_unet_blocks():
-    from diffusers import UNet2DConditionModel
+def test_the_fsdp_trainer_config_loads_into_dpo_config():
+    from diffalign.align.config_io import load_config
+    from diffalign.align.dpo import DPOConfig
 
-    args = launch_command_parser().parse_args(["--config_file", str(CONFIGS / "fsdp_8gpu.yaml"), "train.py"])
-    args, _, _ = _validate_launch_command(args)
-    env = {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("FSDP_", "ACCELERATE_"))}
-    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"
-    env["FSDP_SYNC_MODULE_STATES"] = "false"  # Accelerate needs a GPU to set up the broadcast
-    with mock.patch.dict(os.environ, env):
-        plugin = FullyShardedDataParallelPlugin()
-    assert plugin.state_dict_type.name == "FULL_STATE_DICT" and plugin.use_orig_params
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=4,
-        cross_attention_dim=8,
-        attention_head_dim=2,
-    )
-    plugin.set_auto_wrap_policy(unet)  # raises if a class to wrap is not in the UNet
-    assert plugin.auto_wrap_policy is not None
+    config = load_config(DPOConfig, TRAINER_CONFIGS / "dpo_fsdp_sd15.yaml", [])
+    assert config.runtime.sharding == "fsdp" and config.lora_rank == 0
+    assert config.runtime.mixed_precision == "bf16" and config.pipeline.gradient_checkpointing
+    assert "dpo_fsdp_sd15.yaml" in (ROOT / "docs" / "scaling.md").read_text()
 
 
 PROBE = """
@@ -113,23 +97,53 @@ accelerator.end_training()
 """
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["cpu_2proc_gloo.yaml", "fsdp_cpu.yaml"])
-def test_the_cpu_configs_start_two_gloo_processes_and_neither_shards(name, tmp_path):
-    """Both start two CPU processes that all-reduce over gloo; the FSDP one runs as DDP (docs/scaling.md:
-    Accelerate enables FSDP only for GPU-like devices). If Accelerate ever shards on the CPU, this fails
-    and the FSDP row of docs/scaling.md must be revisited."""
-    script = tmp_path / "probe.py"
-    script.write_text(PROBE)
+def accelerate_launch(*args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch ARGS` with the CPU config of two gloo processes (one torch thread each)."""
     launcher = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [str(launcher), "launch", "--config_file", str(CONFIGS / name), str(script), str(tmp_path)],
+    return subprocess.run(
+        [str(launcher), "launch", "--config_file", str(CONFIGS / "cpu_2proc_gloo.yaml"), *args],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,
         env=env,
     )
+
+
+@pytest.mark.slow
+def test_the_cpu_config_starts_two_gloo_processes(tmp_path):
+    """Two CPU processes that all-reduce over gloo, with no Accelerate FSDP plugin."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    result = accelerate_launch(str(script), str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = sorted(p.read_text() for p in tmp_path.glob("rank-*.txt"))
     assert lines == [f"rank {r}/2 MULTI_CPU gloo fsdp=False sum=3" for r in range(2)]
+
+
+@pytest.mark.slow
+def test_align_dpo_runs_sharded_under_accelerate_launch(tmp_path):
+    """The command line of docs/scaling.md's FSDP section on two CPU processes: `align dpo` with
+    runtime.sharding=fsdp writes a whole model folder and checkpoint (tests/align/test_fsdp.py checks
+    the maths)."""
+    from tests.align.helpers import save_tiny_model, store_with_preferences
+
+    model = save_tiny_model(tmp_path / "model", "epsilon")
+    store = tmp_path / "prefs.db"
+    store_with_preferences(store, n=8, ties=0)
+    out = tmp_path / "run"
+    diffalign = Path(sys.executable).with_name("diffalign")
+    result = accelerate_launch(
+        str(diffalign), "align", "dpo", "--model", str(model), "--store", str(store), "--out", str(out),
+        "--device", "cpu", "runtime.sharding=fsdp", "steps=2", "batch_size=2", "checkpoint_every=2",
+        "log_with=none",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "checkpoints" / "step-0000002" / "process-1.pt").is_file()
+    from diffalign.models.registry import load_model
+
+    before, after = load_model(str(model)).unet, load_model(str(out / "model")).unet
+    assert type(after).__name__ == "TinyUNet"
+    changed = [not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters(), strict=True)]
+    assert sum(changed) > len(changed) // 2

@@ -8,6 +8,11 @@ are the moments where every process must act in the same order:
 - `save_training_checkpoint`: the main process opens the checkpoint, every process writes its own
   state, the main process writes weights and optimiser and renames the folder into place;
 - `save_final_model`: once the run is complete, the main process writes its `model/` folder.
+
+Under FSDP (`runtime.sharding=fsdp`, `diffalign.align.sharding`) each process holds a shard of the
+weights and optimiser state; these functions gather them whole on every process first (a collective),
+so a checkpoint and the model folder are the same files as a data-parallel run's, except that the
+optimiser state is keyed by parameter name.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from diffalign.align.run_dir import Checkpoint, RunDir, RunDirError
+from diffalign.align.sharding import full_optimizer_state, full_weights, network_is_sharded, whole_parameters
 
 
 def trainable_state(network: nn.Module) -> dict[str, Tensor]:
@@ -57,6 +63,10 @@ def save_training_checkpoint(
     extra: dict | None = None,
 ) -> None:
     """Write checkpoint `step` from every process (see the module doc); returns when all are done."""
+    if network_is_sharded(network):  # every process gathers; the main one writes
+        weights, optimizer_state = full_weights(network), full_optimizer_state(network, optimizer)
+    else:
+        weights, optimizer_state = trainable_state(network), None
     if accelerator.is_main_process:
         run.begin_checkpoint(step)
     accelerator.wait_for_everyone()
@@ -65,8 +75,8 @@ def save_training_checkpoint(
     if accelerator.is_main_process:
         run.finish_checkpoint(
             step,
-            weights=trainable_state(network),
-            optimizer=optimizer.state_dict(),
+            weights=weights,
+            optimizer=optimizer_state if optimizer_state is not None else optimizer.state_dict(),
             data_cursor=data_cursor,
             record=record,
             extra=extra,
@@ -110,6 +120,10 @@ def save_final_model(run: RunDir, accelerator, guard, model, done: int, total: i
     if done != total:
         return
     guard.check(run.latest_checkpoint())
-    if accelerator.is_main_process:
+    if network_is_sharded(model.denoiser):
+        with whole_parameters(model.denoiser):  # every process gathers; the main one writes
+            if accelerator.is_main_process:
+                model.save(run.model_dir)
+    elif accelerator.is_main_process:
         model.save(run.model_dir)
     accelerator.wait_for_everyone()

@@ -57,6 +57,13 @@ from diffalign.align.runtime import (
     seed_everything,
     step_generator,
 )
+from diffalign.align.sharding import (
+    check_sharding,
+    is_sharded,
+    load_full_optimizer_state,
+    shard_model,
+    whole_value,
+)
 from diffalign.align.tracking import resolve_log_with
 from diffalign.diffusion.protocol import Conditioning
 from diffalign.diffusion.schedules import FLOW_TIME_DISTRIBUTIONS, training_target
@@ -504,7 +511,9 @@ def train_dpo(
 ):
     """Fine-tune `config.model` on `pairs` with Diffusion-DPO (or KTO); returns the trained model.
 
-    Writes the run folder (`diffalign.align.run_dir`), whose `model/` is the final model.
+    Writes the run folder (`diffalign.align.run_dir`), whose `model/` is the final model. Under
+    `runtime.sharding=fsdp` the returned model's network stays sharded across the processes (every
+    process must run it together); `load_model(run_dir)` gives a whole copy.
 
     Args:
         config: the run's config.
@@ -525,14 +534,23 @@ def train_dpo(
         PreferenceDataError: empty or tie-only data, images of another size than the model's.
         RunDirError: a fresh run into a used folder, a resume without a run or with another config.
         NonFiniteError: a loss or gradient norm became NaN or inf (the last good checkpoint is kept).
+        ValueError: `runtime.sharding=fsdp` with one process, LoRA or `runtime.compile`.
     """
     run = RunDir(run_dir)
     data = training_data(pairs, config.method)
 
     # 1. Accelerate, seeding, the model and its reference.
-    accelerator = make_accelerator(config.runtime, resolve_log_with(config.log_with), run.logs_dir)
+    accelerator = make_accelerator(
+        config.runtime,
+        resolve_log_with(config.log_with),
+        run.logs_dir,
+        trainer=config.method.upper(),
+        allow_sharding=True,
+    )
     seed_everything(config.runtime.seed)
     model = policy_for(config, accelerator.device, loaded=model)
+    sharded = is_sharded(config.runtime)
+    check_sharding(config.runtime, num_processes=accelerator.num_processes, lora=model.lora)
     if tuple(data.images.shape[1:]) != tuple(model.image_shape):
         raise PreferenceDataError(
             f"the preference images are {tuple(data.images.shape[1:])} but the model {config.model!r} "
@@ -554,11 +572,8 @@ def train_dpo(
     begin_run(run, record, resume, accelerator)
     network = model.denoiser
     network.train()
-    params = model.trainable_parameters()
-    optimizer = make_optimizer(params, config.lr, config.weight_decay, config.runtime)
-    compile_network(network, config.runtime)
 
-    # 2. Resume: trainable weights before `prepare`, optimiser state and RNG after it.
+    # 2. Resume: trainable weights before sharding and `prepare`, optimiser state and RNG after them.
     num_processes = accelerator.num_processes
     accumulation = config.runtime.gradient_accumulation_steps
     global_size = config.batch_size * num_processes * accumulation
@@ -576,9 +591,20 @@ def train_dpo(
                 f"({num_processes} processes x {accumulation} accumulation x {config.batch_size}): resume "
                 "with the same number of processes"
             )
-    unet, optimizer = accelerator.prepare(network, optimizer)
+    if sharded:
+        shard_model(model, device=accelerator.device)  # in place: policy and frozen reference
+    params = model.trainable_parameters()
+    optimizer = make_optimizer(params, config.lr, config.weight_decay, config.runtime)
+    compile_network(network, config.runtime)
+    if sharded:  # FSDP2 shards in place and syncs gradients itself: no DDP wrapper
+        unet, optimizer = network, accelerator.prepare(optimizer)
+    else:
+        unet, optimizer = accelerator.prepare(network, optimizer)
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint.optimizer)
+        if sharded:
+            load_full_optimizer_state(network, optimizer, checkpoint.optimizer)
+        else:
+            optimizer.load_state_dict(checkpoint.optimizer)
         if checkpoint.rng is not None:
             set_rng_state(checkpoint.rng)
         window = checkpoint.process_state.get("window", window)
@@ -634,6 +660,7 @@ def train_dpo(
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip or math.inf)
+                        grad_norm = whole_value(grad_norm)  # a DTensor under FSDP
                         guard.observe("gradient norm", grad_norm, step + 1)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -161,7 +161,9 @@ def train_nft(
     run = RunDir(run_dir)
 
     # 1. Accelerate, seeding, the model and its reference, the reward, the prompts.
-    accelerator = make_accelerator(config.runtime, resolve_log_with(config.log_with), run.logs_dir)
+    accelerator = make_accelerator(
+        config.runtime, resolve_log_with(config.log_with), run.logs_dir, trainer="DiffusionNFT"
+    )
     seed_everything(config.runtime.seed)
     model = policy_for(config, accelerator.device)
     sampler = config.sampler_config(model.prediction_type)

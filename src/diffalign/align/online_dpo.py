@@ -28,6 +28,7 @@ import torch
 from diffalign.align.config_io import to_dict
 from diffalign.align.dpo import DPOConfig
 from diffalign.align.rounds import check_round_fields, run_rounds
+from diffalign.align.sharding import require_unsharded
 from diffalign.diffusion.sampling import SamplerConfig, sample
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.records import CHOICE_IMAGE, CHOICE_TIE, NewComparison
@@ -190,7 +191,9 @@ def train_online_dpo(
         PreferenceDataError: a round's pairs are all ties (nothing to train on).
         RunDirError: a fresh run into a used folder, a resume with another config.
         RewardSpecError: an unknown labeller.
+        ValueError: `dpo.runtime.sharding=fsdp` (not supported here yet).
     """
+    require_unsharded(config.dpo.runtime, "online DPO")  # its rounds sample with the whole model
     run = Path(run_dir)
     record = {"trainer": "online-dpo", "config": to_dict(config)}
     prompts = read_prompts(config.prompts) if config.prompts else None

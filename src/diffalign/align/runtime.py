@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SHARDING = ("none", "fsdp")
 
 
 @dataclass
@@ -48,6 +49,9 @@ class RuntimeConfig:
             CUDA graphs, "max-autotune", "max-autotune-no-cudagraphs"). The denoiser's repeated blocks
             are compiled one by one, in place (`compile_blocks`), so weight names, checkpoints and
             saved models are unchanged; the first steps pay the compilation.
+        sharding: "none" (data parallel: each process holds the whole model) or "fsdp" (torch's
+            FSDP2: weights, gradients and optimiser state split across the processes; full
+            fine-tuning in `align dpo` / `align kto` only, at least 2 processes; `align.sharding`).
     """
 
     device: str = "auto"
@@ -56,6 +60,7 @@ class RuntimeConfig:
     seed: int = 0
     optimizer: str = "adamw"
     compile: str = "none"
+    sharding: str = "none"
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -72,10 +77,24 @@ class RuntimeConfig:
             raise ValueError(f"runtime.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"runtime.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.sharding not in SHARDING:
+            raise ValueError(f"runtime.sharding must be one of {SHARDING}, got {self.sharding!r}")
 
 
-def make_accelerator(runtime: RuntimeConfig, log_with: list[str] | None = None, project_dir=None):
-    """An `accelerate.Accelerator` for `runtime` (device, mixed precision, accumulation, trackers)."""
+def make_accelerator(
+    runtime: RuntimeConfig,
+    log_with: list[str] | None = None,
+    project_dir=None,
+    *,
+    trainer: str = "this",
+    allow_sharding: bool = False,
+):
+    """An `accelerate.Accelerator` for `runtime` (device, mixed precision, accumulation, trackers).
+    `runtime.sharding=fsdp` is refused unless the calling `trainer` passes `allow_sharding`."""
+    from diffalign.align.sharding import require_unsharded
+
+    if not allow_sharding:
+        require_unsharded(runtime, trainer)
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -99,24 +118,31 @@ def make_accelerator(runtime: RuntimeConfig, log_with: list[str] | None = None, 
     return accelerator
 
 
-#: Accelerate's sharded modes, which the trainers do not support yet (`refuse_sharded_training`).
+#: Accelerate's sharded launch types, which the trainers refuse (`refuse_sharded_training`).
 SHARDED_TYPES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
 def refuse_sharded_training(distributed_type) -> None:
-    """Stop a launch under FSDP, DeepSpeed or Megatron-LM before anything is written.
+    """Stop a launch whose Accelerate distributed type is FSDP, DeepSpeed or Megatron-LM before
+    anything is written.
 
-    The trainers save checkpoints and the final model from the main process's copy of the weights and
-    optimiser, and sample and evaluate the reference through the unwrapped denoiser; under sharding
-    the main process holds only its shard, so a run would write incomplete checkpoints. Data-parallel
-    launches (DDP: one full copy per process) are what the trainers support (docs/scaling.md)."""
+    Accelerate's FSDP plugin wraps the network that `prepare` returns, while the trainers sample and
+    evaluate the reference through the model's own network; diffalign shards that network in place
+    itself instead (`runtime.sharding=fsdp`, torch's FSDP2, `diffalign.align.sharding`), which a
+    data-parallel launch config turns on. DeepSpeed and Megatron-LM are not supported."""
     name = str(getattr(distributed_type, "value", distributed_type)).upper()
+    if name == "FSDP":
+        raise ValueError(
+            "Accelerate's FSDP launch type is not used by the trainers: launch with a data-parallel "
+            "config (examples/accelerate/ddp_8gpu.yaml) and set runtime.sharding=fsdp, which shards the "
+            "model in place with torch's FSDP2 (align dpo / align kto, full fine-tuning; docs/scaling.md)"
+        )
     if name in SHARDED_TYPES:
         raise ValueError(
-            f"the trainers do not support {name} yet: they checkpoint and sample from each process's full "
-            "copy of the weights. Launch with data parallelism instead (examples/accelerate/ddp_8gpu.yaml) "
-            "and fit the model with LoRA, pipeline.gradient_checkpointing, runtime.mixed_precision=bf16 "
-            "and runtime.optimizer=adamw_8bit (docs/scaling.md)"
+            f"the trainers do not support {name}: launch with data parallelism instead "
+            "(examples/accelerate/ddp_8gpu.yaml), with runtime.sharding=fsdp for full fine-tuning in "
+            "align dpo / align kto, or fit the model with LoRA, pipeline.gradient_checkpointing, "
+            "runtime.mixed_precision=bf16 and runtime.optimizer=adamw_8bit (docs/scaling.md)"
         )
 
 
@@ -136,9 +162,9 @@ def make_optimizer(
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-#: The blocks `compile_blocks` compiles one by one: diffusers' UNet blocks (SD 1.x/2.x/XL), SD3's joint
-#: transformer blocks, and the tiny UNet's blocks.
-COMPILED_BLOCKS = (
+#: The blocks `compile_blocks` compiles and `align.sharding` shards one by one: diffusers' UNet blocks
+#: (SD 1.x/2.x/XL), SD3's joint transformer blocks, and the tiny UNet's blocks.
+REPEATED_BLOCKS = (
     "ResnetBlock2D",
     "Transformer2DModel",
     "JointTransformerBlock",
@@ -147,8 +173,20 @@ COMPILED_BLOCKS = (
 )
 
 
+def outermost_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks of `network` whose class is in `REPEATED_BLOCKS` and that no other such block holds."""
+    found: list[str] = []
+    blocks: list[torch.nn.Module] = []
+    for name, module in network.named_modules():
+        inside = any(name.startswith(prefix + ".") for prefix in found)
+        if type(module).__name__ in REPEATED_BLOCKS and not inside:
+            found.append(name)
+            blocks.append(module)
+    return blocks
+
+
 def compile_blocks(network: torch.nn.Module, mode: str = "default", dynamic: bool | None = False) -> int:
-    """Compile every outermost block of `network` whose class is in `COMPILED_BLOCKS`, in place
+    """Compile every outermost block of `network` whose class is in `REPEATED_BLOCKS`, in place
     (`nn.Module.compile`): regional compilation, where identical blocks share one compiled graph, so
     compiling takes a fraction of the whole network's time. Returns the number of blocks compiled.
 
@@ -165,18 +203,15 @@ def compile_blocks(network: torch.nn.Module, mode: str = "default", dynamic: boo
     if hasattr(dynamo, "fail_on_recompile_limit_hit"):
         dynamo.fail_on_recompile_limit_hit = True
     options = {"mode": None if mode == "default" else mode, "dynamic": dynamic}
-    compiled: list[str] = []
-    for name, module in network.named_modules():
-        inside = any(name.startswith(prefix + ".") for prefix in compiled)
-        if type(module).__name__ in COMPILED_BLOCKS and not inside:
-            module.compile(**options)
-            compiled.append(name)
-    if not compiled:
+    blocks = outermost_blocks(network)
+    if not blocks:
         raise ValueError(
             f"runtime.compile: {type(network).__name__} has none of the blocks compiled one by one "
-            f"({', '.join(COMPILED_BLOCKS)})"
+            f"({', '.join(REPEATED_BLOCKS)})"
         )
-    return len(compiled)
+    for module in blocks:
+        module.compile(**options)
+    return len(blocks)
 
 
 def compile_network(network: torch.nn.Module, runtime: RuntimeConfig) -> None:

@@ -26,6 +26,7 @@ from diffalign.align.config_io import to_dict
 from diffalign.align.dpo import DPOConfig, PreferenceDataError
 from diffalign.align.online_dpo import sampler_for
 from diffalign.align.rounds import check_round_fields, run_rounds
+from diffalign.align.sharding import require_unsharded
 from diffalign.diffusion.sampling import sample
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.simulate import SEED_STRIDE
@@ -154,7 +155,9 @@ def train_spin(
     show_progress: bool = False,
     on_round: Callable[[dict], None] | None = None,
 ):
-    """Run SPIN-Diffusion (module doc) on `real` into `run_dir` (layout: `diffalign.align.rounds`)."""
+    """Run SPIN-Diffusion (module doc) on `real` into `run_dir` (layout: `diffalign.align.rounds`).
+    Refuses `dpo.runtime.sharding=fsdp` (its rounds sample with the whole model)."""
+    require_unsharded(config.dpo.runtime, "SPIN")
     record = {
         "trainer": "spin",
         "config": to_dict(config),

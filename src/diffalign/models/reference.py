@@ -51,6 +51,11 @@ class FrozenReference:
             raise ValueError("set_reference: the reference network's weights differ from this model's")
         self._reference = reference
 
+    def reference_network(self):
+        """The frozen reference network, or None (LoRA, whose reference is the adapters switched off,
+        or before `freeze_reference`)."""
+        return self._reference
+
     def reference_predict(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         """The reference's prediction, without gradients."""
         with torch.no_grad():
