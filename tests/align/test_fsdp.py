@@ -11,13 +11,18 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from diffalign.align.dpo import train_dpo
+from diffalign.align.nft import train_nft
+from diffalign.align.policy_gradient import train_pg
 from diffalign.align.run_dir import OPTIMIZER_FILE, WEIGHTS_FILE
 from diffalign.align.runtime import RuntimeConfig, make_accelerator
 from diffalign.align.sharding import check_sharding
 from diffalign.models.registry import load_model
 from tests.align.helpers import config, make_pairs
+from tests.align.pg_helpers import Redness, nft_config, pg_config
 from tests.align.test_distributed import _free_port, join_as_process
 
+#: GRPO with full fine-tuning: 2 epochs of 4 prompts x 2 samples, 4 (sample, step) pairs per micro-batch
+GRPO = dict(method="grpo", epochs=2, train_batch_size=4, lr=1e-4)
 LR = 1e-4  # full fine-tuning: the tests' LoRA rate 1e-3 sends the loss from 0.69 to 8 in two steps
 
 
@@ -42,6 +47,13 @@ def _worker(rank: int, world: int, port: int, model_dir: str, run_dir: str, stop
 def _pipeline_worker(rank: int, world: int, port: int, folder: str, run_dir: str) -> None:
     join_as_process(rank, world, port)
     train_dpo(sharded_config(folder, steps=2, batch_size=2, checkpoint_every=2), make_pairs(8), run_dir)
+    torch.distributed.destroy_process_group()
+
+
+def _grpo_worker(rank: int, world: int, port: int, model_dir: str, run_dir: str) -> None:
+    join_as_process(rank, world, port)
+    runtime = RuntimeConfig(device="cpu", sharding="fsdp")
+    train_pg(pg_config(model_dir, **GRPO, runtime=runtime), run_dir, reward=Redness())
     torch.distributed.destroy_process_group()
 
 
@@ -125,9 +137,13 @@ def test_a_single_process_dpo_run_refuses_fsdp_before_writing(tmp_path, eps_mode
     assert not (tmp_path / "run" / "config.json").exists()
 
 
-def test_trainers_without_sharding_refuse_it_by_name():
-    with pytest.raises(ValueError, match="the grpo trainer does not shard yet"):
-        make_accelerator(RuntimeConfig(device="cpu", sharding="fsdp"), trainer="grpo")
+def test_trainers_without_sharding_refuse_it_by_name(tmp_path, eps_model_dir):
+    with pytest.raises(ValueError, match="the alignprop trainer does not shard yet"):
+        make_accelerator(RuntimeConfig(device="cpu", sharding="fsdp"), trainer="alignprop")
+    runtime = RuntimeConfig(device="cpu", sharding="fsdp")
+    with pytest.raises(ValueError, match="the DiffusionNFT trainer does not shard yet"):
+        train_nft(nft_config(eps_model_dir, runtime=runtime), tmp_path / "nft", reward=Redness())
+    assert not (tmp_path / "nft" / "config.json").exists()
 
 
 @pytest.mark.parametrize("family", ["sd", "sd3"])
@@ -153,3 +169,22 @@ def test_a_sharded_diffusers_denoiser_trains_and_saves_a_loadable_pipeline(tmp_p
         gaps.append(float((p.detach() - q.detach()).abs().max()))
         moved.append(not torch.equal(q, b))
     assert max(gaps) < 2 * 2 * LR and sum(moved) > 0.8 * len(moved)
+
+
+def test_sharded_grpo_samples_and_trains_like_one_process(tmp_path, eps_model_dir):
+    """Policy gradient samples with the sharded network (every process its share of the epoch, all
+    in step) and trains it; the result equals one process with twice the accumulation."""
+    run = tmp_path / "fsdp"
+    mp.spawn(_grpo_worker, args=(2, _free_port(), str(eps_model_dir), str(run)), nprocs=2, join=True)
+    cfg = pg_config(eps_model_dir, **GRPO)
+    cfg.runtime.gradient_accumulation_steps = 2
+    single = train_pg(cfg, tmp_path / "single", reward=Redness()).unet
+    sharded, base = weights(run / "model"), weights(eps_model_dir)
+    elements = differing = moved = 0
+    for name, p in single.named_parameters():
+        gap = (sharded[name] - p.detach()).abs()
+        assert float(gap.max()) < 2 * 2 * LR, name
+        elements += gap.numel()
+        differing += int((gap > 0.05 * LR).sum())
+        moved += int(((sharded[name] - base[name]).abs() > 0.5 * LR).sum())
+    assert differing <= 1e-3 * elements and moved > 0.5 * elements, (differing, moved, elements)

@@ -49,19 +49,15 @@ from diffalign.align.policy_setup import adapter_options, policy_for
 from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
 from diffalign.align.runtime import (
     RuntimeConfig,
-    compile_network,
     epoch_indices,
     global_batch_slice,
     make_accelerator,
-    make_optimizer,
+    prepare_training,
     seed_everything,
     step_generator,
 )
 from diffalign.align.sharding import (
     check_sharding,
-    is_sharded,
-    load_full_optimizer_state,
-    shard_model,
     whole_value,
 )
 from diffalign.align.tracking import resolve_log_with
@@ -549,7 +545,6 @@ def train_dpo(
     )
     seed_everything(config.runtime.seed)
     model = policy_for(config, accelerator.device, loaded=model)
-    sharded = is_sharded(config.runtime)
     check_sharding(config.runtime, num_processes=accelerator.num_processes, lora=model.lora)
     if tuple(data.images.shape[1:]) != tuple(model.image_shape):
         raise PreferenceDataError(
@@ -591,20 +586,15 @@ def train_dpo(
                 f"({num_processes} processes x {accumulation} accumulation x {config.batch_size}): resume "
                 "with the same number of processes"
             )
-    if sharded:
-        shard_model(model, device=accelerator.device)  # in place: policy and frozen reference
-    params = model.trainable_parameters()
-    optimizer = make_optimizer(params, config.lr, config.weight_decay, config.runtime)
-    compile_network(network, config.runtime)
-    if sharded:  # FSDP2 shards in place and syncs gradients itself: no DDP wrapper
-        unet, optimizer = network, accelerator.prepare(optimizer)
-    else:
-        unet, optimizer = accelerator.prepare(network, optimizer)
+    unet, optimizer, params = prepare_training(
+        accelerator,
+        model,
+        config.runtime,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        checkpoint=checkpoint,
+    )
     if checkpoint is not None:
-        if sharded:
-            load_full_optimizer_state(network, optimizer, checkpoint.optimizer)
-        else:
-            optimizer.load_state_dict(checkpoint.optimizer)
         if checkpoint.rng is not None:
             set_rng_state(checkpoint.rng)
         window = checkpoint.process_state.get("window", window)

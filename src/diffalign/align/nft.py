@@ -53,10 +53,9 @@ from diffalign.align.policy_setup import policy_for
 from diffalign.align.prompts import load_prompt_source
 from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
 from diffalign.align.runtime import (
-    compile_network,
     global_batch_slice,
     make_accelerator,
-    make_optimizer,
+    prepare_training,
     seed_everything,
     step_generator,
 )
@@ -198,9 +197,6 @@ def train_nft(
     }
     begin_run(run, record, resume, accelerator)
     network = model.denoiser  # eval mode: sampling and training see the same network
-    params = model.trainable_parameters()
-    optimizer = make_optimizer(params, config.lr, config.weight_decay, config.runtime)
-    compile_network(network, config.runtime)
 
     # 2. Resume: trainable weights before `prepare`, optimiser state, RNG and old weights after it.
     start = 0
@@ -212,12 +208,18 @@ def train_nft(
             raise RunDirError(
                 f"checkpoint {checkpoint.path}: {checkpoint.data_cursor} samples in {start} epochs"
             )
-    unet, optimizer = accelerator.prepare(network, optimizer)
+    unet, optimizer, params = prepare_training(
+        accelerator,
+        model,
+        config.runtime,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        checkpoint=checkpoint,
+    )
     policy = NetworkPolicy(model, unet)
     old = OldPolicy(params)
     window = torch.zeros(WINDOW_SIZE, device=accelerator.device)  # metric sums since the last log line
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint.optimizer)
         if checkpoint.rng is not None:
             set_rng_state(checkpoint.rng)
         old.load(checkpoint.process_state)

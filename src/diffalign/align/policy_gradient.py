@@ -71,12 +71,12 @@ from diffalign.align.policy_setup import policy_for
 from diffalign.align.prompts import load_prompt_source
 from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
 from diffalign.align.runtime import (
-    compile_network,
     global_batch_slice,
     make_accelerator,
-    make_optimizer,
+    prepare_training,
     seed_everything,
 )
+from diffalign.align.sharding import check_sharding, is_sharded, whole_value
 from diffalign.align.tracking import resolve_log_with
 from diffalign.rewards.placement import place_reward
 from diffalign.rewards.protocol import Reward
@@ -166,7 +166,8 @@ def train_pg(
         resume: continue from the latest checkpoint in `run_dir`; refuses a different config.
         stop_after: stop (with a checkpoint) after this many epochs in total, as an interruption would.
         on_log: called with every metrics record on the main process.
-        on_epoch: called as on_epoch(model, epochs_done) on the main process after every epoch (e.g. a
+        on_epoch: called as on_epoch(model, epochs_done) on the main process (on every process under
+            `runtime.sharding=fsdp`, where the model runs only collectively) after every epoch (e.g. a
             benchmark's evaluation); the model is in eval mode and must be left unchanged.
         reward: a Reward object to use instead of loading `config.reward` (tests, notebooks); the run
             record keeps `config.reward` as its name.
@@ -176,16 +177,23 @@ def train_pg(
         RunDirError: a fresh run into a used folder, a resume without a run or with another config.
         RatioCheckError: the first-step importance ratio is not 1.
         NonFiniteError: a reward, loss or gradient norm became NaN or inf (the last good checkpoint is kept).
-        ValueError: a config that cannot run (a deterministic sampler, batch sizes that do not divide).
+        ValueError: a config that cannot run (a deterministic sampler, batch sizes that do not divide,
+            `runtime.sharding=fsdp` with one process, LoRA or `runtime.compile`).
     """
     run = RunDir(run_dir)
 
     # 1. Accelerate, seeding, the model and its reference, the reward, the prompts.
     accelerator = make_accelerator(
-        config.runtime, resolve_log_with(config.log_with), run.logs_dir, trainer=config.method
+        config.runtime,
+        resolve_log_with(config.log_with),
+        run.logs_dir,
+        trainer=config.method,
+        allow_sharding=True,
     )
     seed_everything(config.runtime.seed)
     model = policy_for(config, accelerator.device)
+    check_sharding(config.runtime, num_processes=accelerator.num_processes, lora=model.lora)
+    sharded = is_sharded(config.runtime)
     base_sampler = config.sampler_config(model.prediction_type)
     kl_beta = config.resolved_kl_beta()
     source = load_prompt_source(config.prompts)
@@ -212,9 +220,6 @@ def train_pg(
     # Eval mode throughout (`load_policy`): the policy's log-probs must be those of the network that
     # sampled.
     network = model.denoiser
-    params = model.trainable_parameters()
-    optimizer = make_optimizer(params, config.lr, config.weight_decay, config.runtime)
-    compile_network(network, config.runtime)
     tracker_state = PerPromptStatTracker(config.stat_buffer, config.stat_min_count)
 
     # 2. Resume: trainable weights before `prepare`, optimiser state and RNG after it.
@@ -228,12 +233,17 @@ def train_pg(
                 f"checkpoint {checkpoint.path}: {checkpoint.data_cursor} samples in {start} epochs"
             )
         tracker_state.load_state_dict(checkpoint.extra["stat_tracker"])
-    unet, optimizer = accelerator.prepare(network, optimizer)
+    unet, optimizer, params = prepare_training(
+        accelerator,
+        model,
+        config.runtime,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        checkpoint=checkpoint,
+    )
     policy = NetworkPolicy(model, unet)
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint.optimizer)
-        if checkpoint.rng is not None:
-            set_rng_state(checkpoint.rng)
+    if checkpoint is not None and checkpoint.rng is not None:
+        set_rng_state(checkpoint.rng)
 
     device = accelerator.device
     end, guard, tracker = loop_bookkeeping(
@@ -337,6 +347,7 @@ def train_pg(
                             accelerator.backward(loss)
                             if accelerator.sync_gradients:
                                 grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip or math.inf)
+                                grad_norm = whole_value(grad_norm)  # a DTensor under FSDP
                                 guard.observe("gradient norm", grad_norm, epoch + 1)
                                 window[GRAD_NORM] += grad_norm.detach().float()
                                 window[COUNT_OPT] += 1
@@ -394,8 +405,8 @@ def train_pg(
                     process_state={"window": window.cpu()},
                     extra={"stat_tracker": tracker_state.state_dict()},
                 )
-            if on_epoch is not None and accelerator.is_main_process:
-                on_epoch(model, done)
+            if on_epoch is not None and (accelerator.is_main_process or sharded):
+                on_epoch(model, done)  # a sharded model runs only with every process taking part
             accelerator.wait_for_everyone()
     finally:
         tracker.close()

@@ -63,10 +63,9 @@ from diffalign.align.pretrain_data import WORLD, StoreData, WorldData, pretrain_
 from diffalign.align.prompts import PromptSource, load_prompt_source
 from diffalign.align.run_dir import RunDir, RunDirError, set_rng_state
 from diffalign.align.runtime import (
-    compile_network,
     global_batch_slice,
     make_accelerator,
-    make_optimizer,
+    prepare_training,
     seed_everything,
     step_generator,
 )
@@ -266,9 +265,6 @@ def train_backprop(
     }
     begin_run(run, record, resume, accelerator)
     network = model.denoiser  # in eval mode: sampling and training see the same network
-    params = model.trainable_parameters()
-    optimizer = make_optimizer(params, config.lr, config.weight_decay, config.runtime)
-    compile_network(network, config.runtime)
 
     # 2. Resume: trainable weights before `prepare`, optimiser state and RNG after it.
     start = 0
@@ -283,12 +279,17 @@ def train_backprop(
                 f"this run's global batch is {global_size}: resume with the same number of processes"
             )
         counters = dict(checkpoint.extra["counters"])
-    unet, optimizer = accelerator.prepare(network, optimizer)
+    unet, optimizer, params = prepare_training(
+        accelerator,
+        model,
+        config.runtime,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        checkpoint=checkpoint,
+    )
     policy = SamplingPolicy(model, unet)
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint.optimizer)
-        if checkpoint.rng is not None:
-            set_rng_state(checkpoint.rng)
+    if checkpoint is not None and checkpoint.rng is not None:
+        set_rng_state(checkpoint.rng)
 
     device = accelerator.device
     end, guard, tracker = loop_bookkeeping(

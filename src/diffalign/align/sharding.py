@@ -21,9 +21,12 @@ written whole: every process takes part in gathering the full weights and optimi
 (`full_weights`, `full_optimizer_state`), the main process writes them, and a resumed run loads them
 before sharding (weights) or into the sharded optimiser (`load_full_optimizer_state`).
 
-Supported: the DPO family's offline trainers (`align dpo`, `align kto`) with full fine-tuning. LoRA
-(whose point is that the frozen weights need no gradients or optimiser state), `runtime.compile`, and
-the trainers that sample during training are refused with an error that says so (`require_unsharded`).
+Supported, with full fine-tuning: the DPO family's offline trainers (`align dpo`, `align kto`) and
+the policy-gradient trainers (`align ddpo`, `dpok`, `grpo`), which sample with the sharded network
+(every process its equal share of the epoch, so their all-gathers stay in step). Refused with an
+error that says so: LoRA (whose point is that the frozen weights need no gradients or optimiser
+state), `runtime.compile`, one process, and the trainers not yet adapted (reward backpropagation,
+DiffusionNFT, online DPO, SPIN: `require_unsharded`).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def require_unsharded(runtime, trainer: str) -> None:
     if is_sharded(runtime):
         raise ValueError(
             f"runtime.sharding=fsdp: the {trainer} trainer does not shard yet; FSDP is supported by "
-            "`align dpo` and `align kto` (full fine-tuning). Use runtime.sharding=none (data parallel) "
+            "`align dpo`, `align kto` and the policy-gradient trainers (`align ddpo`, `dpok`, `grpo`), with "
+            "full fine-tuning. Use runtime.sharding=none (data parallel) "
             "with LoRA, pipeline.gradient_checkpointing and runtime.mixed_precision=bf16 (docs/scaling.md)"
         )
 
