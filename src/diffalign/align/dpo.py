@@ -586,14 +586,7 @@ def train_dpo(
                 f"({num_processes} processes x {accumulation} accumulation x {config.batch_size}): resume "
                 "with the same number of processes"
             )
-    unet, optimizer, params = prepare_training(
-        accelerator,
-        model,
-        config.runtime,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        checkpoint=checkpoint,
-    )
+    unet, optimizer, params = prepare_training(accelerator, model, config, checkpoint)
     if checkpoint is not None:
         if checkpoint.rng is not None:
             set_rng_state(checkpoint.rng)

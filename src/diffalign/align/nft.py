@@ -208,14 +208,7 @@ def train_nft(
             raise RunDirError(
                 f"checkpoint {checkpoint.path}: {checkpoint.data_cursor} samples in {start} epochs"
             )
-    unet, optimizer, params = prepare_training(
-        accelerator,
-        model,
-        config.runtime,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        checkpoint=checkpoint,
-    )
+    unet, optimizer, params = prepare_training(accelerator, model, config, checkpoint)
     policy = NetworkPolicy(model, unet)
     old = OldPolicy(params)
     window = torch.zeros(WINDOW_SIZE, device=accelerator.device)  # metric sums since the last log line

@@ -233,14 +233,7 @@ def train_pg(
                 f"checkpoint {checkpoint.path}: {checkpoint.data_cursor} samples in {start} epochs"
             )
         tracker_state.load_state_dict(checkpoint.extra["stat_tracker"])
-    unet, optimizer, params = prepare_training(
-        accelerator,
-        model,
-        config.runtime,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        checkpoint=checkpoint,
-    )
+    unet, optimizer, params = prepare_training(accelerator, model, config, checkpoint)
     policy = NetworkPolicy(model, unet)
     if checkpoint is not None and checkpoint.rng is not None:
         set_rng_state(checkpoint.rng)

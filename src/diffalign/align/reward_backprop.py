@@ -279,14 +279,7 @@ def train_backprop(
                 f"this run's global batch is {global_size}: resume with the same number of processes"
             )
         counters = dict(checkpoint.extra["counters"])
-    unet, optimizer, params = prepare_training(
-        accelerator,
-        model,
-        config.runtime,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        checkpoint=checkpoint,
-    )
+    unet, optimizer, params = prepare_training(accelerator, model, config, checkpoint)
     policy = SamplingPolicy(model, unet)
     if checkpoint is not None and checkpoint.rng is not None:
         set_rng_state(checkpoint.rng)

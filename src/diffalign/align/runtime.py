@@ -214,22 +214,22 @@ def compile_blocks(network: torch.nn.Module, mode: str = "default", dynamic: boo
     return len(blocks)
 
 
-def prepare_training(
-    accelerator, model, runtime: RuntimeConfig, *, lr: float, weight_decay: float, checkpoint=None
-):
-    """What every trainer does between loading (and resuming) the weights and its first step: shard the
-    model in place under `runtime.sharding=fsdp` (`align.sharding`), build the optimiser over
-    `model.trainable_parameters()`, compile the denoiser's blocks, `accelerator.prepare` (a sharded
-    network gets no DDP wrapper: FSDP2 reduces the gradients itself), and load a resumed `checkpoint`'s
-    optimiser state. Returns (the network the trainer's forward calls, the optimiser, its parameters)."""
+def prepare_training(accelerator, model, config, checkpoint=None):
+    """What every trainer does between loading (and resuming) the weights and its first step, with a
+    trainer config's `runtime`, `lr` and `weight_decay`: shard the model in place under
+    `runtime.sharding=fsdp` (`align.sharding`), build the optimiser over `model.trainable_parameters()`,
+    compile the denoiser's blocks, `accelerator.prepare` (a sharded network gets no DDP wrapper: FSDP2
+    reduces the gradients itself), and load a resumed `checkpoint`'s optimiser state. Returns (the
+    network the trainer's forward calls, the optimiser, its parameters)."""
     from diffalign.align.sharding import is_sharded, load_full_optimizer_state, shard_model
 
+    runtime = config.runtime
     network = model.denoiser
     sharded = is_sharded(runtime)
     if sharded:
         shard_model(model, device=accelerator.device)  # the policy and its frozen reference
     params = model.trainable_parameters()
-    optimizer = make_optimizer(params, lr, weight_decay, runtime)
+    optimizer = make_optimizer(params, config.lr, config.weight_decay, runtime)
     compile_network(network, runtime)
     if sharded:
         forward, optimizer = network, accelerator.prepare(optimizer)
