@@ -12,11 +12,14 @@ from safetensors.torch import load_file
 
 from diffalign.align.dpo import train_dpo
 from diffalign.align.nft import train_nft
+from diffalign.align.online_dpo import OnlineDPOConfig, train_online_dpo
 from diffalign.align.policy_gradient import train_pg
+from diffalign.align.reward_backprop import train_backprop
 from diffalign.align.run_dir import OPTIMIZER_FILE, WEIGHTS_FILE
 from diffalign.align.runtime import RuntimeConfig, make_accelerator
 from diffalign.align.sharding import check_sharding
 from diffalign.models.registry import load_model
+from tests.align.backprop_helpers import DiffRedness, bp_config
 from tests.align.helpers import config, make_pairs
 from tests.align.pg_helpers import Redness, nft_config, pg_config
 from tests.align.test_distributed import _free_port, join_as_process
@@ -50,10 +53,20 @@ def _pipeline_worker(rank: int, world: int, port: int, folder: str, run_dir: str
     torch.distributed.destroy_process_group()
 
 
-def _grpo_worker(rank: int, world: int, port: int, model_dir: str, run_dir: str) -> None:
+def online_run(trainer: str, model_dir, run_dir, runtime: RuntimeConfig):
+    """`trainer` (grpo, nft, alignprop) with full fine-tuning on a tiny model: 2 epochs or steps."""
+    if trainer == "grpo":
+        return train_pg(pg_config(model_dir, **GRPO, runtime=runtime), run_dir, reward=Redness())
+    if trainer == "nft":
+        cfg = nft_config(model_dir, epochs=2, train_batch_size=4, lr=LR, runtime=runtime)
+        return train_nft(cfg, run_dir, reward=Redness())
+    cfg = bp_config(model_dir, "alignprop", steps=2, batch_size=2, num_steps=2, lr=LR, runtime=runtime)
+    return train_backprop(cfg, run_dir, reward=DiffRedness())
+
+
+def _online_worker(rank: int, world: int, port: int, trainer: str, model_dir: str, run_dir: str) -> None:
     join_as_process(rank, world, port)
-    runtime = RuntimeConfig(device="cpu", sharding="fsdp")
-    train_pg(pg_config(model_dir, **GRPO, runtime=runtime), run_dir, reward=Redness())
+    online_run(trainer, model_dir, run_dir, RuntimeConfig(device="cpu", sharding="fsdp"))
     torch.distributed.destroy_process_group()
 
 
@@ -138,12 +151,12 @@ def test_a_single_process_dpo_run_refuses_fsdp_before_writing(tmp_path, eps_mode
 
 
 def test_trainers_without_sharding_refuse_it_by_name(tmp_path, eps_model_dir):
-    with pytest.raises(ValueError, match="the alignprop trainer does not shard yet"):
-        make_accelerator(RuntimeConfig(device="cpu", sharding="fsdp"), trainer="alignprop")
-    runtime = RuntimeConfig(device="cpu", sharding="fsdp")
-    with pytest.raises(ValueError, match="the DiffusionNFT trainer does not shard yet"):
-        train_nft(nft_config(eps_model_dir, runtime=runtime), tmp_path / "nft", reward=Redness())
-    assert not (tmp_path / "nft" / "config.json").exists()
+    with pytest.raises(ValueError, match="the SPIN trainer does not shard yet"):
+        make_accelerator(RuntimeConfig(device="cpu", sharding="fsdp"), trainer="SPIN")
+    dpo = sharded_config(eps_model_dir)
+    with pytest.raises(ValueError, match="the online DPO trainer does not shard yet"):
+        train_online_dpo(OnlineDPOConfig(dpo=dpo, rounds=1, pairs_per_round=4), tmp_path / "online")
+    assert not (tmp_path / "online").exists()
 
 
 @pytest.mark.parametrize("family", ["sd", "sd3"])
@@ -171,14 +184,16 @@ def test_a_sharded_diffusers_denoiser_trains_and_saves_a_loadable_pipeline(tmp_p
     assert max(gaps) < 2 * 2 * LR and sum(moved) > 0.8 * len(moved)
 
 
-def test_sharded_grpo_samples_and_trains_like_one_process(tmp_path, eps_model_dir):
-    """Policy gradient samples with the sharded network (every process its share of the epoch, all
-    in step) and trains it; the result equals one process with twice the accumulation."""
+@pytest.mark.parametrize("trainer", ["grpo", "nft", "alignprop"])
+def test_sharded_online_trainers_sample_and_train_like_one_process(tmp_path, eps_model_dir, trainer):
+    """The trainers that sample during training do it with the sharded network (every process its
+    share, all in step; AlignProp backpropagates through the sampling chain) and train it; the result
+    equals one process with twice the accumulation."""
     run = tmp_path / "fsdp"
-    mp.spawn(_grpo_worker, args=(2, _free_port(), str(eps_model_dir), str(run)), nprocs=2, join=True)
-    cfg = pg_config(eps_model_dir, **GRPO)
-    cfg.runtime.gradient_accumulation_steps = 2
-    single = train_pg(cfg, tmp_path / "single", reward=Redness()).unet
+    args = (2, _free_port(), trainer, str(eps_model_dir), str(run))
+    mp.spawn(_online_worker, args=args, nprocs=2, join=True)
+    runtime = RuntimeConfig(device="cpu", gradient_accumulation_steps=2)
+    single = online_run(trainer, eps_model_dir, tmp_path / "single", runtime).unet
     sharded, base = weights(run / "model"), weights(eps_model_dir)
     elements = differing = moved = 0
     for name, p in single.named_parameters():

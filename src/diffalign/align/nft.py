@@ -59,6 +59,7 @@ from diffalign.align.runtime import (
     seed_everything,
     step_generator,
 )
+from diffalign.align.sharding import check_sharding, local_value, runs_callbacks, whole_value
 from diffalign.align.tracking import resolve_log_with
 from diffalign.diffusion.sampling import guided_predict, sample
 from diffalign.rewards.placement import place_reward
@@ -101,13 +102,14 @@ class OldPolicy:
                 old.lerp_(p.detach(), 1 - decay)
 
     def state(self) -> dict[str, Tensor]:
-        return {f"old.{i}": w.cpu() for i, w in enumerate(self.weights)}
+        """This process's old weights (its shards under FSDP: every process writes its own state)."""
+        return {f"old.{i}": local_value(w).cpu() for i, w in enumerate(self.weights)}
 
     def load(self, state: dict[str, Tensor]) -> None:
         if len([k for k in state if k.startswith("old.")]) != len(self.weights):
             raise RunDirError("checkpoint: its old-policy weights do not match the model's trainable weights")
         for i, w in enumerate(self.weights):
-            w.copy_(state[f"old.{i}"].to(w.device))
+            local_value(w).copy_(state[f"old.{i}"].to(w.device))
 
 
 def training_points(
@@ -161,10 +163,15 @@ def train_nft(
 
     # 1. Accelerate, seeding, the model and its reference, the reward, the prompts.
     accelerator = make_accelerator(
-        config.runtime, resolve_log_with(config.log_with), run.logs_dir, trainer="DiffusionNFT"
+        config.runtime,
+        resolve_log_with(config.log_with),
+        run.logs_dir,
+        trainer="DiffusionNFT",
+        allow_sharding=True,
     )
     seed_everything(config.runtime.seed)
     model = policy_for(config, accelerator.device)
+    check_sharding(config.runtime, num_processes=accelerator.num_processes, lora=model.lora)
     sampler = config.sampler_config(model.prediction_type)
     levels = config.training_levels(sampler, model.schedule)
     source = load_prompt_source(config.prompts)
@@ -313,6 +320,7 @@ def train_nft(
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip or math.inf)
+                        grad_norm = whole_value(grad_norm)  # a DTensor under FSDP
                         guard.observe("gradient norm", grad_norm, epoch + 1)
                         window[GRAD_NORM] += grad_norm.detach().float()
                         window[COUNT_OPT] += 1
@@ -365,7 +373,7 @@ def train_nft(
                     keep=config.keep_checkpoints,
                     process_state={"window": window.cpu(), **old.state()},
                 )
-            if on_epoch is not None and accelerator.is_main_process:
+            if on_epoch is not None and runs_callbacks(accelerator, config.runtime):
                 on_epoch(model, done)
             accelerator.wait_for_everyone()
     finally:

@@ -76,7 +76,7 @@ from diffalign.align.runtime import (
     prepare_training,
     seed_everything,
 )
-from diffalign.align.sharding import check_sharding, is_sharded, whole_value
+from diffalign.align.sharding import check_sharding, runs_callbacks, whole_value
 from diffalign.align.tracking import resolve_log_with
 from diffalign.rewards.placement import place_reward
 from diffalign.rewards.protocol import Reward
@@ -193,7 +193,6 @@ def train_pg(
     seed_everything(config.runtime.seed)
     model = policy_for(config, accelerator.device)
     check_sharding(config.runtime, num_processes=accelerator.num_processes, lora=model.lora)
-    sharded = is_sharded(config.runtime)
     base_sampler = config.sampler_config(model.prediction_type)
     kl_beta = config.resolved_kl_beta()
     source = load_prompt_source(config.prompts)
@@ -398,8 +397,8 @@ def train_pg(
                     process_state={"window": window.cpu()},
                     extra={"stat_tracker": tracker_state.state_dict()},
                 )
-            if on_epoch is not None and (accelerator.is_main_process or sharded):
-                on_epoch(model, done)  # a sharded model runs only with every process taking part
+            if on_epoch is not None and runs_callbacks(accelerator, config.runtime):
+                on_epoch(model, done)
             accelerator.wait_for_everyone()
     finally:
         tracker.close()

@@ -69,6 +69,7 @@ from diffalign.align.runtime import (
     seed_everything,
     step_generator,
 )
+from diffalign.align.sharding import check_sharding, runs_callbacks, whole_value
 from diffalign.align.tracking import resolve_log_with
 from diffalign.rewards.placement import place_reward
 from diffalign.rewards.protocol import Reward, require_differentiable
@@ -215,7 +216,8 @@ def train_backprop(
         resume: continue from the latest checkpoint in `run_dir`; refuses a different config.
         stop_after: stop (with a checkpoint) after this many steps in total, as an interruption would.
         on_log: called with every metrics record on the main process.
-        on_step: called as on_step(model, steps_done) on the main process after every step (e.g. a
+        on_step: called as on_step(model, steps_done) on the main process (on every process under
+            `runtime.sharding=fsdp`, where the model runs only collectively) after every step (e.g. a
             benchmark's evaluation); the model is in eval mode and must be left unchanged.
         reward: a Reward object to use instead of loading `config.reward` (tests, notebooks).
         show_progress: a rich progress bar on the main process.
@@ -231,12 +233,17 @@ def train_backprop(
 
     # 1. Accelerate, seeding, the model and its frozen base, the reward, the prompts.
     accelerator = make_accelerator(
-        config.runtime, resolve_log_with(config.log_with), run.logs_dir, trainer=config.method
+        config.runtime,
+        resolve_log_with(config.log_with),
+        run.logs_dir,
+        trainer=config.method,
+        allow_sharding=True,
     )
     seed_everything(config.runtime.seed)
     reward = place_reward(config.reward, reward, accelerator.device, config.reward_device)
     require_differentiable(reward, config.method)
     model = policy_for(config, accelerator.device)
+    check_sharding(config.runtime, num_processes=accelerator.num_processes, lora=model.lora)
     sampler = config.sampler_config(model.prediction_type)
     source = load_prompt_source(config.prompts)
     gold = None
@@ -313,6 +320,7 @@ def train_backprop(
                     accelerator.backward(out.loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(params, config.grad_clip or math.inf)
+                        grad_norm = whole_value(grad_norm)  # a DTensor under FSDP
                         guard.observe("gradient norm", grad_norm, step + 1)
                         window[GRAD_NORM] += grad_norm.detach().float()
                         window[COUNT_OPT] += 1
@@ -347,13 +355,14 @@ def train_backprop(
                 line: dict = {"step": done, **counters}
                 line.update({k: float(mean[i] / mean[COUNT_MICRO]) for i, k in enumerate(TRAIN_METRICS)})
                 line["grad_norm"] = float(mean[GRAD_NORM] / mean[COUNT_OPT])
+                if config.log_kl and runs_callbacks(accelerator, config.runtime):
+                    # the policy and base forwards: every process runs a sharded model's together
+                    name, value = drift_to_base(model, out.trajectory)
+                    line[name] = value
                 if accelerator.is_main_process:
                     with torch.no_grad():
                         final_rewards = reward(finals, prompts)
                     line.update(sample_metrics(finals, prompts, final_rewards, gold))
-                    if config.log_kl:
-                        name, value = drift_to_base(model, out.trajectory)
-                        line[name] = value
                 line["seconds_per_step"] = (time.perf_counter() - started) / max(1, done - start)
                 tracker.log(line)
                 if on_log is not None and accelerator.is_main_process:
@@ -377,7 +386,7 @@ def train_backprop(
                     process_state={"window": window.cpu()},
                     extra={"counters": dict(counters)},
                 )
-            if on_step is not None and accelerator.is_main_process:
+            if on_step is not None and runs_callbacks(accelerator, config.runtime):
                 on_step(model, done)
             accelerator.wait_for_everyone()
     finally:

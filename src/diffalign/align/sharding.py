@@ -21,12 +21,14 @@ written whole: every process takes part in gathering the full weights and optimi
 (`full_weights`, `full_optimizer_state`), the main process writes them, and a resumed run loads them
 before sharding (weights) or into the sharded optimiser (`load_full_optimizer_state`).
 
-Supported, with full fine-tuning: the DPO family's offline trainers (`align dpo`, `align kto`) and
-the policy-gradient trainers (`align ddpo`, `dpok`, `grpo`), which sample with the sharded network
-(every process its equal share of the epoch, so their all-gathers stay in step). Refused with an
-error that says so: LoRA (whose point is that the frozen weights need no gradients or optimiser
-state), `runtime.compile`, one process, and the trainers not yet adapted (reward backpropagation,
-DiffusionNFT, online DPO, SPIN: `require_unsharded`).
+Supported, with full fine-tuning: the DPO family's offline trainers (`align dpo`, `align kto`), the
+policy-gradient trainers (`ddpo`, `dpok`, `grpo`), DiffusionNFT and reward backpropagation
+(`alignprop`, `draft`, `draft-lv`, `refl`), which sample with the sharded network: every process
+samples its equal share, and anything that runs the model (a drift estimate, a benchmark's callback)
+runs on every process, so the all-gathers stay in step. Refused with an error that says so: LoRA
+(whose point is that the frozen weights need no gradients or optimiser state), `runtime.compile`, one
+process, and online DPO and SPIN, whose rounds sample and label outside a trainer
+(`require_unsharded`).
 """
 
 from __future__ import annotations
@@ -48,10 +50,16 @@ def require_unsharded(runtime, trainer: str) -> None:
     if is_sharded(runtime):
         raise ValueError(
             f"runtime.sharding=fsdp: the {trainer} trainer does not shard yet; FSDP is supported by "
-            "`align dpo`, `align kto` and the policy-gradient trainers (`align ddpo`, `dpok`, `grpo`), with "
-            "full fine-tuning. Use runtime.sharding=none (data parallel) "
+            "`align dpo`, `kto`, `ddpo`, `dpok`, `grpo`, `nft`, `alignprop`, `draft`, `draft-lv` and `refl`, "
+            "with full fine-tuning. Use runtime.sharding=none (data parallel) "
             "with LoRA, pipeline.gradient_checkpointing and runtime.mixed_precision=bf16 (docs/scaling.md)"
         )
+
+
+def runs_callbacks(accelerator, runtime) -> bool:
+    """Whether this process calls a trainer's per-step callback (a benchmark's evaluation): the main
+    process, or every process when the model is sharded (it then runs only with all of them)."""
+    return accelerator.is_main_process or is_sharded(runtime)
 
 
 def network_is_sharded(network: nn.Module) -> bool:
@@ -96,8 +104,21 @@ def shard_network(network: nn.Module, device: torch.device) -> int:
     blocks = outermost_blocks(network)
     for module in blocks:
         fully_shard(module, mesh=mesh)
-    fully_shard(network, mesh=mesh)
+    # The root too frees its gathered weights after each forward (FSDP2 keeps them by default, for the
+    # backward that usually follows): a no-gradient forward (sampling, a drift estimate) would otherwise
+    # leave the whole weights registered in place of the shards the optimiser holds.
+    fully_shard(network, mesh=mesh, reshard_after_forward=True)
     return len(blocks)
+
+
+def resharded(network: nn.Module) -> nn.Module:
+    """`network` with every FSDP unit's shards registered (none left gathered by a forward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in network.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return network
 
 
 def shard_model(model, device: torch.device) -> None:
@@ -116,10 +137,19 @@ def whole_value(value: Tensor) -> Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
+def local_value(value: Tensor) -> Tensor:
+    """This process's shard of a DTensor (a view: writing it writes the shard); a plain tensor as is."""
+    from torch.distributed.tensor import DTensor
+
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
 def full_weights(network: nn.Module, trainable_only: bool = True) -> dict[str, Tensor]:
     """{name: the whole weight, detached, on the CPU} of `network` (its trainable weights, or all of
     them with its buffers). Sharded weights are gathered: every process must call it."""
-    named = [(n, p) for n, p in network.named_parameters() if p.requires_grad or not trainable_only]
+    named = [
+        (n, p) for n, p in resharded(network).named_parameters() if p.requires_grad or not trainable_only
+    ]
     if not trainable_only:
         named += list(network.named_buffers())
     return {name: whole_value(value.detach()).cpu() for name, value in named}
@@ -131,7 +161,7 @@ def full_optimizer_state(network: nn.Module, optimizer: torch.optim.Optimizer) -
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(network, _unwrapped(optimizer), options=options)
+    return get_optimizer_state_dict(resharded(network), _unwrapped(optimizer), options=options)
 
 
 def load_full_optimizer_state(network: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -159,7 +189,7 @@ def whole_parameters(network: nn.Module) -> Iterator[None]:
 
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     classes: list[tuple[nn.Module, type]] = []
-    for module in network.modules():
+    for module in resharded(network).modules():
         for name, param in list(module._parameters.items()):
             if isinstance(param, DTensor):
                 whole = nn.Parameter(param.detach().full_tensor(), requires_grad=param.requires_grad)
