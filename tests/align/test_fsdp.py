@@ -16,8 +16,8 @@ from diffalign.align.online_dpo import OnlineDPOConfig, train_online_dpo
 from diffalign.align.policy_gradient import train_pg
 from diffalign.align.reward_backprop import train_backprop
 from diffalign.align.run_dir import OPTIMIZER_FILE, WEIGHTS_FILE
-from diffalign.align.runtime import RuntimeConfig, make_accelerator
-from diffalign.align.sharding import check_sharding
+from diffalign.align.runtime import RuntimeConfig
+from diffalign.align.sharding import check_sharding, require_unsharded
 from diffalign.models.registry import load_model
 from tests.align.backprop_helpers import DiffRedness, bp_config
 from tests.align.helpers import config, make_pairs
@@ -152,7 +152,7 @@ def test_a_single_process_dpo_run_refuses_fsdp_before_writing(tmp_path, eps_mode
 
 def test_trainers_without_sharding_refuse_it_by_name(tmp_path, eps_model_dir):
     with pytest.raises(ValueError, match="the SPIN trainer does not shard yet"):
-        make_accelerator(RuntimeConfig(device="cpu", sharding="fsdp"), trainer="SPIN")
+        require_unsharded(RuntimeConfig(device="cpu", sharding="fsdp"), "SPIN")
     dpo = sharded_config(eps_model_dir)
     with pytest.raises(ValueError, match="the online DPO trainer does not shard yet"):
         train_online_dpo(OnlineDPOConfig(dpo=dpo, rounds=1, pairs_per_round=4), tmp_path / "online")

@@ -536,13 +536,7 @@ def train_dpo(
     data = training_data(pairs, config.method)
 
     # 1. Accelerate, seeding, the model and its reference.
-    accelerator = make_accelerator(
-        config.runtime,
-        resolve_log_with(config.log_with),
-        run.logs_dir,
-        trainer=config.method.upper(),
-        allow_sharding=True,
-    )
+    accelerator = make_accelerator(config.runtime, resolve_log_with(config.log_with), run.logs_dir)
     seed_everything(config.runtime.seed)
     model = policy_for(config, accelerator.device, loaded=model)
     check_sharding(config.runtime, num_processes=accelerator.num_processes, lora=model.lora)

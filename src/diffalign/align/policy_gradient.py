@@ -183,13 +183,7 @@ def train_pg(
     run = RunDir(run_dir)
 
     # 1. Accelerate, seeding, the model and its reference, the reward, the prompts.
-    accelerator = make_accelerator(
-        config.runtime,
-        resolve_log_with(config.log_with),
-        run.logs_dir,
-        trainer=config.method,
-        allow_sharding=True,
-    )
+    accelerator = make_accelerator(config.runtime, resolve_log_with(config.log_with), run.logs_dir)
     seed_everything(config.runtime.seed)
     model = policy_for(config, accelerator.device)
     check_sharding(config.runtime, num_processes=accelerator.num_processes, lora=model.lora)

@@ -232,13 +232,7 @@ def train_backprop(
         raise ValueError("reward: give a differentiable reward spec (e.g. a learned reward model folder)")
 
     # 1. Accelerate, seeding, the model and its frozen base, the reward, the prompts.
-    accelerator = make_accelerator(
-        config.runtime,
-        resolve_log_with(config.log_with),
-        run.logs_dir,
-        trainer=config.method,
-        allow_sharding=True,
-    )
+    accelerator = make_accelerator(config.runtime, resolve_log_with(config.log_with), run.logs_dir)
     seed_everything(config.runtime.seed)
     reward = place_reward(config.reward, reward, accelerator.device, config.reward_device)
     require_differentiable(reward, config.method)

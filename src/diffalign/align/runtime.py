@@ -81,20 +81,8 @@ class RuntimeConfig:
             raise ValueError(f"runtime.sharding must be one of {SHARDING}, got {self.sharding!r}")
 
 
-def make_accelerator(
-    runtime: RuntimeConfig,
-    log_with: list[str] | None = None,
-    project_dir=None,
-    *,
-    trainer: str = "this",
-    allow_sharding: bool = False,
-):
-    """An `accelerate.Accelerator` for `runtime` (device, mixed precision, accumulation, trackers).
-    `runtime.sharding=fsdp` is refused unless the calling `trainer` passes `allow_sharding`."""
-    from diffalign.align.sharding import require_unsharded
-
-    if not allow_sharding:
-        require_unsharded(runtime, trainer)
+def make_accelerator(runtime: RuntimeConfig, log_with: list[str] | None = None, project_dir=None):
+    """An `accelerate.Accelerator` for `runtime` (device, mixed precision, accumulation, trackers)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
