@@ -65,7 +65,9 @@ def test_active_mode_queues_the_pairs_the_ensemble_disagrees_on_most(tiny):
                 members = torch.stack([m(a, [prompt]) - m(b, [prompt]) for m in ensemble.members])
             scores.append(torch.sigmoid(members).var(correction=0).item())
     expected = sorted(scores, reverse=True)[:4]
-    assert [t.priority for t in tasks] == pytest.approx(expected, rel=1e-5)
+    # The variances are ~1e-6 differences of sigmoids near 0.5; the batched and the one-by-one forwards
+    # round differently (seen: 1e-10 absolute, 3e-5 relative), far below the gaps between pairs.
+    assert [t.priority for t in tasks] == pytest.approx(expected, rel=1e-3, abs=1e-9)
     assert len(candidate_pairs(PROMPTS, images)) == 9
     plain = make_pair_tasks(model, "tiny", PROMPTS, sampler, GenerateConfig(per_prompt=3, seed=5))
     assert len(plain) == 9 and all(t.priority == 0.0 for t in plain)
