@@ -56,10 +56,7 @@ from diffalign.align.runtime import (
     seed_everything,
     step_generator,
 )
-from diffalign.align.sharding import (
-    check_sharding,
-    whole_value,
-)
+from diffalign.align.sharding import check_sharding, whole_value
 from diffalign.align.tracking import resolve_log_with
 from diffalign.diffusion.protocol import Conditioning
 from diffalign.diffusion.schedules import FLOW_TIME_DISTRIBUTIONS, training_target

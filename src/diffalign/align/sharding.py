@@ -90,9 +90,9 @@ def check_sharding(runtime, *, num_processes: int, lora: bool) -> None:
         )
 
 
-def shard_network(network: nn.Module, device: torch.device) -> int:
+def shard_network(network: nn.Module, device: torch.device) -> None:
     """Shard `network` in place over every process of the default process group: its outermost
-    repeated blocks one by one, then the network itself. Returns the number of blocks sharded."""
+    repeated blocks one by one, then the network itself."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -101,14 +101,12 @@ def shard_network(network: nn.Module, device: torch.device) -> int:
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     # FSDP shards contiguous parameters only (convolution weights may be channels_last)
     network.to(memory_format=torch.contiguous_format)
-    blocks = outermost_blocks(network)
-    for module in blocks:
+    for module in outermost_blocks(network):
         fully_shard(module, mesh=mesh)
     # The root too frees its gathered weights after each forward (FSDP2 keeps them by default, for the
     # backward that usually follows): a no-gradient forward (sampling, a drift estimate) would otherwise
     # leave the whole weights registered in place of the shards the optimiser holds.
     fully_shard(network, mesh=mesh, reshard_after_forward=True)
-    return len(blocks)
 
 
 def resharded(network: nn.Module) -> nn.Module:
@@ -144,15 +142,11 @@ def local_value(value: Tensor) -> Tensor:
     return value.to_local() if isinstance(value, DTensor) else value
 
 
-def full_weights(network: nn.Module, trainable_only: bool = True) -> dict[str, Tensor]:
-    """{name: the whole weight, detached, on the CPU} of `network` (its trainable weights, or all of
-    them with its buffers). Sharded weights are gathered: every process must call it."""
-    named = [
-        (n, p) for n, p in resharded(network).named_parameters() if p.requires_grad or not trainable_only
-    ]
-    if not trainable_only:
-        named += list(network.named_buffers())
-    return {name: whole_value(value.detach()).cpu() for name, value in named}
+def full_weights(network: nn.Module) -> dict[str, Tensor]:
+    """{name: the whole weight, detached, on the CPU} of `network`'s trainable weights. Sharded weights
+    are gathered: every process must call it."""
+    params = resharded(network).named_parameters()
+    return {name: whole_value(p.detach()).cpu() for name, p in params if p.requires_grad}
 
 
 def full_optimizer_state(network: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
