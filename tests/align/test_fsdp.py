@@ -17,8 +17,11 @@ from diffalign.align.policy_gradient import train_pg
 from diffalign.align.reward_backprop import train_backprop
 from diffalign.align.run_dir import OPTIMIZER_FILE, WEIGHTS_FILE
 from diffalign.align.runtime import RuntimeConfig
-from diffalign.align.sharding import check_sharding, require_unsharded
+from diffalign.align.sharding import check_sharding
+from diffalign.align.spin import SPINConfig, generate, real_from_world, train_spin
 from diffalign.models.registry import load_model
+from diffalign.prefs.simulate import simulate_preferences
+from diffalign.prefs.store import PreferenceStore
 from tests.align.backprop_helpers import DiffRedness, bp_config
 from tests.align.helpers import config, make_pairs
 from tests.align.pg_helpers import Redness, nft_config, pg_config
@@ -150,13 +153,93 @@ def test_a_single_process_dpo_run_refuses_fsdp_before_writing(tmp_path, eps_mode
     assert not (tmp_path / "run" / "config.json").exists()
 
 
-def test_trainers_without_sharding_refuse_it_by_name(tmp_path, eps_model_dir):
-    with pytest.raises(ValueError, match="the SPIN trainer does not shard yet"):
-        require_unsharded(RuntimeConfig(device="cpu", sharding="fsdp"), "SPIN")
-    dpo = sharded_config(eps_model_dir)
-    with pytest.raises(ValueError, match="the online DPO trainer does not shard yet"):
-        train_online_dpo(OnlineDPOConfig(dpo=dpo, rounds=1, pairs_per_round=4), tmp_path / "online")
-    assert not (tmp_path / "online").exists()
+def rounds_run(trainer: str, model_dir, run_dir, runtime: RuntimeConfig):
+    """2 rounds of online DPO (6 panel-labelled pairs each) or SPIN (5 world scenes), 2 steps a round."""
+    dpo = config(model_dir, steps=2, batch_size=2, checkpoint_every=1, lr=LR, runtime=runtime)
+    if trainer == "online-dpo":
+        cfg = OnlineDPOConfig(dpo=dpo, rounds=2, pairs_per_round=6, sample_steps=2, sample_batch=4)
+        return train_online_dpo(cfg, run_dir)
+    # 5 examples: one process generates 3 of them, the other 2
+    return train_spin(
+        SPINConfig(dpo=dpo, rounds=2, sample_steps=2, sample_batch=4), real_from_world(5, 16), run_dir
+    )
+
+
+def _rounds_worker(rank: int, world: int, port: int, trainer: str, sharding: str, model_dir, run_dir) -> None:
+    import diffalign.align.online_dpo as online_dpo
+    import diffalign.align.spin as spin
+
+    join_as_process(rank, world, port)
+    sampled: list[int] = []  # what this process sampled: pairs (online DPO) or images (SPIN), per round
+
+    def counting_simulate(*args, **kwargs):
+        report = simulate_preferences(*args, **kwargs)
+        sampled.append(report.sampled)
+        return report
+
+    def counting_generate(model, prompts, *args):
+        sampled.append(len(prompts))
+        return generate(model, prompts, *args)
+
+    online_dpo.simulate_preferences, spin.generate = counting_simulate, counting_generate
+    model = rounds_run(trainer, model_dir, run_dir, RuntimeConfig(device="cpu", sharding=sharding))
+    with open(os.path.join(run_dir, f"sampled-{rank}.json"), "w") as f:
+        json.dump(sampled, f)
+    if sharding == "none":  # data parallel: every process ends with the same whole weights
+        params = {n: p.detach().clone() for n, p in model.unet.named_parameters()}
+        torch.save(params, os.path.join(run_dir, f"params-{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def stored_pairs(run) -> dict[str, tuple]:
+    """{key: ((prompt, choice, chosen), image hashes)} of a run's preference store."""
+    store = PreferenceStore.open(run / "prefs.db")
+    return {c.key: ((c.prompt, c.choice, c.chosen), tuple(c.image_hashes)) for c in store.comparisons()}
+
+
+@pytest.mark.parametrize(
+    ("trainer", "sharding"), [("online-dpo", "none"), ("online-dpo", "fsdp"), ("spin", "fsdp")]
+)
+def test_round_trainers_share_sampling_over_processes_and_train_like_one(
+    tmp_path, eps_model_dir, trainer, sharding
+):
+    """Online DPO and SPIN on two processes: each samples its share of a round's pairs, the round trains
+    on all of them (data parallel or sharded), and the run equals one process with twice the
+    accumulation: the same pairs (online DPO: the same keys and labels in the run's store, the images
+    to a unit in a pixel) and the same weights up to AdamW sign flips."""
+    run = tmp_path / "two"
+    args = (2, _free_port(), trainer, sharding, str(eps_model_dir), str(run))
+    mp.spawn(_rounds_worker, args=args, nprocs=2, join=True)
+    single_run = tmp_path / "one"
+    single = rounds_run(
+        trainer, eps_model_dir, single_run, RuntimeConfig(device="cpu", gradient_accumulation_steps=2)
+    )
+    sampled = [json.loads((run / f"sampled-{rank}.json").read_text()) for rank in (0, 1)]
+    assert sampled == ([[3, 3], [3, 3]] if trainer == "online-dpo" else [[3, 3], [2, 2]])  # shares, per round
+    lines = lambda run: [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [x["round"] for x in lines(run)] == [0, 1]
+    assert [x["final"]["loss"] for x in lines(run)] == pytest.approx(
+        [x["final"]["loss"] for x in lines(single_run)], rel=1e-3
+    )
+    if trainer == "online-dpo":
+        # the same pairs and labels; an image may differ by a unit in a pixel (batches of another size)
+        two_pairs, one_pairs = stored_pairs(run), stored_pairs(single_run)
+        assert two_pairs.keys() == one_pairs.keys() and len(two_pairs) == 12
+        assert all(two_pairs[key][0] == one_pairs[key][0] for key in two_pairs)
+        hashes = [(a, b) for key in two_pairs for a, b in zip(two_pairs[key][1], one_pairs[key][1])]
+        assert sum(a != b for a, b in hashes) <= 2, hashes
+    if sharding == "none":
+        rank0, rank1 = torch.load(run / "params-0.pt"), torch.load(run / "params-1.pt")
+        assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    two, base = weights(run / "model"), weights(eps_model_dir)
+    elements = differing = moved = 0
+    for name, p in single.unet.named_parameters():
+        gap = (two[name] - p.detach()).abs()
+        assert float(gap.max()) < 4 * 4 * LR, name  # 4 steps: at most a few the other way
+        elements += gap.numel()
+        differing += int((gap > 0.05 * LR).sum())
+        moved += int(((two[name] - base[name]).abs() > 0.5 * LR).sum())
+    assert differing <= 1e-3 * elements and moved > 0.5 * elements, (differing, moved, elements)
 
 
 @pytest.mark.parametrize("family", ["sd", "sd3"])

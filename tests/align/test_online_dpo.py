@@ -136,6 +136,26 @@ def test_online_dpo_with_a_reward_labeller(tmp_path, eps_model_dir):
         )
 
 
+def test_reward_labelling_shares_make_the_whole_round_between_them(tmp_path, eps_model_dir):
+    """A process's share of reward-labelled pairs (pair i on process i % N): two shares write the pairs
+    one process writes, with the same rewards and choices (one pair a sampling call: the same pixels)."""
+    from diffalign.align.online_dpo import label_with_reward, sampler_for
+
+    model = load_model(str(eps_model_dir))
+    redness = lambda images, prompts: images[:, 0].mean(dim=(1, 2)) - images[:, 2].mean(dim=(1, 2))  # noqa: E731
+    options = dict(seed=2, reward_name="red", sampler_config=sampler_for(model, 2, None), batch_size=2)
+    whole, shared = PreferenceStore.open(tmp_path / "whole.db"), PreferenceStore.open(tmp_path / "shared.db")
+    assert label_with_reward(model, redness, whole, 5, **options)["sampled"] == 5
+    counts = [
+        label_with_reward(model, redness, shared, 5, share=(k, 2), **options)["sampled"] for k in (0, 1)
+    ]
+    assert counts == [3, 2]
+    fields = lambda c: (c.prompt, c.image_hashes, c.chosen, c.meta["rewards"])  # noqa: E731
+    assert {c.key: fields(c) for c in shared.comparisons()} == {c.key: fields(c) for c in whole.comparisons()}
+    with pytest.raises(ValueError, match="share must be"):
+        label_with_reward(model, redness, shared, 5, share=(3, 2), **options)
+
+
 def test_online_dpo_config_errors(eps_model_dir):
     with pytest.raises(ValueError, match="rounds"):
         online(eps_model_dir, rounds=0)

@@ -74,6 +74,26 @@ def test_simulation_is_deterministic_and_extends(model, tmp_path):
     assert (extended.sampled, extended.added, extended.duplicates) == (1, 1, 3)
 
 
+def test_process_shares_make_the_single_process_pairs_between_them(model, tmp_path):
+    """Shares (index, count) of a run over several processes: each process samples pairs i % count ==
+    index, and together they write the pairs one process writes (same batch size: same pixels)."""
+    config = SamplerConfig(num_steps=2)
+    whole = PreferenceStore.open(tmp_path / "whole.db")
+    shared = PreferenceStore.open(tmp_path / "shared.db")
+    simulate_preferences(model, whole, 5, sampler_config=config, seed=3, batch_size=2)
+    reports = [
+        simulate_preferences(model, shared, 5, sampler_config=config, seed=3, batch_size=2, share=(k, 2))
+        for k in (1, 0)
+    ]
+    assert [(r.requested, r.sampled) for r in reports] == [(2, 2), (3, 3)]
+    assert [c.key for c in shared.comparisons()] == [f"simulated:3:{i}" for i in (1, 3, 0, 2, 4)]
+    fields = lambda c: (c.prompt, c.image_hashes, c.choice, c.chosen, c.rater)  # noqa: E731
+    assert {c.key: fields(c) for c in shared.comparisons()} == {c.key: fields(c) for c in whole.comparisons()}
+    for bad in [(2, 2), (-1, 2), (0, 0)]:
+        with pytest.raises(ValueError, match="share must be"):
+            simulate_preferences(model, shared, 5, sampler_config=config, share=bad)
+
+
 def test_pair_prompts_uniform_over_tasks_and_checked():
     prompts = pair_prompts(600, seed=0)
     tag = {m["prompt"]: m["tag"] for m in all_metadata()}

@@ -14,7 +14,11 @@ Every labelled pair is kept in the run's own preference store (``RUN/prefs.db``,
 for the panel, "online-reward" for a reward, keys ``<source>:<1000 * seed + round>:<i>``), so a user
 can inspect, export or reuse them, and a resumed run adds nothing twice. What this leaves out: D3PO's
 per-step (trajectory) DPO objective; the pairs here are trained with Diffusion-DPO's denoising loss.
-Labelling runs in the calling process; run it single-process (several processes would each label).
+
+Several processes (`accelerate launch`): each samples and labels its share of a round's pairs (pair i
+on process i % N, the same pair as in one process) and writes them to the run's store (concurrent
+writers are safe: SQLite's write lock, PostgreSQL's unique keys); every process then trains on the
+whole round, data parallel or sharded (`runtime.sharding=fsdp`; `diffalign.align.rounds`).
 """
 
 from __future__ import annotations
@@ -27,12 +31,11 @@ import torch
 
 from diffalign.align.config_io import to_dict
 from diffalign.align.dpo import DPOConfig
-from diffalign.align.rounds import check_round_fields, run_rounds
-from diffalign.align.sharding import require_unsharded
+from diffalign.align.rounds import check_round_fields, process_share, run_rounds
 from diffalign.diffusion.sampling import SamplerConfig, sample
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.records import CHOICE_IMAGE, CHOICE_TIE, NewComparison
-from diffalign.prefs.simulate import SEED_STRIDE, encode_png, pair_prompts, simulate_preferences
+from diffalign.prefs.simulate import SEED_STRIDE, check_share, encode_png, pair_prompts, simulate_preferences
 from diffalign.prefs.store import PreferenceStore
 
 REWARD_SOURCE = "online-reward"
@@ -123,15 +126,18 @@ def label_with_reward(
     prompts: Sequence[str] | None = None,
     tie_margin: float = 0.0,
     batch_size: int = 64,
+    share: tuple[int, int] = (0, 1),
 ) -> dict:
     """Sample n_pairs pairs from `model` (seeds and prompts as `simulate_preferences` draws them) and
     let `reward` choose: the higher reward wins, a difference <= tie_margin is a tie. Writes them to
     `store` (source "online-reward", keys ``online-reward:<seed>:<i>``); pairs already there are
-    not sampled again. Returns counts."""
+    not sampled again; with `share` (index, count) only the pairs i with i % count == index are.
+    Returns counts."""
+    check_share(share)
     all_prompts = pair_prompts(n_pairs, prompts, seed)
     prefix = f"{REWARD_SOURCE}:{seed}:"
     existing = {c.key for c in store.comparisons(source=REWARD_SOURCE) if c.key.startswith(prefix)}
-    todo = [i for i in range(n_pairs) if f"{prefix}{i}" not in existing]
+    todo = [i for i in range(share[0], n_pairs, share[1]) if f"{prefix}{i}" not in existing]
     per_call = max(1, batch_size // 2)
     ties = 0
     for start in range(0, len(todo), per_call):
@@ -174,7 +180,15 @@ def round_seed(seed: int, index: int) -> int:
 
 
 def _keys_with_prefix(pairs: PreferencePairs, prefixes: Sequence[str]) -> PreferencePairs:
-    return pairs.select([i for i, key in enumerate(pairs.keys) if key.startswith(tuple(prefixes))])
+    """The pairs whose key starts with one of `prefixes`, ordered by (prefix, pair index): the order
+    in which a single process labels them, whatever order several processes wrote them in."""
+    order = {prefix: rank for rank, prefix in enumerate(prefixes)}
+    chosen = []
+    for i, key in enumerate(pairs.keys):
+        prefix, _, number = key.rpartition(":")
+        if prefix + ":" in order:
+            chosen.append((order[prefix + ":"], int(number), i))
+    return pairs.select([i for *_, i in sorted(chosen)])
 
 
 def train_online_dpo(
@@ -191,9 +205,7 @@ def train_online_dpo(
         PreferenceDataError: a round's pairs are all ties (nothing to train on).
         RunDirError: a fresh run into a used folder, a resume with another config.
         RewardSpecError: an unknown labeller.
-        ValueError: `dpo.runtime.sharding=fsdp` (not supported here yet).
     """
-    require_unsharded(config.dpo.runtime, "online DPO")  # its rounds sample with the whole model
     run = Path(run_dir)
     record = {"trainer": "online-dpo", "config": to_dict(config)}
     prompts = read_prompts(config.prompts) if config.prompts else None
@@ -205,9 +217,10 @@ def train_online_dpo(
     source = "simulated" if reward is None else REWARD_SOURCE
     seed = config.dpo.runtime.seed
 
-    def make_pairs(index: int, model) -> tuple[PreferencePairs, dict]:
-        run.mkdir(parents=True, exist_ok=True)
-        store = PreferenceStore.open(run / "prefs.db")
+    def make_pairs(index: int, model, accelerator) -> tuple[PreferencePairs, dict]:
+        with accelerator.main_process_first():  # the main process creates the store's tables
+            run.mkdir(parents=True, exist_ok=True)
+            store = PreferenceStore.open(run / "prefs.db")
         sampler = sampler_for(model, config.sample_steps, config.guidance)
         labelling_seed = round_seed(seed, index)
         if reward is None:
@@ -220,6 +233,7 @@ def train_online_dpo(
                 seed=labelling_seed,
                 batch_size=config.sample_batch,
                 model_name=f"round-{index:02d}",
+                share=process_share(accelerator),
             )
         else:
             label_with_reward(
@@ -233,7 +247,9 @@ def train_online_dpo(
                 prompts=prompts,
                 tie_margin=config.tie_margin,
                 batch_size=config.sample_batch,
+                share=process_share(accelerator),
             )
+        accelerator.wait_for_everyone()  # every process's share is in the store
         rounds = range(index + 1) if config.accumulate else [index]
         prefixes = [f"{source}:{round_seed(seed, r)}:" for r in rounds]
         pairs = _keys_with_prefix(store.pairs(size=model.image_shape[-1], source=source), prefixes)

@@ -15,6 +15,12 @@ Layout of the run folder:
 Resume: finished rounds (their ``model/`` exists) are skipped, an interrupted round resumes from its
 latest checkpoint; the pairs of a round are a function of (the round's starting model, seed, round),
 and `train_dpo` checks their fingerprint against the interrupted run's.
+
+Several processes (`accelerate launch`, data parallel or `runtime.sharding=fsdp`): every process loads
+the round's starting model whole on its own device and makes its share of the round's pairs
+(`process_share`: pair i belongs to process i % N, so a pair is the same whatever N is), the shares
+are pooled (`gather_in_order`, or the run's store), and the round trains on all of them, sharded when
+asked. The main process writes the run's own files (config.json, rounds.jsonl, model/).
 """
 
 from __future__ import annotations
@@ -25,13 +31,39 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+from torch import Tensor
+
+from diffalign.align.checkpointing import begin_run
 from diffalign.align.dpo import DPOConfig, train_dpo
 from diffalign.align.run_dir import RunDir
+from diffalign.align.runtime import make_accelerator
 from diffalign.models.registry import load_model
 from diffalign.prefs.pairs import PreferencePairs
 
-#: make_pairs(round, starting model) -> (the round's training pairs, facts about them for rounds.jsonl)
-PairMaker = Callable[[int, object], tuple[PreferencePairs, dict]]
+#: make_pairs(round, starting model, accelerator) -> (the round's training pairs, facts about them for
+#: rounds.jsonl), the same on every process; the accelerator tells the process its share
+PairMaker = Callable[[int, object, object], tuple[PreferencePairs, dict]]
+
+
+def process_share(accelerator) -> tuple[int, int]:
+    """(this process's index, the number of processes): item i of a round is made by process i % N."""
+    return accelerator.process_index, accelerator.num_processes
+
+
+def gather_in_order(accelerator, count: int, mine: Tensor) -> Tensor:
+    """All `count` items of a round on every process, in order, from each process's `mine` (its
+    items i with i % N == its index, stacked in order): a collective, every process calls it."""
+    from accelerate.utils import gather_object
+
+    index, processes = process_share(accelerator)
+    if processes == 1:
+        return mine
+    shares = gather_object([(index, mine.cpu())])
+    out = torch.empty((count, *mine.shape[1:]), dtype=mine.dtype)
+    for rank, share in shares:
+        out[rank::processes] = share
+    return out
 
 
 def check_round_fields(config) -> DPOConfig:
@@ -87,7 +119,7 @@ def run_rounds(
         record: the method's config as JSON (written to config.json, checked on resume).
         resume: continue an interrupted run.
         show_progress: rich progress bars in each round's training.
-        on_round: called with every rounds.jsonl line.
+        on_round: called with every rounds.jsonl line (on the main process).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -99,7 +131,9 @@ def run_rounds(
             f"reference_every must be 1, got {reference_every}"
         )
     run = Path(run_dir)
-    RunDir(run).start(record, resume)
+    # Refuses Accelerate's own FSDP launch type before anything is written (runtime.sharding=fsdp shards).
+    accelerator = make_accelerator(dpo.runtime)
+    begin_run(RunDir(run), record, resume, accelerator)
     log_path = run / "rounds.jsonl"
     done_lines = _read_lines(log_path)
     model = None
@@ -117,8 +151,8 @@ def run_rounds(
             runtime=replace(dpo.runtime, seed=dpo.runtime.seed + index),
         )
         # One load per round: the starting model samples the round's pairs, then trains on them.
-        model = load_model(start, device=_device(dpo), diffusers_options=dpo.pipeline)
-        pairs, facts = make_pairs(index, model)
+        model = load_model(start, device=accelerator.device, diffusers_options=dpo.pipeline)
+        pairs, facts = make_pairs(index, model, accelerator)
         lines: list[dict] = []
         model = train_dpo(
             config,
@@ -133,26 +167,24 @@ def run_rounds(
         line = {"round": index, "model": start, "reference": reference, **facts}
         if lines:
             line["final"] = {k: v for k, v in lines[-1].items() if k != "step"}
-        with log_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line) + "\n")
-        if on_round is not None:
-            on_round(line)
+        if accelerator.is_main_process:
+            with log_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(line) + "\n")
+            if on_round is not None:
+                on_round(line)
+        accelerator.wait_for_everyone()
     last = round_dir(run, rounds - 1) / "model"
     final = run / "model"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(last, final)
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(last, final)
+    accelerator.wait_for_everyone()
     return (
         model
         if model is not None
-        else load_model(str(final), device=_device(dpo), diffusers_options=dpo.pipeline)
+        else load_model(str(final), device=accelerator.device, diffusers_options=dpo.pipeline)
     )
-
-
-def _device(dpo: DPOConfig) -> str:
-    from diffalign.devices import resolve_device
-
-    return str(resolve_device(dpo.runtime.device))
 
 
 def _read_lines(path: Path) -> list[dict]:

@@ -21,14 +21,14 @@ written whole: every process takes part in gathering the full weights and optimi
 (`full_weights`, `full_optimizer_state`), the main process writes them, and a resumed run loads them
 before sharding (weights) or into the sharded optimiser (`load_full_optimizer_state`).
 
-Supported, with full fine-tuning: the DPO family's offline trainers (`align dpo`, `align kto`), the
-policy-gradient trainers (`ddpo`, `dpok`, `grpo`), DiffusionNFT and reward backpropagation
-(`alignprop`, `draft`, `draft-lv`, `refl`), which sample with the sharded network: every process
-samples its equal share, and anything that runs the model (a drift estimate, a benchmark's callback)
-runs on every process, so the all-gathers stay in step. Refused with an error that says so: LoRA
-(whose point is that the frozen weights need no gradients or optimiser state), `runtime.compile`, one
-process, and online DPO and SPIN, whose rounds sample and label outside a trainer
-(`require_unsharded`).
+Supported, with full fine-tuning, in every trainer: the DPO family (`align dpo`, `kto`, and
+`online-dpo` and `spin`, whose rounds sample their pairs with the whole starting model, each process
+its share, before it is sharded for the round's training), the policy-gradient trainers (`ddpo`,
+`dpok`, `grpo`), DiffusionNFT and reward backpropagation (`alignprop`, `draft`, `draft-lv`, `refl`),
+which sample with the sharded network: every process samples its equal share, and anything that runs
+the model (a drift estimate, a benchmark's callback) runs on every process, so the all-gathers stay in
+step. Refused with an error that says so: LoRA (whose point is that the frozen weights need no
+gradients or optimiser state), `runtime.compile` and one process.
 """
 
 from __future__ import annotations
@@ -43,17 +43,6 @@ from torch import Tensor, nn
 def is_sharded(runtime) -> bool:
     """Whether `runtime` (a `RuntimeConfig`) asks for FSDP."""
     return runtime.sharding == "fsdp"
-
-
-def require_unsharded(runtime, trainer: str) -> None:
-    """Refuse `runtime.sharding="fsdp"` in a trainer that does not support it yet."""
-    if is_sharded(runtime):
-        raise ValueError(
-            f"runtime.sharding=fsdp: the {trainer} trainer does not shard yet; FSDP is supported by "
-            "`align dpo`, `kto`, `ddpo`, `dpok`, `grpo`, `nft`, `alignprop`, `draft`, `draft-lv` and `refl`, "
-            "with full fine-tuning. Use runtime.sharding=none (data parallel) "
-            "with LoRA, pipeline.gradient_checkpointing and runtime.mixed_precision=bf16 (docs/scaling.md)"
-        )
 
 
 def runs_callbacks(accelerator, runtime) -> bool:

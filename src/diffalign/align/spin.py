@@ -11,7 +11,9 @@ Pick-a-Pic's winners) or from the Shapes world's renderer (`real_from_world`, gr
 What this leaves out: the paper's trajectory-level objective over the whole chain is approximated, as
 in its practical algorithm, by Diffusion-DPO's single-timestep denoising loss (real and generated image
 sharing noise and timestep); the paper's separate schedule of sampling steps is the sampler config here.
-Generation runs in the calling process (run it single-process).
+With several processes each generates its share of a round's images (image i on process i % N, with
+the seed one process gives it), all processes gather them and train on every pair, data parallel or
+sharded (`runtime.sharding=fsdp`; `diffalign.align.rounds`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ import torch
 from diffalign.align.config_io import to_dict
 from diffalign.align.dpo import DPOConfig, PreferenceDataError
 from diffalign.align.online_dpo import sampler_for
-from diffalign.align.rounds import check_round_fields, run_rounds
-from diffalign.align.sharding import require_unsharded
+from diffalign.align.rounds import check_round_fields, gather_in_order, process_share, run_rounds
 from diffalign.diffusion.sampling import sample
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.simulate import SEED_STRIDE
@@ -137,7 +138,7 @@ class SPINConfig:
 def generate(model, prompts: list[str], seeds: list[int], config: SPINConfig) -> torch.Tensor:
     """uint8 samples of `model`, image i with seed seeds[i]."""
     sampler = sampler_for(model, config.sample_steps, config.guidance)
-    out = []
+    out = [torch.empty((0, *model.image_shape), dtype=torch.uint8)]  # a process's share may be empty
     for start in range(0, len(prompts), config.sample_batch):
         chunk = slice(start, start + config.sample_batch)
         with torch.no_grad():
@@ -155,9 +156,7 @@ def train_spin(
     show_progress: bool = False,
     on_round: Callable[[dict], None] | None = None,
 ):
-    """Run SPIN-Diffusion (module doc) on `real` into `run_dir` (layout: `diffalign.align.rounds`).
-    Refuses `dpo.runtime.sharding=fsdp` (its rounds sample with the whole model)."""
-    require_unsharded(config.dpo.runtime, "SPIN")
+    """Run SPIN-Diffusion (module doc) on `real` into `run_dir` (layout: `diffalign.align.rounds`)."""
     record = {
         "trainer": "spin",
         "config": to_dict(config),
@@ -165,15 +164,17 @@ def train_spin(
     }
     seed = config.dpo.runtime.seed
 
-    def make_pairs(index: int, model) -> tuple[PreferencePairs, dict]:
+    def make_pairs(index: int, model, accelerator) -> tuple[PreferencePairs, dict]:
         if tuple(real.images.shape[1:]) != tuple(model.image_shape):
             raise PreferenceDataError(
                 f"the real images are {tuple(real.images.shape[1:])} but the model works on "
                 f"{tuple(model.image_shape)}"
             )
         base = (1000 * seed + index) * SEED_STRIDE
-        seeds = [base + i for i in range(len(real.prompts))]
-        own = generate(model, real.prompts, seeds, config)
+        rank, processes = process_share(accelerator)
+        mine = range(rank, len(real.prompts), processes)
+        own = generate(model, [real.prompts[i] for i in mine], [base + i for i in mine], config)
+        own = gather_in_order(accelerator, len(real.prompts), own)
         pairs = PreferencePairs(
             list(real.prompts),
             real.images,

@@ -41,7 +41,7 @@ class SimulationReport:
     """What a simulation run did.
 
     Attributes:
-        requested: pairs asked for (n_pairs).
+        requested: pairs asked for (n_pairs, or this process's `share` of them).
         sampled: pairs sampled and labelled in this run (pairs already in the store are skipped).
         added: comparisons the store added.
         duplicates: comparisons the store already held (written by an earlier run).
@@ -182,6 +182,13 @@ def _existing_keys(store: object, prefix: str) -> set[str]:
     return {c.key for c in store.comparisons(source=SOURCE) if c.key.startswith(prefix)}  # type: ignore[attr-defined]
 
 
+def check_share(share: tuple[int, int]) -> None:
+    """Refuse a (index, count) process share that names no process."""
+    index, count = share
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"share must be (index, count) with 0 <= index < count, got {share}")
+
+
 def simulate_preferences(
     model: DiffusionModel,
     store: object,
@@ -194,6 +201,7 @@ def simulate_preferences(
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
     model_name: str | None = None,
+    share: tuple[int, int] = (0, 1),
 ) -> SimulationReport:
     """Write n_pairs simulated comparisons into `store` (a `PreferenceStore`); see the module doc.
 
@@ -214,18 +222,23 @@ def simulate_preferences(
         batch_size: images per sampling call (two per pair).
         progress: called with (pairs done, pairs to do) after every sampling call.
         model_name: the model's name for the meta (default: its `name` attribute or class name).
+        share: (index, count): sample and label only the pairs i with i % count == index, this
+            process's share of a run over `count` processes (each writes its own pairs; a pair's
+            prompt, seeds, rater and choice are those a single process gives it).
     """
+    check_share(share)
     started = time.perf_counter()
     panel = panel or RaterPanel()
     config = sampler_config or SamplerConfig.for_prediction_type(model.prediction_type)
     name = _model_name(model, model_name)
-    report = SimulationReport(requested=n_pairs, model=name)
+    mine = range(share[0], n_pairs, share[1])
+    report = SimulationReport(requested=len(mine), model=name)
     all_prompts = pair_prompts(n_pairs, prompts, seed)
     rater_index, uniforms = panel.draw(n_pairs, torch.Generator().manual_seed(seed + 1))
     prefix = f"{SOURCE}:{seed}:"
     existing = _existing_keys(store, prefix)
-    todo = [i for i in range(n_pairs) if f"{prefix}{i}" not in existing]
-    report.duplicates = n_pairs - len(todo)
+    todo = [i for i in mine if f"{prefix}{i}" not in existing]
+    report.duplicates = len(mine) - len(todo)
     if not todo:
         report.seconds = time.perf_counter() - started
         return report
