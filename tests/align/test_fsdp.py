@@ -57,13 +57,16 @@ def _pipeline_worker(rank: int, world: int, port: int, folder: str, run_dir: str
 
 
 def online_run(trainer: str, model_dir, run_dir, runtime: RuntimeConfig):
-    """`trainer` (grpo, nft, alignprop) with full fine-tuning on a tiny model: 2 epochs or steps."""
+    """`trainer` (grpo, nft, or a reward backpropagation method) with full fine-tuning on a tiny model:
+    2 epochs or steps."""
     if trainer == "grpo":
         return train_pg(pg_config(model_dir, **GRPO, runtime=runtime), run_dir, reward=Redness())
     if trainer == "nft":
         cfg = nft_config(model_dir, epochs=2, train_batch_size=4, lr=LR, runtime=runtime)
         return train_nft(cfg, run_dir, reward=Redness())
-    cfg = bp_config(model_dir, "alignprop", steps=2, batch_size=2, num_steps=2, lr=LR, runtime=runtime)
+    # reward backpropagation: alignprop, draft-lv (its extra noise-and-denoise loops), refl (its
+    # pre-training loss on world images)
+    cfg = bp_config(model_dir, trainer, steps=2, batch_size=2, num_steps=2, lr=LR, runtime=runtime)
     return train_backprop(cfg, run_dir, reward=DiffRedness())
 
 
@@ -267,7 +270,7 @@ def test_a_sharded_diffusers_denoiser_trains_and_saves_a_loadable_pipeline(tmp_p
     assert max(gaps) < 2 * 2 * LR and sum(moved) > 0.8 * len(moved)
 
 
-@pytest.mark.parametrize("trainer", ["grpo", "nft", "alignprop"])
+@pytest.mark.parametrize("trainer", ["grpo", "nft", "alignprop", "draft-lv", "refl"])
 def test_sharded_online_trainers_sample_and_train_like_one_process(tmp_path, eps_model_dir, trainer):
     """The trainers that sample during training do it with the sharded network (every process its
     share, all in step; AlignProp backpropagates through the sampling chain) and train it; the result
