@@ -16,7 +16,7 @@ from diffalign.align.online_dpo import OnlineDPOConfig, train_online_dpo
 from diffalign.align.policy_gradient import train_pg
 from diffalign.align.reward_backprop import train_backprop
 from diffalign.align.run_dir import OPTIMIZER_FILE, WEIGHTS_FILE
-from diffalign.align.runtime import RuntimeConfig
+from diffalign.align.runtime import REPEATED_BLOCKS, RuntimeConfig
 from diffalign.align.sharding import check_sharding
 from diffalign.align.spin import SPINConfig, generate, real_from_world, train_spin
 from diffalign.models.registry import load_model
@@ -135,16 +135,52 @@ def test_an_interrupted_sharded_run_resumes_to_the_uninterrupted_weights(tmp_pat
     assert [x["loss"] for x in lines(split_run)] == pytest.approx([x["loss"] for x in lines(whole_run)])
 
 
-def test_sharding_refuses_one_process_lora_and_compile():
+def _compiled_worker(rank: int, world: int, port: int, model_dir: str, run_dir: str) -> None:
+    join_as_process(rank, world, port)
+    original, compiled = torch.nn.Module.compile, []
+
+    def eager_backend(self, *args, **kwargs):  # dynamo's graph capture without inductor's C++ build
+        compiled.append(type(self).__name__)
+        return original(self, backend="eager")
+
+    torch.nn.Module.compile = eager_backend
+    runtime = RuntimeConfig(device="cpu", sharding="fsdp", compile="default")
+    model = train_dpo(config(model_dir, lr=LR, runtime=runtime), make_pairs(24), run_dir)
+    called = [m for m in model.denoiser.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    with open(os.path.join(run_dir, f"compiled-{rank}.json"), "w") as f:
+        json.dump({"compiled": compiled, "sharded_and_compiled": len(called)}, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_sharded_and_compiled_blocks_train_like_one_process(tmp_path, eps_model_dir):
+    """`runtime.compile` with FSDP: the blocks are compiled (dynamo; the eager backend here), then
+    sharded, and the run equals one uncompiled process with twice the accumulation."""
+    run = tmp_path / "compiled"
+    mp.spawn(_compiled_worker, args=(2, _free_port(), str(eps_model_dir), str(run)), nprocs=2, join=True)
+    info = json.loads((run / "compiled-0.json").read_text())
+    assert len(info["compiled"]) == info["sharded_and_compiled"] > 1
+    assert set(info["compiled"]) <= set(REPEATED_BLOCKS)
+    cfg = config(eps_model_dir, lr=LR)
+    cfg.runtime.gradient_accumulation_steps = 2
+    single = train_dpo(cfg, make_pairs(24), tmp_path / "single")
+    losses = lambda run: [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(run) == pytest.approx(losses(tmp_path / "single"), rel=1e-3)
+    compiled = weights(run / "model")
+    elements = differing = 0
+    for name, p in single.unet.named_parameters():
+        gap = (compiled[name] - p.detach()).abs()
+        assert float(gap.max()) < 4 * 2 * LR, name
+        elements += gap.numel()
+        differing += int((gap > 0.05 * LR).sum())
+    assert differing <= 1e-4 * elements, (differing, elements)
+
+
+def test_sharding_refuses_one_process_and_lora():
     sharded = RuntimeConfig(device="cpu", sharding="fsdp")
     with pytest.raises(ValueError, match="one; start it"):
         check_sharding(sharded, num_processes=1, lora=False)
     with pytest.raises(ValueError, match="LoRA"):
         check_sharding(sharded, num_processes=2, lora=True)
-    with pytest.raises(ValueError, match="compile"):
-        check_sharding(
-            RuntimeConfig(device="cpu", sharding="fsdp", compile="default"), num_processes=2, lora=False
-        )
     check_sharding(RuntimeConfig(device="cpu"), num_processes=1, lora=True)  # not sharded: nothing to refuse
     with pytest.raises(ValueError, match=r"runtime\.sharding must be one of"):
         RuntimeConfig(sharding="zero3")

@@ -527,7 +527,7 @@ def train_dpo(
         PreferenceDataError: empty or tie-only data, images of another size than the model's.
         RunDirError: a fresh run into a used folder, a resume without a run or with another config.
         NonFiniteError: a loss or gradient norm became NaN or inf (the last good checkpoint is kept).
-        ValueError: `runtime.sharding=fsdp` with one process, LoRA or `runtime.compile`.
+        ValueError: `runtime.sharding=fsdp` with one process or LoRA.
     """
     run = RunDir(run_dir)
     data = training_data(pairs, config.method)

@@ -178,7 +178,7 @@ def train_pg(
         RatioCheckError: the first-step importance ratio is not 1.
         NonFiniteError: a reward, loss or gradient norm became NaN or inf (the last good checkpoint is kept).
         ValueError: a config that cannot run (a deterministic sampler, batch sizes that do not divide,
-            `runtime.sharding=fsdp` with one process, LoRA or `runtime.compile`).
+            `runtime.sharding=fsdp` with one process or LoRA).
     """
     run = RunDir(run_dir)
 

@@ -204,9 +204,9 @@ def compile_blocks(network: torch.nn.Module, mode: str = "default", dynamic: boo
 
 def prepare_training(accelerator, model, config, checkpoint=None):
     """What every trainer does between loading (and resuming) the weights and its first step, with a
-    trainer config's `runtime`, `lr` and `weight_decay`: shard the model in place under
-    `runtime.sharding=fsdp` (`align.sharding`), build the optimiser over `model.trainable_parameters()`,
-    compile the denoiser's blocks, `accelerator.prepare` (a sharded network gets no DDP wrapper: FSDP2
+    trainer config's `runtime`, `lr` and `weight_decay`: compile the denoiser's blocks, shard the model
+    in place under `runtime.sharding=fsdp` (`align.sharding`), build the optimiser over
+    `model.trainable_parameters()`, `accelerator.prepare` (a sharded network gets no DDP wrapper: FSDP2
     reduces the gradients itself), and load a resumed `checkpoint`'s optimiser state. Returns (the
     network the trainer's forward calls, the optimiser, its parameters)."""
     from diffalign.align.sharding import is_sharded, load_full_optimizer_state, shard_model
@@ -214,11 +214,13 @@ def prepare_training(accelerator, model, config, checkpoint=None):
     runtime = config.runtime
     network = model.denoiser
     sharded = is_sharded(runtime)
+    # Blocks are compiled before sharding (FSDP2 renames each unit's class, which `compile_blocks`
+    # selects by); FSDP's hooks stay outside the compiled graphs (torch disables dynamo on them).
+    compile_network(network, runtime)
     if sharded:
         shard_model(model, device=accelerator.device)  # the policy and its frozen reference
     params = model.trainable_parameters()
     optimizer = make_optimizer(params, config.lr, config.weight_decay, runtime)
-    compile_network(network, runtime)
     if sharded:
         forward, optimizer = network, accelerator.prepare(optimizer)
     else:

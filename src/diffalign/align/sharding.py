@@ -27,8 +27,9 @@ its share, before it is sharded for the round's training), the policy-gradient t
 `dpok`, `grpo`), DiffusionNFT and reward backpropagation (`alignprop`, `draft`, `draft-lv`, `refl`),
 which sample with the sharded network: every process samples its equal share, and anything that runs
 the model (a drift estimate, a benchmark's callback) runs on every process, so the all-gathers stay in
-step. Refused with an error that says so: LoRA (whose point is that the frozen weights need no
-gradients or optimiser state), `runtime.compile` and one process.
+step. With `runtime.compile` the blocks are compiled first, then sharded (`runtime.prepare_training`).
+Refused with an error that says so: LoRA (whose point is that the frozen weights need no gradients or
+optimiser state) and one process.
 """
 
 from __future__ import annotations
@@ -72,10 +73,6 @@ def check_sharding(runtime, *, num_processes: int, lora: bool) -> None:
             "runtime.sharding=fsdp with LoRA (lora_rank > 0) is not supported: with LoRA the frozen "
             "weights carry no gradients or optimiser state, so data parallelism (runtime.sharding=none) "
             "already holds little per process"
-        )
-    if runtime.compile != "none":
-        raise ValueError(
-            "runtime.sharding=fsdp with runtime.compile is not supported yet (untested); use one of them"
         )
 
 
