@@ -147,3 +147,26 @@ def test_align_dpo_runs_sharded_under_accelerate_launch(tmp_path):
     assert type(after).__name__ == "TinyUNet"
     changed = [not torch.equal(a, b) for a, b in zip(before.parameters(), after.parameters(), strict=True)]
     assert sum(changed) > len(changed) // 2
+
+
+@pytest.mark.slow
+def test_align_online_dpo_runs_sharded_under_accelerate_launch(tmp_path):
+    """`align online-dpo` on two CPU processes with FSDP: one round's pairs are sampled half by each
+    process into the run's store, once; the main process writes the round's line and the model."""
+    from tests.align.helpers import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", "epsilon")
+    out = tmp_path / "run"
+    diffalign = Path(sys.executable).with_name("diffalign")
+    result = accelerate_launch(
+        str(diffalign), "align", "online-dpo", "--model", str(model), "--out", str(out), "--device", "cpu",
+        "rounds=1", "pairs_per_round=4", "sample_steps=2", "dpo.runtime.sharding=fsdp", "dpo.steps=2",
+        "dpo.batch_size=2", "dpo.checkpoint_every=0", "dpo.log_with=none",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    from diffalign.prefs.store import PreferenceStore
+
+    keys = sorted(c.key for c in PreferenceStore.open(out / "prefs.db").comparisons())
+    assert keys == [f"simulated:0:{i}" for i in range(4)]
+    assert len((out / "rounds.jsonl").read_text().splitlines()) == 1
+    assert (out / "model" / "diffusion_pytorch_model.safetensors").is_file()
