@@ -174,6 +174,59 @@ def label_with_reward(
     return {"sampled": len(todo), "ties": ties}
 
 
+def load_labeller(config: OnlineDPOConfig) -> Callable | None:
+    """The reward that labels the pairs, or None for the simulated panel (`labeller="panel"`)."""
+    if config.labeller == "panel":
+        return None
+    from diffalign.rewards.registry import load_reward
+
+    return load_reward(config.labeller)
+
+
+def label_round(
+    config: OnlineDPOConfig,
+    model,
+    store: PreferenceStore,
+    n_pairs: int,
+    *,
+    seed: int,
+    reward: Callable | None = None,
+    prompts: Sequence[str] | None = None,
+    share: tuple[int, int] = (0, 1),
+    model_name: str | None = None,
+) -> None:
+    """Sample `n_pairs` pairs with `model` (the config's sampler) and label them into `store`: by the
+    simulated panel when `reward` is None (`simulate_preferences`), else by `reward`
+    (`label_with_reward`, the config's tie margin); `share` as there."""
+    sampler = sampler_for(model, config.sample_steps, config.guidance)
+    if reward is None:
+        simulate_preferences(
+            model,
+            store,
+            n_pairs,
+            prompts=prompts,
+            sampler_config=sampler,
+            seed=seed,
+            batch_size=config.sample_batch,
+            model_name=model_name,
+            share=share,
+        )
+    else:
+        label_with_reward(
+            model,
+            reward,
+            store,
+            n_pairs,
+            seed=seed,
+            reward_name=config.labeller,
+            sampler_config=sampler,
+            prompts=prompts,
+            tie_margin=config.tie_margin,
+            batch_size=config.sample_batch,
+            share=share,
+        )
+
+
 def round_seed(seed: int, index: int) -> int:
     """The labelling seed of round `index` (distinct pairs, prompts and rater draws per round)."""
     return 1000 * seed + index
@@ -209,11 +262,7 @@ def train_online_dpo(
     run = Path(run_dir)
     record = {"trainer": "online-dpo", "config": to_dict(config)}
     prompts = read_prompts(config.prompts) if config.prompts else None
-    reward = None
-    if config.labeller != "panel":
-        from diffalign.rewards.registry import load_reward
-
-        reward = load_reward(config.labeller)
+    reward = load_labeller(config)
     source = "simulated" if reward is None else REWARD_SOURCE
     seed = config.dpo.runtime.seed
 
@@ -221,34 +270,17 @@ def train_online_dpo(
         with accelerator.main_process_first():  # the main process creates the store's tables
             run.mkdir(parents=True, exist_ok=True)
             store = PreferenceStore.open(run / "prefs.db")
-        sampler = sampler_for(model, config.sample_steps, config.guidance)
-        labelling_seed = round_seed(seed, index)
-        if reward is None:
-            simulate_preferences(
-                model,
-                store,
-                config.pairs_per_round,
-                prompts=prompts,
-                sampler_config=sampler,
-                seed=labelling_seed,
-                batch_size=config.sample_batch,
-                model_name=f"round-{index:02d}",
-                share=process_share(accelerator),
-            )
-        else:
-            label_with_reward(
-                model,
-                reward,
-                store,
-                config.pairs_per_round,
-                seed=labelling_seed,
-                reward_name=config.labeller,
-                sampler_config=sampler,
-                prompts=prompts,
-                tie_margin=config.tie_margin,
-                batch_size=config.sample_batch,
-                share=process_share(accelerator),
-            )
+        label_round(
+            config,
+            model,
+            store,
+            config.pairs_per_round,
+            seed=round_seed(seed, index),
+            reward=reward,
+            prompts=prompts,
+            share=process_share(accelerator),
+            model_name=f"round-{index:02d}",
+        )
         accelerator.wait_for_everyone()  # every process's share is in the store
         rounds = range(index + 1) if config.accumulate else [index]
         prefixes = [f"{source}:{round_seed(seed, r)}:" for r in rounds]

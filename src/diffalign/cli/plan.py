@@ -22,6 +22,11 @@ def _config(method: str, config_file, overrides, model, reward, prompts, device)
     from diffalign.planning.measure import LENGTH_FIELDS
     from diffalign.planning.trainers import BACKPROP_METHODS, NFT_METHODS, PAIR_METHODS, PG_METHODS
 
+    if method == "online-dpo":
+        from diffalign.align.online_dpo import OnlineDPOConfig
+
+        options = {"dpo.model": model, "dpo.runtime.device": device, "labeller": reward}
+        return load_command_config(OnlineDPOConfig, config_file, overrides, options)
     options: dict = {"method": method, "model": model, "runtime.device": device}
     if method in PAIR_METHODS:
         return load_command_config(DPOConfig, config_file, overrides, options)
@@ -50,13 +55,25 @@ def _pairs(store: str | None, config):
         fail(f"--store {store}: {err}")
 
 
+def _two(text: str, option: str) -> tuple[int, int]:
+    """short,long from an option's text; a clear error naming the option otherwise."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        fail(f"{option}: expected two whole numbers short,long, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def _number(value: float | None, spec: str, unit: str = "") -> str:
     return "n/a" if value is None else f"{format(value, spec)}{unit}"
 
 
 def plan_cmd(
     method: Annotated[
-        str, typer.Argument(help="dpo, kto, ddpo, dpok, grpo, nft, alignprop, draft, draft-lv or refl.")
+        str,
+        typer.Argument(
+            help="dpo, kto, online-dpo, ddpo, dpok, grpo, nft, alignprop, draft, draft-lv or refl "
+            "(online-dpo: --reward is its labeller, a round is the unit)."
+        ),
     ],
     overrides: OverridesArg = None,
     model: ModelOpt = None,
@@ -68,6 +85,9 @@ def plan_cmd(
     ] = None,
     measure: Annotated[bool, typer.Option(help="Time a few real steps of the run on this machine.")] = False,
     measure_steps: Annotated[str, typer.Option(help="The two measuring run lengths, short,long.")] = "1,3",
+    measure_pairs: Annotated[
+        str, typer.Option(help="online-dpo: the two labelling runs' pairs, short,long.")
+    ] = "2,8",
     seconds_per_step: Annotated[
         float | None, typer.Option(help="Per-step seconds given by hand instead of --measure.")
     ] = None,
@@ -77,7 +97,10 @@ def plan_cmd(
     devices: Annotated[int, typer.Option(help="Devices (GPUs) the run is spread over, data parallel.")] = 1,
     efficiency: Annotated[float, typer.Option(help="Data-parallel scaling efficiency in (0, 1].")] = 0.9,
     price_per_device_hour: Annotated[float, typer.Option(help="Price of one device-hour.")] = 0.0,
-    pairs: Annotated[int, typer.Option(help="Preference pairs to be labelled for the run.")] = 0,
+    pairs: Annotated[
+        int,
+        typer.Option(help="Preference pairs to be labelled (online-dpo: rounds x pairs_per_round when 0)."),
+    ] = 0,
     labels_per_pair: Annotated[int, typer.Option(help="Raters per pair.")] = 1,
     price_per_label: Annotated[float, typer.Option(help="Price of one label.")] = 0.0,
     json_out: Annotated[
@@ -95,8 +118,18 @@ def plan_cmd(
     if measure == (seconds_per_step is not None):
         fail("plan: give exactly one of --measure and --seconds-per-step")
     try:
-        if measure:
-            short, long = (int(x) for x in measure_steps.split(","))
+        if measure and method == "online-dpo":
+            from diffalign.planning.rounds import measure_online_dpo
+
+            short, long = _two(measure_steps, "--measure-steps")
+            short_pairs, long_pairs = _two(measure_pairs, "--measure-pairs")
+            console.print(
+                f"measuring online-dpo: labelling runs of {short_pairs} and {long_pairs} pairs, DPO runs "
+                f"of {short} and {long} steps on this machine"
+            )
+            cost = measure_online_dpo(cfg, cfg.dpo.runtime.device, short, long, short_pairs, long_pairs)
+        elif measure:
+            short, long = _two(measure_steps, "--measure-steps")
             data = _pairs(store, cfg) if method in PAIR_METHODS else None
             console.print(f"measuring {method}: runs of {short} and {long} steps on this machine")
             cost = measure_step_cost(
@@ -109,6 +142,8 @@ def plan_cmd(
             )
         else:
             cost = StepCost.given(method, seconds_per_step, fixed_seconds)
+        if method == "online-dpo" and not pairs:
+            pairs = cfg.rounds * cfg.pairs_per_round  # every round's pairs are labelled
         shape = RunShape(
             steps=run_length(method, cfg),
             devices=devices,

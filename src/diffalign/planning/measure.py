@@ -33,6 +33,7 @@ LENGTH_FIELDS = {
     "draft": ("steps", "step"),
     "draft-lv": ("steps", "step"),
     "refl": ("steps", "step"),
+    "online-dpo": ("rounds", "round"),
 }
 
 
@@ -52,6 +53,8 @@ class StepCost:
         memory_kind: how memory was measured ("cuda", "cpu-rss" or "unavailable").
         device: where it ran (or "given" for figures given by hand).
         steps_measured: (short, long), or None for figures given by hand.
+        source: how the figures were obtained, when neither measured by two runs of `unit`s nor
+            given by hand (a round's cost composed from its parts' measurements).
     """
 
     method: str
@@ -65,6 +68,7 @@ class StepCost:
     memory_kind: str
     device: str
     steps_measured: tuple[int, int] | None
+    source: str | None = None
 
     @classmethod
     def given(cls, method: str, seconds_per_step: float, fixed_seconds: float = 0.0) -> StepCost:
@@ -105,6 +109,7 @@ def measure_step_cost(
     short: int = 1,
     long: int = 3,
     reward_counted: bool = False,
+    unit: str | None = None,
 ) -> StepCost:
     """Measure `method` by calling `run(run_dir, stop_after, meter)` for `short`, then `long` steps.
 
@@ -116,6 +121,8 @@ def measure_step_cost(
         short, long: the two run lengths (long > short >= 1).
         reward_counted: whether `run` counts reward queries into the meter (else they are None). The
             count includes the reward evaluations a trainer makes for its logs.
+        unit: what `run` makes `stop_after` of, when not the trainer's step (e.g. "pair": a round's
+            labelling, `planning.rounds`).
     """
     if method not in LENGTH_FIELDS:
         raise ValueError(f"plan: no trainer named {method!r}; choose one of {sorted(LENGTH_FIELDS)}")
@@ -134,7 +141,7 @@ def measure_step_cost(
     queries = _difference(first, second, span, "reward_queries") if reward_counted else None
     return StepCost(
         method=method,
-        unit=LENGTH_FIELDS[method][1],
+        unit=unit or LENGTH_FIELDS[method][1],
         seconds_per_step=max(per_step, 0.0),
         fixed_seconds=max(first.wall_s - short * per_step, 0.0),
         forward_nfe_per_step=(second.forward_nfe - first.forward_nfe) / span,

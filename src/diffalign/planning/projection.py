@@ -3,7 +3,7 @@
 From a measured `StepCost` (or per-step figures given by hand) and the run's shape:
 
     wall on one device     = fixed + steps * seconds_per_step
-    wall on N devices      = fixed + steps * seconds_per_step / (N * efficiency)      (data parallel:
+    wall on N > 1 devices  = fixed + steps * seconds_per_step / (N * efficiency)      (data parallel:
                              the same global batch split over N devices, `efficiency` <= 1 for the
                              gradient all-reduce and stragglers; an assumption, shown in the output)
     device-hours           = N * wall on N devices / 3600
@@ -84,13 +84,17 @@ def project(cost: StepCost, shape: RunShape) -> Projection:
     shape.check()
     steps_time = shape.steps * cost.seconds_per_step
     one = cost.fixed_seconds + steps_time
-    wall = cost.fixed_seconds + steps_time / (shape.devices * shape.efficiency)
+    # the efficiency factor is the cost of spreading over devices: one device runs at its measured speed
+    speed_up = shape.devices * shape.efficiency if shape.devices > 1 else 1.0
+    wall = cost.fixed_seconds + steps_time / speed_up
     device_hours = shape.devices * wall / 3600
     compute = device_hours * shape.price_per_device_hour
     annotation = shape.preference_pairs * shape.labels_per_pair * shape.price_per_label
     queries = _times(cost.reward_queries_per_step, shape.steps)
     source = (
-        "given by hand"
+        cost.source
+        if cost.source is not None
+        else "given by hand"
         if cost.steps_measured is None
         else f"measured on {cost.device} (runs of {cost.steps_measured[0]} and "
         f"{cost.steps_measured[1]} {cost.unit}s)"
