@@ -74,21 +74,35 @@ def test_dpo_projection_matches_a_measured_run(model_dir, tmp_path):
     enough on the 2-core CI machine); the NFE projection must be exact every time."""
     pairs = make_pairs(64)
     cfg = dpo_config(model_dir, steps=40, batch_size=16, checkpoint_every=0, log_every=10)
-    errors = []
-    for attempt in range(5):
+
+    def measure_and_project():
         cost = measure_step_cost("dpo", trainer_runner("dpo", cfg, pairs), "cpu", short=2, long=8)
         # Diffusion-DPO evaluates policy and reference on winner and loser, and backpropagates the policy.
         assert cost.forward_nfe_per_step == 16 * 4 and cost.backward_nfe_per_step == 16 * 2
-        projected = project(cost, RunShape(steps=40))
+        return project(cost, RunShape(steps=40))
+
+    errors = projection_errors(
+        measure_and_project, lambda attempt: train_dpo(cfg, pairs, tmp_path / f"{attempt}")
+    )
+    assert min(errors) < 0.25, errors
+
+
+def projection_errors(measure_and_project, run, tries: int = 5) -> list[float]:
+    """Relative errors of projected against measured wall time (one device) over up to `tries` rounds of
+    (measure and project, run), stopping at the first under 25%; the projected forward NFEs must equal
+    the run's counted ones every time."""
+    errors = []
+    for attempt in range(tries):
+        projected = measure_and_project()
         start = time.perf_counter()
         with CostMeter(denoiser_types(), "cpu") as meter:
-            train_dpo(cfg, pairs, tmp_path / f"run-{attempt}")
+            run(attempt)
         actual = time.perf_counter() - start
         assert projected.forward_nfe == meter.cost.forward_nfe
         errors.append(abs(projected.wall_seconds_one_device - actual) / actual)
         if errors[-1] < 0.25:
             break
-    assert min(errors) < 0.25, errors
+    return errors
 
 
 def test_grpo_measurement_counts_its_reward_queries(model_dir):
@@ -222,22 +236,18 @@ def test_online_dpo_projection_matches_a_measured_run(model_dir, tmp_path):
 
     dpo = dpo_config(model_dir, steps=8, batch_size=4, checkpoint_every=0, log_every=4)
     cfg = OnlineDPOConfig(dpo=dpo, rounds=3, pairs_per_round=12, sample_steps=4, sample_batch=8)
-    errors = []
-    for attempt in range(5):
+
+    def measure_and_project():
         cost = measure_online_dpo(cfg, "cpu", short=1, long=4, short_pairs=2, long_pairs=8)
         # labelling: 2 images x 4 sampler steps per pair (guidance scale 1: one row each); DPO: 4 pairs
         # x 4 rows (policy and reference on winner and loser) per step
         assert cost.forward_nfe_per_step == 12 * 2 * 4 + 8 * 4 * 4
         assert cost.reward_queries_per_step is None  # the simulated panel
-        projected = project(cost, RunShape(steps=3))
-        start = time.perf_counter()
-        with CostMeter(denoiser_types(), "cpu") as meter:
-            train_online_dpo(cfg, tmp_path / f"run-{attempt}")
-        actual = time.perf_counter() - start
-        assert projected.forward_nfe == meter.cost.forward_nfe
-        errors.append(abs(projected.wall_seconds_one_device - actual) / actual)
-        if errors[-1] < 0.25:
-            break
+        return project(cost, RunShape(steps=3))
+
+    errors = projection_errors(
+        measure_and_project, lambda attempt: train_online_dpo(cfg, tmp_path / f"{attempt}")
+    )
     assert min(errors) < 0.25, errors
 
 
