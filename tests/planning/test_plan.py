@@ -214,7 +214,7 @@ def test_an_online_dpo_round_is_composed_from_its_parts_by_hand():
     labelling = StepCost("online-dpo", "pair", 0.2, 3.0, 20.0, 0.0, 2.0, 500.0, "cpu-rss", "cpu", (2, 8))
     training = StepCost("dpo", "step", 0.5, 4.0, 64.0, 32.0, None, 800.0, "cpu-rss", "cpu", (1, 3))
     config = OnlineDPOConfig(dpo=dpo_config("base", steps=30), rounds=4, pairs_per_round=100)
-    cost = compose_round(config, labelling, training)
+    cost = compose_round("online-dpo", config.rounds, 100, "pair", 30, labelling, training)
     assert cost.unit == "round" and cost.seconds_per_step == pytest.approx(100 * 0.2 + 30 * 0.5)
     assert cost.fixed_seconds == pytest.approx(4 * 4.0 + 3.0)
     assert (cost.forward_nfe_per_step, cost.backward_nfe_per_step) == (100 * 20 + 30 * 64, 30 * 32)
@@ -238,7 +238,7 @@ def test_online_dpo_projection_matches_a_measured_run(model_dir, tmp_path):
     cfg = OnlineDPOConfig(dpo=dpo, rounds=3, pairs_per_round=12, sample_steps=4, sample_batch=8)
 
     def measure_and_project():
-        cost = measure_online_dpo(cfg, "cpu", short=1, long=4, short_pairs=2, long_pairs=8)
+        cost = measure_online_dpo(cfg, "cpu", short=1, long=4, short_items=2, long_items=8)
         # labelling: 2 images x 4 sampler steps per pair (guidance scale 1: one row each); DPO: 4 pairs
         # x 4 rows (policy and reference on winner and loser) per step
         assert cost.forward_nfe_per_step == 12 * 2 * 4 + 8 * 4 * 4
@@ -263,5 +263,29 @@ def test_plan_online_dpo_counts_every_rounds_labels(tmp_path):
     assert data["shape"]["steps"] == 3 and data["shape"]["preference_pairs"] == 300
     assert data["wall_seconds_one_device"] == pytest.approx(180.0)
     assert data["annotation_cost"] == pytest.approx(300 * 2 * 0.05)
-    bad = CliRunner().invoke(app, ["plan", "online-dpo", "--measure", "--measure-pairs", "8"])
-    assert bad.exit_code != 0 and "--measure-pairs" in bad.output
+    bad = CliRunner().invoke(app, ["plan", "online-dpo", "--measure", "--measure-items", "8"])
+    assert bad.exit_code != 0 and "--measure-items" in bad.output
+
+
+def test_spin_projection_matches_a_measured_run(model_dir, tmp_path):
+    """SPIN by the round: generation per image and DPO steps measured apart (random real images: the
+    cost does not depend on what they show); a 2-round run on 10 world scenes within 25% of the
+    projection, its denoiser rows exactly."""
+    from diffalign.align.spin import SPINConfig, real_from_world, train_spin
+    from diffalign.planning.rounds import measure_spin
+
+    dpo = dpo_config(model_dir, steps=6, batch_size=4, checkpoint_every=0, log_every=3)
+    cfg = SPINConfig(dpo=dpo, rounds=2, sample_steps=4, sample_batch=8)
+    real = real_from_world(10, 16)
+
+    def measure_and_project():
+        cost = measure_spin(cfg, 10, "cpu", short=1, long=4, short_items=2, long_items=8)
+        assert cost.forward_nfe_per_step == 10 * 4 + 6 * 4 * 4  # 4 sampler steps an image; 4 DPO rows a pair
+        return project(cost, RunShape(steps=2))
+
+    errors = projection_errors(
+        measure_and_project, lambda attempt: train_spin(cfg, real, tmp_path / f"{attempt}")
+    )
+    assert min(errors) < 0.25, errors
+    no_examples = CliRunner().invoke(app, ["plan", "spin", "--measure", "--model", str(model_dir)])
+    assert no_examples.exit_code != 0 and "real examples" in no_examples.output

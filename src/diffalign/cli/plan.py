@@ -27,6 +27,11 @@ def _config(method: str, config_file, overrides, model, reward, prompts, device)
 
         options = {"dpo.model": model, "dpo.runtime.device": device, "labeller": reward}
         return load_command_config(OnlineDPOConfig, config_file, overrides, options)
+    if method == "spin":
+        from diffalign.align.spin import SPINConfig
+
+        options = {"dpo.model": model, "dpo.runtime.device": device}
+        return load_command_config(SPINConfig, config_file, overrides, options)
     options: dict = {"method": method, "model": model, "runtime.device": device}
     if method in PAIR_METHODS:
         return load_command_config(DPOConfig, config_file, overrides, options)
@@ -71,8 +76,8 @@ def plan_cmd(
     method: Annotated[
         str,
         typer.Argument(
-            help="dpo, kto, online-dpo, ddpo, dpok, grpo, nft, alignprop, draft, draft-lv or refl "
-            "(online-dpo: --reward is its labeller, a round is the unit)."
+            help="dpo, kto, online-dpo, spin, ddpo, dpok, grpo, nft, alignprop, draft, draft-lv or refl "
+            "(online-dpo and spin: a round is the unit; online-dpo's --reward is its labeller)."
         ),
     ],
     overrides: OverridesArg = None,
@@ -85,9 +90,10 @@ def plan_cmd(
     ] = None,
     measure: Annotated[bool, typer.Option(help="Time a few real steps of the run on this machine.")] = False,
     measure_steps: Annotated[str, typer.Option(help="The two measuring run lengths, short,long.")] = "1,3",
-    measure_pairs: Annotated[
-        str, typer.Option(help="online-dpo: the two labelling runs' pairs, short,long.")
+    measure_items: Annotated[
+        str, typer.Option(help="online-dpo, spin: the two runs making a round's pairs or images, short,long.")
     ] = "2,8",
+    examples: Annotated[int, typer.Option(help="spin: the real examples each round trains on.")] = 0,
     seconds_per_step: Annotated[
         float | None, typer.Option(help="Per-step seconds given by hand instead of --measure.")
     ] = None,
@@ -118,16 +124,20 @@ def plan_cmd(
     if measure == (seconds_per_step is not None):
         fail("plan: give exactly one of --measure and --seconds-per-step")
     try:
-        if measure and method == "online-dpo":
-            from diffalign.planning.rounds import measure_online_dpo
+        if measure and method in ("online-dpo", "spin"):
+            from diffalign.planning.rounds import measure_online_dpo, measure_spin
 
             short, long = _two(measure_steps, "--measure-steps")
-            short_pairs, long_pairs = _two(measure_pairs, "--measure-pairs")
+            few, more = _two(measure_items, "--measure-items")
             console.print(
-                f"measuring online-dpo: labelling runs of {short_pairs} and {long_pairs} pairs, DPO runs "
-                f"of {short} and {long} steps on this machine"
+                f"measuring {method}: runs making {few} and {more} of a round's items, DPO runs of {short} "
+                f"and {long} steps on this machine"
             )
-            cost = measure_online_dpo(cfg, cfg.dpo.runtime.device, short, long, short_pairs, long_pairs)
+            device_name = cfg.dpo.runtime.device
+            if method == "spin":
+                cost = measure_spin(cfg, examples, device_name, short, long, few, more)
+            else:
+                cost = measure_online_dpo(cfg, device_name, short, long, few, more)
         elif measure:
             short, long = _two(measure_steps, "--measure-steps")
             data = _pairs(store, cfg) if method in PAIR_METHODS else None

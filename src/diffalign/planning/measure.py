@@ -34,6 +34,7 @@ LENGTH_FIELDS = {
     "draft-lv": ("steps", "step"),
     "refl": ("steps", "step"),
     "online-dpo": ("rounds", "round"),
+    "spin": ("rounds", "round"),
 }
 
 
