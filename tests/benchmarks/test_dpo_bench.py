@@ -85,3 +85,28 @@ def test_a_tiny_relabelled_run_writes_its_row_with_what_moved(tmp_path):
     weighted = sum(p["share"] * p["win_rate"] for p in parts.values() if p["win_rate"] is not None)
     assert weighted == pytest.approx(row["win_rate"], abs=1e-6)
     assert (out / "base" / "dpo-8-quality").is_dir() and (tmp_path / "prefs.db").is_file()
+
+
+def test_training_seeds_give_one_run_each_and_a_pooled_row(tmp_path):
+    module = load_benchmark("dpo")
+    out = tmp_path / "bench"
+    argv = ["--models", "base", "--pairs", "8", "--steps", "2", "--batch-size", "4", "--eval-prompts", "8"]
+    argv += ["--eval-stride", "2", "--sample-batch", "8", "--seeds", "1,2", "--store", str(tmp_path / "p.db")]
+    assert module.main([*argv, "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert [r["seed"] for r in runs] == [1, 2]
+    assert all((out / "base" / f"dpo-8-seed{s}").is_dir() for s in (1, 2))
+    seeds_of = [json.loads((out / "base" / f"dpo-8-seed{s}" / "config.json").read_text()) for s in (1, 2)]
+    assert [c["config"]["runtime"]["seed"] for c in seeds_of] == [1, 2]
+    (pooled,) = results["seed_summary"]
+    rates = [r["win_rate"] for r in runs]
+    assert pooled["seeds"] == [1, 2] and pooled["mean_win_rate"] == pytest.approx(sum(rates) / 2)
+    assert (pooled["min_win_rate"], pooled["max_win_rate"]) == (min(rates), max(rates))
+
+
+def test_seeds_and_a_set_seed_are_refused_together(tmp_path, capsys):
+    module = load_benchmark("dpo")
+    with pytest.raises(SystemExit):
+        module.main(["--seeds", "0,1", "--set", "runtime.seed=3", "--out", str(tmp_path)])
+    assert "give the training seeds one way" in capsys.readouterr().err
