@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from diffalign.align.dpo import train_dpo
 from diffalign.align.online_dpo import OnlineDPOConfig, label_round, load_labeller, read_prompts
 from diffalign.align.spin import SPINConfig, generate
 from diffalign.evaluate.costs import CostMeter
 from diffalign.planning.measure import StepCost, measure_step_cost
+from diffalign.planning.trainers import trainer_runner
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.simulate import pair_prompts
 from diffalign.prefs.store import PreferenceStore
@@ -74,11 +74,7 @@ def measure_online_dpo(
 
 def measure_training(dpo, pairs: PreferencePairs, device: str, short: int, long: int) -> StepCost:
     """A round's Diffusion-DPO part (`dpo`, a DPOConfig) on `pairs`, runs of `short` and `long` steps."""
-
-    def train(run_dir: Path, stop_after: int, meter: CostMeter) -> None:
-        train_dpo(dpo, pairs, run_dir, stop_after=stop_after)
-
-    return measure_step_cost("dpo", train, device, short, long)
+    return measure_step_cost("dpo", trainer_runner("dpo", dpo, pairs), device, short, long)
 
 
 def compose_round(
