@@ -17,6 +17,7 @@ from diffalign.evaluate.overopt import (
     fit_gao,
     gao_bon,
     gao_rl,
+    paired_changes,
     plot_overopt,
 )
 
@@ -75,6 +76,27 @@ def test_analyse_finds_the_gold_peak_and_stop_step(tmp_path):
     assert png.stat().st_size > 5000
 
 
+def test_changes_are_paired_sample_by_sample_with_the_base():
+    base = OveroptPoint(0, 0.0, 0.0, 0.0, 2.5, values={"gold": [1, 2, 3, 4], "proxy": [0, 0, 0, 0]})
+    # the same mean shift as a level comparison would see, but every sample moves by 0 or 1
+    later = OveroptPoint(5, 0.1, 0.01, 1.0, 3.0, values={"gold": [2, 2, 4, 4], "proxy": [1, 1, 1, 1]})
+    changes = paired_changes(later, base)
+    assert changes["gold"]["mean"] == pytest.approx(0.5)
+    assert changes["gold"]["stderr"] == pytest.approx(np.std([1, 0, 1, 0], ddof=1) / 2)
+    low, high = changes["gold"]["ci95"]
+    assert 0.0 <= low <= 0.5 <= high <= 1.0
+    assert changes["proxy"] == {"mean": 1.0, "stderr": 0.0, "ci95": [1.0, 1.0]}
+    # a reward the base lacks, or measured on other samples, is left out
+    odd = OveroptPoint(5, 0.1, 0.01, 1.0, 3.0, values={"gold": [2, 2, 4], "extra": [1, 2, 3, 4]})
+    assert paired_changes(odd, base) == {}
+    points = [base, later, OveroptPoint(9, 0.4, 0.01, 2.0, 2.0, values={"gold": [1, 1, 3, 3]})]
+    report = analyse(points, "rl")
+    assert report["gold_peak"]["step"] == 5
+    assert report["gold_peak"]["vs_base"]["mean"] == pytest.approx(0.5)
+    assert report["points"][2]["vs_base"]["gold"]["mean"] == pytest.approx(-0.5)
+    assert report["points"][0]["vs_base"]["gold"]["mean"] == 0.0
+
+
 def test_analyse_needs_the_base_point():
     with pytest.raises(ValueError, match="step 0"):
         analyse(synthetic_points()[1:], "rl")
@@ -126,11 +148,21 @@ def test_overopt_cli_measures_checkpoints_and_writes_json_and_plot(tmp_path):
     rewards = tmp_path / "rewards.py"
     args = ["overopt", str(run), "--gold", f"{rewards}:redness", "--proxy", f"{rewards}:brightness"]
     args += ["--num-prompts", "4", "--steps", "3", "--device", "cpu", "--out", str(tmp_path / "out")]
+    args += ["--also", "gold-quality"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "overopt.json").read_text())
     points = report["points"]
     assert [p["step"] for p in points] == [0, 2, 4]
+    # every reward per sample, the extra one's mean beside the fitted two, changes paired with the base
+    assert all(sorted(p["values"]) == ["gold", "gold-quality", "proxy"] for p in points)
+    assert all(len(v) == 4 for p in points for v in p["values"].values())
+    for p in points:
+        assert p["extra"]["gold-quality"] == pytest.approx(np.mean(p["values"]["gold-quality"]))
+        assert p["gold"] == pytest.approx(np.mean(p["values"]["gold"]))
+        change = np.subtract(p["values"]["gold"], points[0]["values"]["gold"]).mean()
+        assert p["vs_base"]["gold"]["mean"] == pytest.approx(change)
+    assert "gold-quality" in result.output
     assert points[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     # larger weight drift -> larger KL to the base model
     assert 0 < points[1]["kl"] < points[2]["kl"]

@@ -21,6 +21,13 @@ def overopt_cmd(
         typer.Option(help="A reward-ensemble folder: adds its uncertainty-penalised reward (mean - k std)."),
     ] = None,
     k: Annotated[float, typer.Option(help="The ensemble's uncertainty penalty k.")] = 1.0,
+    also: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Another reward to record on the same samples (repeatable; e.g. shapes:faithfulness "
+            "beside --gold gold-utility); reported, not fitted."
+        ),
+    ] = None,
     form: Annotated[str, typer.Option(help="Gao et al.'s form to fit: rl (d(a - b log d)) or bon.")] = "rl",
     num_prompts: Annotated[int, typer.Option(help="Samples per checkpoint (Shapes-world prompts).")] = 64,
     prompts_file: Annotated[
@@ -54,6 +61,10 @@ def overopt_cmd(
             from diffalign.rewards.ensemble import RewardEnsemble, UncertaintyPenalisedReward
 
             rewards["penalised"] = UncertaintyPenalisedReward(RewardEnsemble.load(ensemble, dev), k)
+        for spec in also or []:
+            if spec in rewards or spec in ("proxy", "gold", "penalised"):
+                fail(f"--also {spec!r} is given twice or names a reward the analysis already has")
+            rewards[spec] = load_reward(spec, device=dev)
         prompts = read_prompt_set(prompts_file).prompts if prompts_file else world_prompts(num_prompts, seed)
         prediction_type = load_model(info["reference"], device=dev).prediction_type
     except (FileNotFoundError, ValueError, RewardSpecError, PromptSetError) as err:
@@ -68,6 +79,7 @@ def overopt_cmd(
             f"step {point.step}: KL {point.kl:.3f} +- {point.kl_stderr:.3f}, proxy {point.proxy:.4f}, "
             f"gold {point.gold:.4f}"
             + ("" if point.penalised is None else f", penalised {point.penalised:.4f}")
+            + "".join(f", {name} {value:.4f}" for name, value in point.extra.items())
         )
 
     try:
@@ -83,11 +95,21 @@ def overopt_cmd(
         "proxy": proxy,
         "ensemble": None if ensemble is None else str(ensemble),
         "k": k,
+        "also": list(also or []),
     }
     json_path, png_path = write_report(report, out or Path(run_dir) / "overopt")
     peak = report["fitted_peak"]
+    change = report["gold_peak"]["vs_base"]
     console.print(
-        f"gold peaks at step {report['stop_step']} (gold {report['gold_peak']['gold']:.4f}); fitted d* = "
+        f"gold peaks at step {report['stop_step']} (gold {report['gold_peak']['gold']:.4f}"
+        + (
+            ""
+            if change is None
+            else ", {:+.4f} [{:+.4f}, {:+.4f}] against the base on the same samples".format(
+                change["mean"], *change["ci95"]
+            )
+        )
+        + "); fitted d* = "
         + ("none (no peak in the fit)" if peak is None else f"{peak['d']:.3f}")
     )
     console.print(f"wrote {json_path} and {png_path}")

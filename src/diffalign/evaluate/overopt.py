@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +137,11 @@ class OveroptPoint:
         proxy: mean proxy (training) reward of the checkpoint's samples.
         gold: mean gold reward of the same samples.
         penalised: mean uncertainty-penalised ensemble reward, or None.
+        extra: mean of every other reward measured on the same samples (e.g. the gold accuracy next
+            to the gold utility), by name.
+        values: per-sample rewards by name ("proxy", "gold", "penalised" and the extra ones), in the
+            order of the prompts and seeds every point shares; `analyse` compares them sample by
+            sample with the base model's. Empty when only the means are known.
     """
 
     step: int
@@ -145,6 +150,8 @@ class OveroptPoint:
     proxy: float
     gold: float
     penalised: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+    values: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def d(self) -> float:
@@ -156,6 +163,30 @@ def _stop_step(steps: list[int], values: np.ndarray) -> int:
     return steps[int(np.argmax(values))]
 
 
+def paired_changes(point: OveroptPoint, base: OveroptPoint) -> dict[str, dict]:
+    """Each reward of `point` against the base model's on the same prompts and seeds: the mean of the
+    per-sample differences, its standard error and a 95% percentile-bootstrap interval
+    (`diffalign.evaluate.stats.bootstrap_mean_ci`). Pairing removes the prompts' and seeds' own
+    spread, so a change is read against the noise of the change, not of the level. Rewards without
+    per-sample values on both points are left out."""
+    from diffalign.evaluate.stats import bootstrap_mean_ci
+
+    out = {}
+    for name, values in point.values.items():
+        own = np.asarray(values, dtype=np.float64)
+        reference = np.asarray(base.values.get(name, []), dtype=np.float64)
+        if reference.shape != own.shape or own.size < 2:
+            continue
+        delta = own - reference
+        low, high = bootstrap_mean_ci(delta)
+        out[name] = {
+            "mean": float(delta.mean()),
+            "stderr": float(delta.std(ddof=1) / math.sqrt(delta.size)),
+            "ci95": [low, high],
+        }
+    return out
+
+
 def analyse(points: Sequence[OveroptPoint], form: str = "rl") -> dict:
     """Fits and stopping points from measured checkpoints (see the module doc).
 
@@ -163,7 +194,9 @@ def analyse(points: Sequence[OveroptPoint], form: str = "rl") -> dict:
     `GaoFit` dicts, on rewards relative to step 0), "gold_peak" (the observed best checkpoint: step,
     d, gold), "fitted_peak" (d*, R* + base gold, and the first checkpoint at or past d*, or None when the
     run stops short of it), "stop_step" (the observed best gold step) and, with penalised rewards,
-    "penalised_stop" (the step where the penalised reward peaks and the gold reward there).
+    "penalised_stop" (the step where the penalised reward peaks and the gold reward there). Every
+    point carries "vs_base" (`paired_changes`: each reward's change from the base model, sample by
+    sample, with its interval), and the gold peak its gold change.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -180,8 +213,13 @@ def analyse(points: Sequence[OveroptPoint], form: str = "rl") -> dict:
     best = int(np.argmax(gold))
     out: dict = {
         "form": form,
-        "points": [{**asdict(p), "d": p.d} for p in pts],
-        "gold_peak": {"step": steps[best], "d": float(d[best]), "gold": float(gold[best])},
+        "points": [{**asdict(p), "d": p.d, "vs_base": paired_changes(p, pts[0])} for p in pts],
+        "gold_peak": {
+            "step": steps[best],
+            "d": float(d[best]),
+            "gold": float(gold[best]),
+            "vs_base": paired_changes(pts[best], pts[0]).get("gold"),
+        },
         "stop_step": steps[best],
     }
     fitted = fits["gold"]
@@ -331,15 +369,15 @@ def load_checkpoint_model(
 def measure_point(
     model, base, step: int, prompts, seeds, config, rewards: dict, batch_size: int = 64
 ) -> OveroptPoint:
-    """Sample the prompts once; score the images with `rewards` ({"proxy", "gold"[, "penalised"]})
-    and estimate KL to `base` from the same trajectories."""
+    """Sample the prompts once; score the images with `rewards` ({"proxy", "gold"[, "penalised"]}, and
+    any other name, kept in `extra`) and estimate KL to `base` from the same trajectories."""
     import torch
 
     from diffalign.diffusion.sampling import sample
     from diffalign.evaluate.kl import kl_from_log_probs, trajectory_log_ratios
 
     prompts = list(prompts)
-    sums = {name: 0.0 for name in rewards}
+    values: dict[str, list[float]] = {name: [] for name in rewards}
     ratios = []
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
@@ -350,11 +388,14 @@ def measure_point(
             else:
                 ratios.append(trajectory_log_ratios(model, base, traj))
             for name, reward in rewards.items():
-                sums[name] += float(reward(traj.images, chunk).double().sum())
+                values[name] += reward(traj.images, chunk).double().reshape(-1).tolist()
     ratio = torch.cat(ratios)
     kl = kl_from_log_probs(ratio, torch.zeros_like(ratio), dims=int(np.prod(model.latent_shape)))
-    means = {name: total / len(prompts) for name, total in sums.items()}
-    return OveroptPoint(step, kl.kl, kl.stderr, means["proxy"], means["gold"], means.get("penalised"))
+    means = {name: float(np.mean(scores)) for name, scores in values.items()}
+    extra = {name: mean for name, mean in means.items() if name not in ("proxy", "gold", "penalised")}
+    return OveroptPoint(
+        step, kl.kl, kl.stderr, means["proxy"], means["gold"], means.get("penalised"), extra, values
+    )
 
 
 def checkpoint_points(
@@ -372,7 +413,8 @@ def checkpoint_points(
 
     Args:
         run_dir: a trainer's run folder (config.json + checkpoints/).
-        rewards: {"proxy": Reward, "gold": Reward[, "penalised": Reward]}.
+        rewards: {"proxy": Reward, "gold": Reward[, "penalised": Reward]}, and any other name: a
+            reward recorded on the same samples (`OveroptPoint.extra`), not fitted.
         prompts: one sample per entry, the same for every checkpoint.
         config: a stochastic `SamplerConfig` (KL needs step densities).
         seeds: per-sample seeds (default 0..n-1), shared by all checkpoints.
