@@ -147,3 +147,26 @@ def test_members_without_bootstrap_fit_every_pair_from_the_given_start():
     # the start is copied, not trained in place
     fresh = build_reward_model(pairs.prompts, seed=9)
     assert torch.equal(start(x, ["a red circle"] * 6), fresh(x, ["a red circle"] * 6))
+
+
+def test_penalised_spec_loads_an_ensemble_folder_as_mean_minus_k_std(tmp_path):
+    from diffalign.rewards.registry import RewardSpecError, load_reward
+
+    ens = RewardEnsemble(_members([0, 1, 2]))
+    ens.save(tmp_path / "ens:with-colon")  # a colon in the path is not taken for K
+    images = torch.rand(4, 3, 32, 32)
+    scores = torch.stack([m(images, PROMPTS) for m in ens.members])
+    mean, std = scores.mean(0), scores.std(0, correction=0)
+    default = load_reward(f"penalised:{tmp_path / 'ens:with-colon'}")
+    assert torch.allclose(default(images, PROMPTS), mean - std, atol=1e-6)
+    half = load_reward(f"penalised:0.5:{tmp_path / 'ens:with-colon'}")
+    assert torch.allclose(half(images, PROMPTS), mean - 0.5 * std, atol=1e-6)
+    assert half.differentiable
+    single = build_reward_model(PROMPTS, seed=0)
+    single.save(tmp_path / "one")
+    with pytest.raises(RewardSpecError, match="one reward model"):
+        load_reward(f"penalised:{tmp_path / 'one'}")
+    with pytest.raises(RewardSpecError, match="not a folder"):
+        load_reward(f"penalised:2:{tmp_path / 'missing'}")
+    with pytest.raises(RewardSpecError, match="non-negative"):
+        load_reward(f"penalised:-1:{tmp_path / 'ens:with-colon'}")

@@ -10,8 +10,12 @@ Accepted forms, tried in this order:
 - an external reward model by name, from local weights: `clip`, `pickscore`, `aesthetic`,
   `imagereward`, `hpsv2`, optionally with a local folder, file or cached hub id: `clip=PATH`;
 - a reward-model folder written by `diffalign reward train` (a model or an ensemble);
+- `penalised:ENSEMBLE_DIR` or `penalised:K:ENSEMBLE_DIR`: an ensemble folder's uncertainty-penalised
+  reward, mean - K std over its members (K = 1 by default; Coste et al. 2024), a conservative reward
+  to train against;
 - any callable: `path/to/file.py:function` or `package.module:function`.
-The `shapes:` and `gold-` prefixes are reserved, so a module named `shapes` cannot be given as a callable.
+The `shapes:`, `gold-` and `penalised:` prefixes are reserved, so a module named `shapes` or
+`penalised` cannot be given as a callable.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ def reward_forms() -> str:
         "a gold reward (shapes:faithfulness, shapes:faithfulness-partial, shapes:quality, shapes:utility, "
         "shapes:rater-GROUP), the differentiable shapes:faithfulness-soft, an external model (clip, "
         "pickscore, aesthetic, imagereward, hpsv2, "
-        "optionally NAME=PATH), a reward-model folder, or a callable (file.py:function, module:function)"
+        "optionally NAME=PATH), a reward-model folder, an ensemble folder's uncertainty-penalised reward "
+        "(penalised:[K:]DIR), or a callable (file.py:function, module:function)"
     )
 
 
@@ -57,6 +62,36 @@ def _gold(spec: str) -> Reward:
     return rewards[name]
 
 
+def _penalised(spec: str, device: torch.device | str) -> Reward:
+    """`penalised:[K:]DIR`: mean - K std over the members of the ensemble folder DIR."""
+    from diffalign.rewards.ensemble import RewardEnsemble, UncertaintyPenalisedReward, load_reward_dir
+
+    rest = spec.removeprefix("penalised:")
+    k = 1.0
+    head, sep, tail = rest.partition(":")
+    if sep:
+        try:
+            k = float(head)
+        except ValueError:
+            pass  # no K: the colon belongs to the path
+        else:
+            rest = tail
+    folder = Path(rest)
+    if not folder.is_dir():
+        raise RewardSpecError(
+            f"--reward {spec!r}: {folder} is not a folder (give penalised:[K:]ENSEMBLE_DIR)"
+        )
+    if k < 0:
+        raise RewardSpecError(f"--reward {spec!r}: the penalty K must be non-negative, got {k:g}")
+    model = load_reward_dir(folder, device=device)
+    if not isinstance(model, RewardEnsemble) or len(model) < 2:
+        raise RewardSpecError(
+            f"--reward {spec!r}: {folder} holds one reward model, whose spread is 0; the penalty needs an "
+            "ensemble (diffalign reward train --ensemble K)"
+        )
+    return UncertaintyPenalisedReward(model, k)
+
+
 def load_reward(
     spec: str, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None
 ) -> Reward:
@@ -70,6 +105,8 @@ def load_reward(
         return SoftFaithfulness()
     if spec.startswith(("shapes:", "gold-")):
         return _gold(spec)
+    if spec.startswith("penalised:"):
+        return _penalised(spec, device)
     name, _, path = spec.partition("=")
     if name.lower() in EXTERNAL_NAMES:
         from diffalign.rewards.external import load_external_reward

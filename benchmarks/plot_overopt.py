@@ -1,0 +1,155 @@
+"""Proxy and gold reward of training runs' checkpoints against reward queries (issue 5: where proxy and
+gold part ways when training goes on too long).
+
+Reads `diffalign overopt` reports (RUN/overopt/overopt.json by default), each measured on the same
+prompts and seeds at every checkpoint, and the run's metrics.jsonl (which gives each checkpoint's
+reward queries). Draws one panel per reward, each checkpoint's change from the base model on the same
+samples (`vs_base`), the gold ones with their 95% bootstrap band:
+- the proxy (the reward the run optimised) as a standardised paired change: the mean of the per-sample
+  differences from the base model over their standard deviation (Cohen's d_z), unit-free, so runs
+  that optimised reward models of different scales share one axis;
+- the gold reward (`--gold`, e.g. gold-utility), in its own units;
+- every reward recorded with `diffalign overopt --also` (e.g. shapes:faithfulness: the gold accuracy).
+Prints a markdown table of the same points.
+
+    python benchmarks/plot_overopt.py RUN_A/overopt/overopt.json RUN_B/overopt/overopt.json \
+        --label "GRPO, RM A" --label "GRPO, RM B" --out overopt_runs.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from diffalign.demo.plots import Panel, Series, line_panels, save_figure
+
+
+def reward_queries_by_step(run_dir: Path) -> dict[int, int]:
+    """step -> reward queries so far, from the run's metrics.jsonl (ValueError naming the file when it
+    has none)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (the run folder's metrics give each step's reward queries)")
+    out = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not JSON ({err})") from None
+        if "step" in row and "reward_queries" in row:
+            out[int(row["step"])] = int(row["reward_queries"])
+    if not out:
+        raise ValueError(f"{path}: no line has both 'step' and 'reward_queries'")
+    return out
+
+
+def standardised_change(values: list[float], base: list[float]) -> float:
+    """mean(values - base) / sd(values - base) over the paired samples: 0 when nothing changed (the
+    base against itself), NaN when every sample changed by the same amount (no spread to divide by)."""
+    delta = np.asarray(values, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    spread = float(delta.std(ddof=1)) if delta.size > 1 else 0.0
+    if spread == 0.0:
+        return 0.0 if not delta.any() else float("nan")
+    return float(delta.mean()) / spread
+
+
+def run_points(report_path: Path) -> dict:
+    """One report's points as columns: reward queries, d, and each reward's paired change from the
+    base (mean, 95% interval); the proxy's also standardised (`standardised_change`)."""
+    report = json.loads(report_path.read_text())
+    if "points" not in report or "run_dir" not in report:
+        raise ValueError(f"{report_path}: not a `diffalign overopt` report (no points or run_dir)")
+    points = report["points"]
+    if any("vs_base" not in p or "values" not in p for p in points):
+        raise ValueError(f"{report_path}: its points carry no per-sample values (rerun `diffalign overopt`)")
+    queries = reward_queries_by_step(Path(report["run_dir"]))
+    missing = [p["step"] for p in points if p["step"] and p["step"] not in queries]
+    if missing:
+        raise ValueError(f"{report_path}: steps {missing} are not in the run's metrics.jsonl")
+    base_proxy = points[0]["values"]["proxy"]
+    names = list(points[0]["vs_base"])
+    columns: dict = {
+        "queries": [queries.get(p["step"], 0) for p in points],
+        "steps": [p["step"] for p in points],
+        "d": [p["d"] for p in points],
+        "proxy_dz": [standardised_change(p["values"]["proxy"], base_proxy) for p in points],
+    }
+    for name in names:
+        columns[name] = {
+            "mean": [p["vs_base"][name]["mean"] for p in points],
+            "low": [p["vs_base"][name]["ci95"][0] for p in points],
+            "high": [p["vs_base"][name]["ci95"][1] for p in points],
+        }
+    columns["names"] = names
+    columns["rewards"] = report.get("rewards", {})
+    return columns
+
+
+def overopt_panels(runs: list[tuple[str, dict]]) -> list[Panel]:
+    """The proxy panel, the gold panel and one per extra reward, every run a series."""
+    proxy = Panel("proxy (the optimised reward)", "reward queries", "paired change / its sd (d_z)")
+    gold_name = next(iter(runs))[1]["rewards"].get("gold", "gold")
+    gold = Panel(f"gold: {gold_name}", "reward queries", "change from base, 95% CI")
+    extras: dict[str, Panel] = {}
+    for label, columns in runs:
+        proxy.series.append(Series(label, columns["queries"], columns["proxy_dz"]))
+        for name in columns["names"]:
+            if name == "proxy":
+                continue
+            if name == "gold":
+                panel = gold
+            else:
+                panel = extras.setdefault(
+                    name, Panel(f"also: {name}", "reward queries", "change from base, 95% CI")
+                )
+            entry = columns[name]
+            panel.series.append(
+                Series(label, columns["queries"], entry["mean"], lower=entry["low"], upper=entry["high"])
+            )
+    for panel in (proxy, gold, *extras.values()):
+        panel.references.append((0.0, "base"))
+    return [proxy, gold, *extras.values()]
+
+
+def markdown_table(runs: list[tuple[str, dict]]) -> str:
+    """One row per checkpoint: reward queries, d = sqrt(KL), the proxy's standardised change and its
+    change in its own units, every other reward's change with its interval."""
+    names = [n for n in runs[0][1]["names"] if n != "proxy"]
+    head = ["run", "step", "reward queries", "sqrt KL", "proxy d_z", "proxy change", *names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, columns in runs:
+        for i, step in enumerate(columns["steps"]):
+            cells = [label, str(step), f"{columns['queries'][i]:,}", f"{columns['d'][i]:.1f}"]
+            cells.append(f"{columns['proxy_dz'][i]:+.2f}")
+            cells.append(f"{columns['proxy']['mean'][i]:+.3f}")
+            for name in names:
+                entry = columns.get(name)
+                if entry is None:
+                    cells.append("-")
+                    continue
+                cells.append(f"{entry['mean'][i]:+.3f} [{entry['low'][i]:+.3f}, {entry['high'][i]:+.3f}]")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("reports", nargs="+", type=Path, help="overopt.json files of `diffalign overopt`")
+    parser.add_argument("--label", action="append", default=None, help="a legend label per report")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    args = parser.parse_args()
+    labels = args.label or [path.parent.parent.name for path in args.reports]
+    if len(labels) != len(args.reports):
+        parser.error(f"{len(labels)} --label for {len(args.reports)} reports")
+    runs = [(label, run_points(path)) for label, path in zip(labels, args.reports)]
+    save_figure(line_panels(overopt_panels(runs)), args.out)
+    print(markdown_table(runs))
+
+
+if __name__ == "__main__":
+    main()
