@@ -3,8 +3,9 @@ gold part ways when training goes on too long).
 
 Reads `diffalign overopt` reports (RUN/overopt/overopt.json by default), each measured on the same
 prompts and seeds at every checkpoint, and the run's metrics.jsonl (which gives each checkpoint's
-reward queries). Draws one panel per reward, each checkpoint's change from the base model on the same
-samples (`vs_base`), the gold ones with their 95% bootstrap band:
+reward queries; from the run folder, or NAME.metrics.jsonl beside a report NAME.json). Draws one
+panel per reward, each checkpoint's change from the base model on the same samples (`vs_base`), the
+gold ones with their 95% bootstrap band:
 - the proxy (the reward the run optimised) as a standardised paired change: the mean of the per-sample
   differences from the base model over their standard deviation (Cohen's d_z), unit-free, so runs
   that optimised reward models of different scales share one axis;
@@ -27,10 +28,17 @@ import numpy as np
 from diffalign.demo.plots import Panel, Series, line_panels, save_figure
 
 
-def reward_queries_by_step(run_dir: Path) -> dict[int, int]:
-    """step -> reward queries so far, from the run's metrics.jsonl (ValueError naming the file when it
-    has none)."""
-    path = run_dir / "metrics.jsonl"
+def metrics_file(report_path: Path, run_dir: str) -> Path:
+    """The run's metrics.jsonl: in the report's run folder, or kept beside the report as
+    NAME.metrics.jsonl (how benchmarks/results/ stores them)."""
+    beside = report_path.with_name(report_path.stem + ".metrics.jsonl")
+    in_run = Path(run_dir) / "metrics.jsonl"
+    return in_run if in_run.is_file() or not beside.is_file() else beside
+
+
+def reward_queries_by_step(path: Path) -> dict[int, int]:
+    """step -> reward queries so far, from a run's metrics.jsonl (ValueError naming the file when it
+    is missing or has none)."""
     if not path.is_file():
         raise ValueError(f"{path}: missing (the run folder's metrics give each step's reward queries)")
     out = {}
@@ -67,7 +75,7 @@ def run_points(report_path: Path) -> dict:
     points = report["points"]
     if any("vs_base" not in p or "values" not in p for p in points):
         raise ValueError(f"{report_path}: its points carry no per-sample values (rerun `diffalign overopt`)")
-    queries = reward_queries_by_step(Path(report["run_dir"]))
+    queries = reward_queries_by_step(metrics_file(report_path, report["run_dir"]))
     missing = [p["step"] for p in points if p["step"] and p["step"] not in queries]
     if missing:
         raise ValueError(f"{report_path}: steps {missing} are not in the run's metrics.jsonl")

@@ -76,7 +76,11 @@ def test_standardised_change_edge_cases():
 def test_bad_inputs_name_the_file(tmp_path):
     module = load_benchmark("plot_overopt")
     path = _report(tmp_path)
-    (path.parent.parent / "metrics.jsonl").unlink()
+    metrics = path.parent.parent / "metrics.jsonl"
+    kept = path.with_name("overopt.metrics.jsonl")  # a report stored away from its run, metrics beside it
+    metrics.rename(kept)
+    assert module.run_points(path)["queries"] == [0, 160, 320]
+    kept.unlink()
     with pytest.raises(ValueError, match=r"metrics\.jsonl: missing"):
         module.run_points(path)
     report = json.loads(path.read_text())
