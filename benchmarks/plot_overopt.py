@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffalign.align.run_dir import METRICS_FILE
+from diffalign.align.tracking import read_metrics
 from diffalign.demo.plots import Panel, Series, line_panels, save_figure
 
 
@@ -32,25 +34,24 @@ def metrics_file(report_path: Path, run_dir: str) -> Path:
     """The run's metrics.jsonl: in the report's run folder, or kept beside the report as
     NAME.metrics.jsonl (how benchmarks/results/ stores them)."""
     beside = report_path.with_name(report_path.stem + ".metrics.jsonl")
-    in_run = Path(run_dir) / "metrics.jsonl"
+    in_run = Path(run_dir) / METRICS_FILE
     return in_run if in_run.is_file() or not beside.is_file() else beside
 
 
 def reward_queries_by_step(path: Path) -> dict[int, int]:
     """step -> reward queries so far, from a run's metrics.jsonl (ValueError naming the file when it
-    is missing or has none)."""
+    is missing, malformed or has none)."""
     if not path.is_file():
         raise ValueError(f"{path}: missing (the run folder's metrics give each step's reward queries)")
-    out = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not JSON ({err})") from None
-        if "step" in row and "reward_queries" in row:
-            out[int(row["step"])] = int(row["reward_queries"])
+    try:
+        rows = read_metrics(path)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not JSON lines ({err})") from None
+    out = {
+        int(row["step"]): int(row["reward_queries"])
+        for row in rows
+        if "step" in row and "reward_queries" in row
+    }
     if not out:
         raise ValueError(f"{path}: no line has both 'step' and 'reward_queries'")
     return out

@@ -211,14 +211,15 @@ def analyse(points: Sequence[OveroptPoint], form: str = "rl") -> dict:
     proxy = np.array([p.proxy for p in pts])
     fits = {"gold": fit_gao(d, gold - gold[0], form), "proxy": fit_gao(d, proxy - proxy[0], form)}
     best = int(np.argmax(gold))
+    changes = [paired_changes(p, pts[0]) for p in pts]
     out: dict = {
         "form": form,
-        "points": [{**asdict(p), "d": p.d, "vs_base": paired_changes(p, pts[0])} for p in pts],
+        "points": [{**asdict(p), "d": p.d, "vs_base": change} for p, change in zip(pts, changes)],
         "gold_peak": {
             "step": steps[best],
             "d": float(d[best]),
             "gold": float(gold[best]),
-            "vs_base": paired_changes(pts[best], pts[0]).get("gold"),
+            "vs_base": changes[best].get("gold"),
         },
         "stop_step": steps[best],
     }
