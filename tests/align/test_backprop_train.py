@@ -52,6 +52,13 @@ def test_resume_matches_uninterrupted_run(tmp_path, eps_model_dir, method):
     assert _lines(tmp_path / "whole") == _lines(tmp_path / "parts")
     for (name, a), b in zip(whole.unet.state_dict().items(), resumed.unet.state_dict().values()):
         assert torch.equal(a, b), name
+    # a finished 2-step run, extended to 4 steps, is the 4-step run
+    short = bp_config(eps_model_dir, method, steps=2, num_steps=3, log_every=2, checkpoint_every=1, eta=0.5)
+    train_backprop(short, tmp_path / "short", reward=DiffRedness())
+    extended = train_backprop(cfg, tmp_path / "short", extend=True, reward=DiffRedness())
+    assert _lines(tmp_path / "whole") == _lines(tmp_path / "short")
+    for (name, a), b in zip(whole.unet.state_dict().items(), extended.unet.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_nan_reward_stops_and_keeps_last_good_checkpoint(tmp_path, eps_model_dir):

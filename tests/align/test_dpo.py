@@ -125,6 +125,25 @@ def test_resume_matches_uninterrupted_run(tmp_path, eps_model_dir, pairs, method
     assert load_model(str(tmp_path / "parts")).prediction_type == "epsilon"
 
 
+def test_extend_continues_a_finished_run_as_the_longer_run_would(tmp_path, eps_model_dir, pairs):
+    longer = train_dpo(config(eps_model_dir, steps=5, log_every=2), pairs, tmp_path / "whole")
+    train_dpo(config(eps_model_dir, steps=4, log_every=2), pairs, tmp_path / "run")  # finished
+    with pytest.raises(RunDirError, match=r"config\.steps.*--extend"):  # a plain resume refuses it
+        train_dpo(config(eps_model_dir, steps=5, log_every=2), pairs, tmp_path / "run", resume=True)
+    with pytest.raises(RunDirError, match=r"steps=3 ends before the latest checkpoint step-0000004"):
+        train_dpo(config(eps_model_dir, steps=3, log_every=2), pairs, tmp_path / "run", extend=True)
+    with pytest.raises(RunDirError, match=r"config\.beta"):  # only the length may change
+        train_dpo(config(eps_model_dir, steps=5, beta=123.0), pairs, tmp_path / "run", extend=True)
+    extended = train_dpo(config(eps_model_dir, steps=5, log_every=2), pairs, tmp_path / "run", extend=True)
+    assert _lines(tmp_path / "whole") == _lines(tmp_path / "run")
+    for (name, a), b in zip(longer.unet.state_dict().items(), extended.unet.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["steps"] == 5
+    assert (tmp_path / "run" / "model-step-0000004").is_dir()  # the 4-step model, kept
+    shorter = load_model(str(tmp_path / "run" / "model-step-0000004")).unet.state_dict()
+    assert any(not torch.equal(v, extended.unet.state_dict()[k]) for k, v in shorter.items())
+
+
 def test_resume_refuses_other_config_and_fresh_run_refuses_used_folder(tmp_path, eps_model_dir, pairs):
     cfg = config(eps_model_dir, steps=4)
     train_dpo(cfg, pairs, tmp_path / "run", stop_after=2)

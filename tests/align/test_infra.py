@@ -68,6 +68,36 @@ def test_run_folder_start_rules(tmp_path):
     run.start(RECORD, resume=True)
 
 
+def test_extending_changes_only_the_length_and_keeps_the_old_model(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(RunDirError, match=r"--extend: .* holds no run"):
+        run.start(RECORD, resume=False, extend=True)
+    run.start(RECORD, resume=False)
+    with pytest.raises(RunDirError, match=r"has none of \['config.epochs', 'config.steps'\]"):
+        run.start(RECORD, resume=False, extend=True)  # a record without a length: nothing to extend
+    sized = json.loads(json.dumps(RECORD))
+    sized["config"]["steps"] = 2
+    run.write_record(sized)
+    _save(run, 2)
+    run.model_dir.mkdir()
+    (run.model_dir / "weights").write_text("the 2-step model")
+    longer = json.loads(json.dumps(sized))
+    longer["config"]["steps"] = 5
+    with pytest.raises(RunDirError, match=r"config.steps.*only the length may change, with --extend"):
+        run.start(longer, resume=True)
+    with pytest.raises(RunDirError, match=r"checkpoint .* different config"):
+        run.load_checkpoint(run.latest_checkpoint(), longer)
+    run.start(longer, resume=True, extend=True)
+    assert json.loads(run.config_path.read_text())["config"]["steps"] == 5
+    assert not run.model_dir.exists()
+    assert (run.path / "model-step-0000002" / "weights").read_text() == "the 2-step model"
+    assert run.load_checkpoint(run.latest_checkpoint(), longer, extend=True).step == 2
+    shorter = json.loads(json.dumps(sized))
+    shorter["config"]["steps"] = 1
+    with pytest.raises(RunDirError, match=r"steps=1 ends before the latest checkpoint step-0000002"):
+        run.start(shorter, resume=True, extend=True)
+
+
 def test_metrics_truncated_to_the_checkpoint_on_resume(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in (2, 4, 6)))

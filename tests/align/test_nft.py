@@ -217,6 +217,12 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, eps_model_dir):
     assert untimed(tmp_path / "full" / "metrics.jsonl") == untimed(tmp_path / "split" / "metrics.jsonl")
     for name, value in trainable(full).items():
         assert torch.equal(value, trainable(resumed)[name]), name
+    short = nft_config(eps_model_dir, epochs=2, checkpoint_every=0, old_decay=0.5, kl_beta=0.1)
+    train_nft(short, tmp_path / "short", reward=Redness())
+    extended = train_nft(cfg, tmp_path / "short", extend=True, reward=Redness())  # finished, then 3 epochs
+    assert untimed(tmp_path / "full" / "metrics.jsonl") == untimed(tmp_path / "short" / "metrics.jsonl")
+    for name, value in trainable(full).items():
+        assert torch.equal(value, trainable(extended)[name]), name
     with pytest.raises(RunDirError, match="differs"):
         train_nft(
             nft_config(eps_model_dir, epochs=3, lr=5e-4), tmp_path / "split", resume=True, reward=Redness()

@@ -55,6 +55,14 @@ def test_grpo_writes_a_run_whose_model_loads(tmp_path, eps_model_dir):
     assert costs["reward_queries"] is None  # the trainer loads its reward itself: not counted
     again = runner.invoke(app, ["grpo", "--model", str(eps_model_dir), "--out", str(out), *FAST])
     assert again.exit_code == 2 and "--resume" in again.output
+    longer = [*FAST[1:], "epochs=2"]
+    args = ["grpo", "--model", str(eps_model_dir), "--reward", f"{tmp_path / 'reward.py'}:redness"]
+    refused = runner.invoke(app, [*args, "--out", str(out), "--resume", *longer])
+    assert refused.exit_code == 2 and "--extend" in refused.output
+    extended = runner.invoke(app, [*args, "--out", str(out), "--extend", *longer])
+    assert extended.exit_code == 0, extended.output
+    assert [line["step"] for line in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    assert (out / "model-step-0000001").is_dir() and load_model(str(out)).prediction_type == "epsilon"
 
 
 def test_bad_arguments_fail_with_a_clear_message(tmp_path, eps_model_dir):

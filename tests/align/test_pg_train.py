@@ -101,6 +101,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, eps_model_dir):
         )
 
 
+def test_extend_lengthens_a_finished_run_exactly(tmp_path, eps_model_dir):
+    cfg = pg_config(eps_model_dir, epochs=3, checkpoint_every=0)
+    longer = train_pg(cfg, tmp_path / "full", reward=Redness())
+    train_pg(pg_config(eps_model_dir, epochs=2, checkpoint_every=0), tmp_path / "run", reward=Redness())
+    extended = train_pg(cfg, tmp_path / "run", extend=True, reward=Redness())
+    assert _untimed(read_metrics(tmp_path / "full" / "metrics.jsonl")) == _untimed(
+        read_metrics(tmp_path / "run" / "metrics.jsonl")
+    )
+    for name, value in trainable(longer).items():
+        assert torch.equal(value, trainable(extended)[name]), name
+    assert (tmp_path / "run" / "model-step-0000002").is_dir() and (tmp_path / "run" / "model").is_dir()
+
+
 def test_nan_reward_stops_with_the_last_good_checkpoint(tmp_path, eps_model_dir):
     cfg = pg_config(eps_model_dir, epochs=5, checkpoint_every=2)
     with pytest.raises(NonFiniteError, match="reward") as err:

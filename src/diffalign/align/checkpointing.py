@@ -17,6 +17,8 @@ optimiser state is keyed by parameter name.
 
 from __future__ import annotations
 
+import json
+
 from torch import Tensor, nn
 
 from diffalign.align.run_dir import Checkpoint, RunDir, RunDirError
@@ -28,21 +30,27 @@ def trainable_state(network: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach() for name, p in network.named_parameters() if p.requires_grad}
 
 
-def begin_run(run: RunDir, record: dict, resume: bool, accelerator) -> None:
-    """Check the run folder on every process (`RunDir.start`), then write config.json on the main one."""
-    run.start(record, resume, write=False)
+def begin_run(run: RunDir, record: dict, resume: bool, accelerator, extend: bool = False) -> None:
+    """Check the run folder on every process (`RunDir.start`; `extend`: a resume that may lengthen the
+    run), then, on the main one, move an extended run's old final model aside and write config.json."""
+    run.start(record, resume, write=False, extend=extend)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if extend:
+            run.retire_final_model(json.loads(run.config_path.read_text(encoding="utf-8")))
         run.write_record(record)
 
 
-def resume_weights(run: RunDir, record: dict, accelerator, network: nn.Module) -> Checkpoint:
+def resume_weights(
+    run: RunDir, record: dict, accelerator, network: nn.Module, extend: bool = False
+) -> Checkpoint:
     """Load the latest checkpoint (this process's state included) and its trainable weights into
-    `network`; errors name the folder when there is none or its weights do not fit."""
+    `network` (`extend`: a checkpoint of a shorter run is accepted); errors name the folder when there
+    is none or its weights do not fit."""
     latest = run.latest_checkpoint()
     if latest is None:
         raise RunDirError(f"--resume: no checkpoint under {run.checkpoints}")
-    checkpoint = run.load_checkpoint(latest, record, accelerator.process_index)
+    checkpoint = run.load_checkpoint(latest, record, accelerator.process_index, extend=extend)
     if set(checkpoint.weights) != set(trainable_state(network)):
         raise RunDirError(f"checkpoint {latest}: its weights do not match the model's trainable weights")
     network.load_state_dict(checkpoint.weights, strict=False)

@@ -501,6 +501,7 @@ def train_dpo(
     data_spec: dict | None = None,
     show_progress: bool = False,
     model=None,
+    extend: bool = False,
 ):
     """Fine-tune `config.model` on `pairs` with Diffusion-DPO (or KTO); returns the trained model.
 
@@ -522,6 +523,8 @@ def train_dpo(
         model: `config.model` already loaded (same pipeline options, on the trainer's device, not yet
             changed), trained in place instead of loading it again (online DPO and SPIN pass the
             model that sampled the round's pairs).
+        extend: resume a run with a longer `steps` than it was started with (a completed run
+            continues from its final checkpoint; `diffalign.align.run_dir`, "Extending a run").
 
     Raises:
         PreferenceDataError: empty or tie-only data, images of another size than the model's.
@@ -555,7 +558,7 @@ def train_dpo(
         },
         "resolved": {"beta": beta},
     }
-    begin_run(run, record, resume, accelerator)
+    begin_run(run, record, resume, accelerator, extend=extend)
     network = model.denoiser
     network.train()
 
@@ -567,8 +570,8 @@ def train_dpo(
     window = {"sums": torch.zeros(len(names) + 1), "micro": 0, "steps": 0}  # + grad_norm
     start = 0
     checkpoint = None
-    if resume:
-        checkpoint = resume_weights(run, record, accelerator, network)
+    if resume or extend:
+        checkpoint = resume_weights(run, record, accelerator, network, extend=extend)
         start = checkpoint.step
         if checkpoint.data_cursor != start * global_size:
             raise RunDirError(

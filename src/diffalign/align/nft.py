@@ -148,6 +148,7 @@ def train_nft(
     *,
     reward: Reward | None = None,
     show_progress: bool = False,
+    extend: bool = False,
 ):
     """Fine-tune `config.model` on `config.reward` with DiffusionNFT; returns the trained model.
 
@@ -196,14 +197,14 @@ def train_nft(
         "model": {"spec": config.model, "prediction_type": model.prediction_type},
         "resolved": {"sampler": sampler.__dict__, "levels": levels, "prompts": len(source)},
     }
-    begin_run(run, record, resume, accelerator)
+    begin_run(run, record, resume, accelerator, extend=extend)
     network = model.denoiser  # eval mode: sampling and training see the same network
 
     # 2. Resume: trainable weights before `prepare`, optimiser state, RNG and old weights after it.
     start = 0
     checkpoint = None
-    if resume:
-        checkpoint = resume_weights(run, record, accelerator, network)
+    if resume or extend:
+        checkpoint = resume_weights(run, record, accelerator, network, extend=extend)
         start = checkpoint.step
         if checkpoint.data_cursor != start * per_epoch:
             raise RunDirError(

@@ -155,6 +155,7 @@ def train_pg(
     *,
     reward: Reward | None = None,
     show_progress: bool = False,
+    extend: bool = False,
 ):
     """Fine-tune `config.model` on `config.reward` with DDPO, DPOK or GRPO; returns the trained model.
 
@@ -172,6 +173,8 @@ def train_pg(
         reward: a Reward object to use instead of loading `config.reward` (tests, notebooks); the run
             record keeps `config.reward` as its name.
         show_progress: a rich progress bar on the main process.
+        extend: resume a run with a longer `epochs` than it was started with (a completed run
+            continues from its final checkpoint; `diffalign.align.run_dir`, "Extending a run").
 
     Raises:
         RunDirError: a fresh run into a used folder, a resume without a run or with another config.
@@ -209,7 +212,7 @@ def train_pg(
         "model": {"spec": config.model, "prediction_type": model.prediction_type},
         "resolved": {"kl_beta": kl_beta, "sampler": base_sampler.__dict__, "prompts": len(source)},
     }
-    begin_run(run, record, resume, accelerator)
+    begin_run(run, record, resume, accelerator, extend=extend)
     # Eval mode throughout (`load_policy`): the policy's log-probs must be those of the network that
     # sampled.
     network = model.denoiser
@@ -218,8 +221,8 @@ def train_pg(
     # 2. Resume: trainable weights before `prepare`, optimiser state and RNG after it.
     start = 0
     checkpoint = None
-    if resume:
-        checkpoint = resume_weights(run, record, accelerator, network)
+    if resume or extend:
+        checkpoint = resume_weights(run, record, accelerator, network, extend=extend)
         start = checkpoint.step
         if checkpoint.data_cursor != start * per_epoch:
             raise RunDirError(

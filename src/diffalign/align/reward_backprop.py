@@ -205,6 +205,7 @@ def train_backprop(
     *,
     reward: Reward | None = None,
     show_progress: bool = False,
+    extend: bool = False,
 ):
     """Fine-tune `config.model` by backpropagating `config.reward` (AlignProp, DRaFT-K/LV, ReFL).
 
@@ -221,6 +222,8 @@ def train_backprop(
             benchmark's evaluation); the model is in eval mode and must be left unchanged.
         reward: a Reward object to use instead of loading `config.reward` (tests, notebooks).
         show_progress: a rich progress bar on the main process.
+        extend: resume a run with a longer `steps` than it was started with (a completed run
+            continues from its final checkpoint; `diffalign.align.run_dir`, "Extending a run").
 
     Raises:
         NotDifferentiableError: the reward is a black box.
@@ -264,15 +267,15 @@ def train_backprop(
         "model": {"spec": config.model, "prediction_type": model.prediction_type},
         "resolved": {"sampler": sampler.__dict__, "prompts": len(source), "reward": reward.name},
     }
-    begin_run(run, record, resume, accelerator)
+    begin_run(run, record, resume, accelerator, extend=extend)
     network = model.denoiser  # in eval mode: sampling and training see the same network
 
     # 2. Resume: trainable weights before `prepare`, optimiser state and RNG after it.
     start = 0
     counters = {"reward_queries": 0, "grad_calls": 0}
     checkpoint = None
-    if resume:
-        checkpoint = resume_weights(run, record, accelerator, network)
+    if resume or extend:
+        checkpoint = resume_weights(run, record, accelerator, network, extend=extend)
         start = checkpoint.step
         if checkpoint.data_cursor != start * global_size:
             raise RunDirError(

@@ -19,6 +19,13 @@ A checkpoint is written to a hidden temporary folder and renamed into place, so 
 half-written checkpoint under a final name. Loading compares the checkpoint's run record with the
 current one and refuses a different config, naming the differing keys. Only the main process writes
 files; every process writes its own RNG and per-process state.
+
+Extending a run (`--extend`) is a resume that may change one thing: the run's length (`LENGTH_KEYS`), to
+no fewer steps than its latest checkpoint holds. Every trainer's schedule (learning-rate warm-up, data
+order, prompts, noise, SDE windows) is a function of the step alone, so an extended run trains exactly as
+one started with the longer length; only its metrics log has one more line where the shorter run ended
+(that run's closing line). A completed run's `model/` is moved aside to `model-step-N/` (N: its old
+length), so `model/` never holds a model the run record does not describe.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ STATE_FILE = "state.json"
 
 #: Keys of the run record that may change between a run and its resumption (where it runs, how it logs).
 RESUMABLE_CHANGES = ("config.runtime.device", "config.log_with")
+
+#: Keys of the run record an extended run (`RunDir.start(..., extend=True)`) may change: the length in
+#: epochs (online RL) or optimiser steps (DPO, KTO, reward backprop).
+LENGTH_KEYS = ("config.epochs", "config.steps")
 
 
 class RunDirError(ValueError):
@@ -118,27 +129,70 @@ class RunDir:
 
     # --- the run record ---------------------------------------------------------------------------
 
-    def start(self, record: dict, resume: bool, write: bool = True) -> None:
+    def start(self, record: dict, resume: bool, write: bool = True, extend: bool = False) -> None:
         """Begin (or resume) the run described by `record` (JSON data).
 
         A fresh run refuses a folder that already holds a run; a resumed run refuses a folder without
-        one, or whose config.json differs from `record` (naming the differing keys)."""
-        if resume:
+        one, or whose config.json differs from `record` (naming the differing keys). `extend` (implies
+        `resume`) also lets the length (`LENGTH_KEYS`) differ, refusing one shorter than the latest
+        checkpoint's step; with `write`, a completed run's model folder is moved aside
+        (`retire_final_model`)."""
+        flag = "--extend" if extend else "--resume"
+        if resume or extend:
             if not self.config_path.is_file():
-                raise RunDirError(f"--resume: {self.path} holds no run ({CONFIG_FILE} is missing)")
+                raise RunDirError(f"{flag}: {self.path} holds no run ({CONFIG_FILE} is missing)")
             saved = json.loads(self.config_path.read_text(encoding="utf-8"))
-            diff = differing_keys(saved, record)
+            diff = differing_keys(saved, record, self.ignored_changes(extend))
             if diff:
+                hint = "" if extend else " (only the length may change, with --extend)"
                 raise RunDirError(
-                    f"--resume: the config differs from the run's {self.config_path} in {diff}; "
-                    "resume with the same config, or start a new run folder"
+                    f"{flag}: the config differs from the run's {self.config_path} in {diff}; "
+                    f"resume with the same config{hint}, or start a new run folder"
                 )
+            if extend:
+                self.check_extension(record)
         elif self.config_path.is_file() or self.latest_checkpoint() is not None:
             raise RunDirError(
                 f"{self.path} already holds a run; pass --resume to continue it, or choose another folder"
             )
         if write:
+            if extend:
+                self.retire_final_model(saved)
             self.write_record(record)
+
+    @staticmethod
+    def ignored_changes(extend: bool) -> tuple[str, ...]:
+        """The run-record keys a resume may change (`RESUMABLE_CHANGES`; an extension: `LENGTH_KEYS` too)."""
+        return RESUMABLE_CHANGES + (LENGTH_KEYS if extend else ())
+
+    def check_extension(self, record: dict) -> None:
+        """Refuse an extension whose record has no length key, or whose length ends before the latest
+        checkpoint (naming both)."""
+        lengths = {k: v for k, v in flatten(record).items() if k in LENGTH_KEYS}
+        if not lengths:
+            raise RunDirError(f"--extend: this run's record has none of {list(LENGTH_KEYS)} to extend")
+        latest = self.latest_checkpoint()
+        if latest is None:
+            raise RunDirError(f"--extend: no checkpoint under {self.checkpoints}")
+        step = int(json.loads((latest / STATE_FILE).read_text(encoding="utf-8"))["step"])
+        for key, length in lengths.items():
+            if int(length) < step:
+                raise RunDirError(
+                    f"--extend: {key.removeprefix('config.')}={length} ends before the latest checkpoint "
+                    f"{latest.name} (step {step}); extend to {step} or more"
+                )
+
+    def retire_final_model(self, saved: dict) -> Path | None:
+        """Move a completed run's `model/` to `model-step-N/` (N: its length in `saved`, the old record),
+        so `model/` never holds a model of another length; returns the new folder (None if none)."""
+        if not self.model_dir.is_dir():
+            return None
+        lengths = [v for k, v in flatten(saved).items() if k in LENGTH_KEYS]
+        target = self.path / f"{MODEL_DIR}-step-{int(lengths[0]) if lengths else 0:07d}"
+        if target.exists():
+            raise RunDirError(f"--extend: {target} already exists; move it away to extend {self.path}")
+        self.model_dir.rename(target)
+        return target
 
     def write_record(self, record: dict) -> None:
         """Write config.json (main process; after every process's `start(..., write=False)`)."""
@@ -202,14 +256,20 @@ class RunDir:
         return self.finish_checkpoint(step, **kwargs)
 
     def load_checkpoint(
-        self, path: Path, record: dict, process_index: int = 0, map_location: str | torch.device = "cpu"
+        self,
+        path: Path,
+        record: dict,
+        process_index: int = 0,
+        map_location: str | torch.device = "cpu",
+        extend: bool = False,
     ) -> Checkpoint:
-        """Read a checkpoint, refusing one whose run record differs from `record` (naming the keys)."""
+        """Read a checkpoint, refusing one whose run record differs from `record` (naming the keys;
+        `extend`: but for its length)."""
         state_path = path / STATE_FILE
         if not state_path.is_file():
             raise RunDirError(f"{path}: not a checkpoint ({STATE_FILE} is missing)")
         state = json.loads(state_path.read_text(encoding="utf-8"))
-        diff = differing_keys(state["record"], record)
+        diff = differing_keys(state["record"], record, self.ignored_changes(extend))
         if diff:
             raise RunDirError(f"checkpoint {path} was written with a different config: {diff}")
         process_path = path / f"process-{process_index}.pt"

@@ -29,6 +29,13 @@ OverridesArg = Annotated[
     list[str] | None, typer.Argument(help="Config overrides key=value (e.g. beta=2000 runtime.seed=1).")
 ]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in --out from its latest checkpoint.")]
+ExtendOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Resume the run in --out with a larger epochs= / steps= than it was started with (a finished "
+        "run continues from its last checkpoint; its model/ is kept as model-step-N/)."
+    ),
+]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto (default: the config's).")]
 SourceOpt = Annotated[str | None, typer.Option(help="Only the store's comparisons from this source.")]
 StreamOpt = Annotated[
@@ -63,6 +70,7 @@ def _run(
     device: str | None,
     source: str | None,
     stream: bool = False,
+    extend: bool = False,
 ) -> None:
     from diffalign.align.dpo import DPOConfig, PreferenceDataError, train_dpo
     from diffalign.align.guard import NonFiniteError
@@ -102,6 +110,7 @@ def _run(
                 resume=resume,
                 data_spec={"store": str(store), "source": source, "stream": stream},
                 show_progress=True,
+                extend=extend,
             )
     except (PreferenceDataError, RunDirError, NonFiniteError, StoreError, ValueError) as err:
         fail(f"{err}")
@@ -202,7 +211,7 @@ PromptsOpt = Annotated[
 def register_reward_trainer(method: str, summary: str, run) -> None:
     """Register `diffalign align METHOD` for a trainer against a reward (RL, reward backprop), which
     all take the same options; `run(method, out, overrides, model, reward, prompts, config, resume,
-    device)` does the work."""
+    device, extend=extend)` does the work."""
 
     def command(
         out: OutOpt,
@@ -212,9 +221,10 @@ def register_reward_trainer(method: str, summary: str, run) -> None:
         prompts: PromptsOpt = None,
         config: ConfigOpt = None,
         resume: ResumeOpt = False,
+        extend: ExtendOpt = False,
         device: DeviceOpt = None,
     ) -> None:
-        run(method, out, overrides, model, reward, prompts, config, resume, device)
+        run(method, out, overrides, model, reward, prompts, config, resume, device, extend=extend)
 
     command.__doc__ = summary
     app.command(method)(command)
@@ -228,12 +238,13 @@ def dpo_cmd(
     model: ModelOpt = None,
     config: ConfigOpt = None,
     resume: ResumeOpt = False,
+    extend: ExtendOpt = False,
     device: DeviceOpt = None,
     source: SourceOpt = None,
     stream: StreamOpt = False,
 ) -> None:
     """Diffusion-DPO (Wallace et al. 2023) on the store's pairs (ties left out)."""
-    _run("dpo", store, out, model, config, overrides, resume, device, source, stream)
+    _run("dpo", store, out, model, config, overrides, resume, device, source, stream, extend)
 
 
 @app.command("kto")
@@ -244,12 +255,13 @@ def kto_cmd(
     model: ModelOpt = None,
     config: ConfigOpt = None,
     resume: ResumeOpt = False,
+    extend: ExtendOpt = False,
     device: DeviceOpt = None,
     source: SourceOpt = None,
     stream: StreamOpt = False,
 ) -> None:
     """Diffusion-KTO (Li et al. 2024): the store's winners as liked, losers as disliked images."""
-    _run("kto", store, out, model, config, overrides, resume, device, source, stream)
+    _run("kto", store, out, model, config, overrides, resume, device, source, stream, extend)
 
 
 LabellerOpt = Annotated[

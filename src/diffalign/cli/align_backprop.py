@@ -19,6 +19,7 @@ def _run_backprop(
     config_file: Path | None,
     resume: bool,
     device: str | None,
+    extend: bool = False,
 ) -> None:
     from diffalign.align.backprop_config import BackpropConfig
     from diffalign.align.reward_backprop import train_backprop
@@ -42,7 +43,7 @@ def _run_backprop(
     run_reward_trainer(
         out,
         config.runtime.device,
-        lambda: train_backprop(config, out, resume=resume, show_progress=True),
+        lambda: train_backprop(config, out, resume=resume, show_progress=True, extend=extend),
         summary,
         reward_errors=(NotDifferentiableError,),
     )

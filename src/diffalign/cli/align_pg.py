@@ -19,6 +19,7 @@ def _run_pg(
     config_file: Path | None,
     resume: bool,
     device: str | None,
+    extend: bool = False,
 ) -> None:
     from diffalign.align.nft import train_nft
     from diffalign.align.nft_config import NFTConfig
@@ -35,7 +36,7 @@ def _run_pg(
 
     def train() -> None:
         try:
-            trainer(config, out, resume=resume, show_progress=True)
+            trainer(config, out, resume=resume, show_progress=True, extend=extend)
         except RatioCheckError as err:
             fail(str(err))
 
