@@ -19,6 +19,7 @@ from diffalign.evaluate.overopt import (
     gao_rl,
     paired_changes,
     plot_overopt,
+    write_report,
 )
 
 
@@ -100,6 +101,18 @@ def test_changes_are_paired_sample_by_sample_with_the_base():
 def test_analyse_needs_the_base_point():
     with pytest.raises(ValueError, match="step 0"):
         analyse(synthetic_points()[1:], "rl")
+
+
+def test_one_checkpoint_is_reported_without_a_fit(tmp_path):
+    base = OveroptPoint(0, 0.0, 0.0, 1.0, 2.0, values={"gold": [2.0, 2.0, 2.0, 2.0]})
+    tuned = OveroptPoint(7, 0.25, 0.01, 1.5, 2.5, values={"gold": [2.5, 2.0, 3.0, 2.5]})
+    report = analyse([base, tuned], "rl")
+    assert report["fits"] == {} and report["fitted_peak"] is None and "two checkpoints" in report["fit_note"]
+    assert report["gold_peak"]["step"] == 7
+    assert report["gold_peak"]["vs_base"]["mean"] == pytest.approx(0.5)
+    json_path, png_path = write_report(report, tmp_path)
+    assert json.loads(json_path.read_text())["points"][1]["vs_base"]["gold"]["mean"] == pytest.approx(0.5)
+    assert png_path.stat().st_size > 0
 
 
 REWARDS = """

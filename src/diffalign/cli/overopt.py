@@ -109,7 +109,11 @@ def overopt_cmd(
                 change["mean"], *change["ci95"]
             )
         )
-        + "); fitted d* = "
-        + ("none (no peak in the fit)" if peak is None else f"{peak['d']:.3f}")
+        + "); "
+        + (
+            report["fit_note"]
+            if "fit_note" in report
+            else "fitted d* = " + ("none (no peak in the fit)" if peak is None else f"{peak['d']:.3f}")
+        )
     )
     console.print(f"wrote {json_path} and {png_path}")

@@ -191,7 +191,8 @@ def analyse(points: Sequence[OveroptPoint], form: str = "rl") -> dict:
     """Fits and stopping points from measured checkpoints (see the module doc).
 
     Returns a JSON-ready dict: "points", "form", "fits" ({"gold", "proxy"[, "penalised"]} as
-    `GaoFit` dicts, on rewards relative to step 0), "gold_peak" (the observed best checkpoint: step,
+    `GaoFit` dicts, on rewards relative to step 0; empty, with a "fit_note", when there is only one
+    checkpoint besides the base), "gold_peak" (the observed best checkpoint: step,
     d, gold), "fitted_peak" (d*, R* + base gold, and the first checkpoint at or past d*, or None when the
     run stops short of it), "stop_step" (the observed best gold step) and, with penalised rewards,
     "penalised_stop" (the step where the penalised reward peaks and the gold reward there). Every
@@ -203,13 +204,15 @@ def analyse(points: Sequence[OveroptPoint], form: str = "rl") -> dict:
     pts = sorted(points, key=lambda p: p.step)
     if not pts or pts[0].step != 0:
         raise ValueError("analyse needs the base model's point at step 0 (rewards are relative to it)")
-    if len(pts) < 3:
-        raise ValueError(f"analyse needs at least 3 points (the base and two checkpoints), got {len(pts)}")
     steps = [p.step for p in pts]
     d = np.array([p.d for p in pts])
     gold = np.array([p.gold for p in pts])
     proxy = np.array([p.proxy for p in pts])
-    fits = {"gold": fit_gao(d, gold - gold[0], form), "proxy": fit_gao(d, proxy - proxy[0], form)}
+    # Gao et al.'s forms have two parameters: with one checkpoint only the paired changes are reported.
+    can_fit = len(pts) >= 3
+    fits = {}
+    if can_fit:
+        fits = {"gold": fit_gao(d, gold - gold[0], form), "proxy": fit_gao(d, proxy - proxy[0], form)}
     best = int(np.argmax(gold))
     changes = [paired_changes(p, pts[0]) for p in pts]
     out: dict = {
@@ -223,9 +226,11 @@ def analyse(points: Sequence[OveroptPoint], form: str = "rl") -> dict:
         },
         "stop_step": steps[best],
     }
-    fitted = fits["gold"]
+    if not can_fit:
+        out["fit_note"] = "no fit: Gao et al.'s curves need two checkpoints besides the base"
+    fitted = fits.get("gold")
     peak: dict | None = None
-    if fitted.peak_d is not None:
+    if fitted is not None and fitted.peak_d is not None:
         past = [s for s, di in zip(steps, d) if di >= fitted.peak_d]
         peak = {
             "d": fitted.peak_d,
@@ -235,7 +240,8 @@ def analyse(points: Sequence[OveroptPoint], form: str = "rl") -> dict:
     out["fitted_peak"] = peak
     if all(p.penalised is not None for p in pts):
         penalised = np.array([p.penalised for p in pts], dtype=np.float64)
-        fits["penalised"] = fit_gao(d, penalised - penalised[0], form)
+        if can_fit:
+            fits["penalised"] = fit_gao(d, penalised - penalised[0], form)
         stop = int(np.argmax(penalised))
         out["penalised_stop"] = {"step": steps[stop], "gold": float(gold[stop]), "d": float(d[stop])}
         proxy_stop = int(np.argmax(proxy))
@@ -261,14 +267,14 @@ def plot_overopt(report: dict, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     series = [("gold", "tab:orange"), ("proxy", "tab:blue"), ("penalised", "tab:green")]
     for name, colour in series:
-        if name not in report["fits"]:
+        if any(p.get(name) is None for p in pts):
             continue
         values = np.array([p[name] for p in pts], dtype=np.float64)
-        fit = GaoFit(**report["fits"][name])
         ax.plot(d, values - values[0], "o", color=colour, label=f"{name} (measured)")
-        ax.plot(
-            grid, fit(grid), "-", color=colour, alpha=0.7, label=f"{name} fit a={fit.a:.3g} b={fit.b:.3g}"
-        )
+        if name in report["fits"]:
+            fit = GaoFit(**report["fits"][name])
+            label = f"{name} fit a={fit.a:.3g} b={fit.b:.3g}"
+            ax.plot(grid, fit(grid), "-", color=colour, alpha=0.7, label=label)
     peak = report.get("fitted_peak")
     if peak is not None:
         ax.axvline(peak["d"], color="tab:orange", linestyle=":", label=f"gold peak d*={peak['d']:.3g}")
