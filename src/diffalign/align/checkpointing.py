@@ -17,8 +17,6 @@ optimiser state is keyed by parameter name.
 
 from __future__ import annotations
 
-import json
-
 from torch import Tensor, nn
 
 from diffalign.align.run_dir import Checkpoint, RunDir, RunDirError
@@ -33,11 +31,11 @@ def trainable_state(network: nn.Module) -> dict[str, Tensor]:
 def begin_run(run: RunDir, record: dict, resume: bool, accelerator, extend: bool = False) -> None:
     """Check the run folder on every process (`RunDir.start`; `extend`: a resume that may lengthen the
     run), then, on the main one, move an extended run's old final model aside and write config.json."""
-    run.start(record, resume, write=False, extend=extend)
+    saved = run.start(record, resume, write=False, extend=extend)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if extend:
-            run.retire_final_model(json.loads(run.config_path.read_text(encoding="utf-8")))
+            run.retire_final_model(saved)
         run.write_record(record)
 
 

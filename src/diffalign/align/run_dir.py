@@ -102,6 +102,11 @@ def differing_keys(saved: dict, current: dict, ignore: tuple[str, ...] = RESUMAB
     )
 
 
+def run_lengths(record: dict) -> dict[str, Any]:
+    """The run record's length keys (`LENGTH_KEYS`) and their values."""
+    return {k: v for k, v in flatten(record).items() if k in LENGTH_KEYS}
+
+
 def rng_state() -> dict:
     """This process's torch RNG states (CPU, and every CUDA device when CUDA is initialised)."""
     state = {"cpu": torch.get_rng_state()}
@@ -129,14 +134,15 @@ class RunDir:
 
     # --- the run record ---------------------------------------------------------------------------
 
-    def start(self, record: dict, resume: bool, write: bool = True, extend: bool = False) -> None:
+    def start(self, record: dict, resume: bool, write: bool = True, extend: bool = False) -> dict | None:
         """Begin (or resume) the run described by `record` (JSON data).
 
         A fresh run refuses a folder that already holds a run; a resumed run refuses a folder without
         one, or whose config.json differs from `record` (naming the differing keys). `extend` (implies
         `resume`) also lets the length (`LENGTH_KEYS`) differ, refusing one shorter than the latest
         checkpoint's step; with `write`, a completed run's model folder is moved aside
-        (`retire_final_model`)."""
+        (`retire_final_model`). Returns the folder's previous run record (None for a fresh run)."""
+        saved = None
         flag = "--extend" if extend else "--resume"
         if resume or extend:
             if not self.config_path.is_file():
@@ -159,6 +165,7 @@ class RunDir:
             if extend:
                 self.retire_final_model(saved)
             self.write_record(record)
+        return saved
 
     @staticmethod
     def ignored_changes(extend: bool) -> tuple[str, ...]:
@@ -168,7 +175,7 @@ class RunDir:
     def check_extension(self, record: dict) -> None:
         """Refuse an extension whose record has no length key, or whose length ends before the latest
         checkpoint (naming both)."""
-        lengths = {k: v for k, v in flatten(record).items() if k in LENGTH_KEYS}
+        lengths = run_lengths(record)
         if not lengths:
             raise RunDirError(f"--extend: this run's record has none of {list(LENGTH_KEYS)} to extend")
         latest = self.latest_checkpoint()
@@ -187,7 +194,7 @@ class RunDir:
         so `model/` never holds a model of another length; returns the new folder (None if none)."""
         if not self.model_dir.is_dir():
             return None
-        lengths = [v for k, v in flatten(saved).items() if k in LENGTH_KEYS]
+        lengths = list(run_lengths(saved).values())
         target = self.path / f"{MODEL_DIR}-step-{int(lengths[0]) if lengths else 0:07d}"
         if target.exists():
             raise RunDirError(f"--extend: {target} already exists; move it away to extend {self.path}")
