@@ -7,6 +7,7 @@ so that a missing server fails the run instead of skipping). Each test gets a da
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from diffalign.prefs.store import PreferenceStore
 
@@ -40,9 +42,23 @@ def store_location(request, tmp_path: Path) -> Iterator[tuple[str, Path]]:
             tmp_path / "images",
         )
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _drop_database(admin, name)
         admin.dispose()
+
+
+def _drop_database(admin, name: str, attempts: int = 40) -> None:
+    """DROP DATABASE ... WITH (FORCE), retried while it is refused for lack of privilege (SQLSTATE
+    42501): an autovacuum worker, which belongs to the superuser, may be connected to the new database
+    for a moment, and FORCE cannot end another role's session without pg_signal_backend."""
+    for attempt in range(attempts):
+        try:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            return
+        except DBAPIError as err:
+            if getattr(err.orig, "sqlstate", None) != "42501" or attempt == attempts - 1:
+                raise
+            time.sleep(0.25)
 
 
 @pytest.fixture
