@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -17,8 +18,10 @@ from diffalign.evaluate.overopt import (
     fit_gao,
     gao_bon,
     gao_rl,
+    measurement_record,
     paired_changes,
     plot_overopt,
+    reused_base_point,
     write_report,
 )
 
@@ -180,6 +183,51 @@ def test_overopt_cli_measures_checkpoints_and_writes_json_and_plot(tmp_path):
     # larger weight drift -> larger KL to the base model
     assert 0 < points[1]["kl"] < points[2]["kl"]
     assert (tmp_path / "out" / "overopt.png").stat().st_size > 5000
+    # a second call reuses the base point: the same report without sampling the base again
+    earlier = str(tmp_path / "out" / "overopt.json")
+    args[args.index("--out") + 1] = str(tmp_path / "again")
+    again = CliRunner().invoke(app, [*args, "--base-from", earlier])
+    assert again.exit_code == 0, again.output
+    assert "taken from" in again.output
+    second = json.loads((tmp_path / "again" / "overopt.json").read_text())["points"]
+    assert [p["values"] for p in second] == [p["values"] for p in points]
+    # other settings are refused before anything is sampled, naming what differs
+    refused = CliRunner().invoke(app, [*args, "--seed", "1", "--base-from", earlier])
+    assert refused.exit_code == 2 and "prompts" in refused.output
+
+
+def test_a_base_point_is_reused_only_with_the_same_settings(tmp_path):
+    from diffalign.diffusion.sampling import SamplerConfig
+
+    reward_dir = tmp_path / "rm"
+    reward_dir.mkdir()
+    (reward_dir / "weights.bin").write_bytes(b"one")
+    config = SamplerConfig(num_steps=5)
+    rewards = {"proxy": f"penalised:{reward_dir}", "gold": "gold-utility"}
+    record = measurement_record("base", ["a circle", "a square"], [0, 1], config, rewards)
+    base = OveroptPoint(0, 0.0, 0.0, 0.5, 1.0, values={"proxy": [0.4, 0.6], "gold": [1.0, 1.0]})
+    report = {"points": [asdict(base)], "measurement": record}
+    assert reused_base_point(report, record) == base
+    prompts, seeds = ["a circle", "a square"], [0, 1]
+    cases = [
+        (("base-flow", prompts, seeds, config, rewards), "reference"),
+        (("base", prompts, seeds, config, rewards, "cuda"), "device"),
+        (("base", prompts[::-1], seeds, config, rewards), "prompts"),
+        (("base", prompts, [0, 2], config, rewards), "seeds"),
+        (("base", prompts, seeds, SamplerConfig(num_steps=6), rewards), "sampler"),
+        (("base", prompts, seeds, config, {"proxy": "gold-utility"}), "rewards"),
+    ]
+    for other, named in cases:
+        with pytest.raises(ValueError, match=named):
+            reused_base_point(report, measurement_record(*other))
+    # the same spec over changed files is another reward
+    (reward_dir / "weights.bin").write_bytes(b"two")
+    changed = measurement_record("base", ["a circle", "a square"], [0, 1], config, rewards)
+    with pytest.raises(ValueError, match="reward 'proxy'"):
+        reused_base_point(report, changed)
+    for older in ({"points": [asdict(base)]}, [asdict(base)]):
+        with pytest.raises(ValueError, match="no measurement"):
+            reused_base_point(older, record)
 
 
 def test_overopt_cli_names_a_missing_run_folder(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -39,12 +40,28 @@ def overopt_cmd(
     noise_level: Annotated[float, typer.Option(help="Flow SDE noise level (flow models).")] = 0.7,
     max_checkpoints: Annotated[int | None, typer.Option(help="Use at most this many checkpoints.")] = None,
     batch_size: int = 64,
+    base_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="An earlier overopt.json of the same base model: reuse its base point instead of sampling "
+            "the base again (refused unless its reference model, prompts, seeds, sampler and rewards, "
+            "files included, are this call's)."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default RUN_DIR/overopt).")] = None,
     device: str = "auto",
 ) -> None:
     """Fit Gao et al. (2022)'s over-optimisation curves to a run and report where to stop."""
     from diffalign.diffusion.sampling import SamplerConfig
-    from diffalign.evaluate.overopt import FORMS, analyse, checkpoint_points, run_base, write_report
+    from diffalign.evaluate.overopt import (
+        FORMS,
+        analyse,
+        checkpoint_points,
+        measurement_record,
+        reused_base_point,
+        run_base,
+        write_report,
+    )
     from diffalign.evaluate.prompt_sets import PromptSetError, read_prompt_set, world_prompts
     from diffalign.models.registry import load_model
     from diffalign.rewards.registry import RewardSpecError, load_reward
@@ -56,6 +73,9 @@ def overopt_cmd(
     dev = resolve_device(device)
     try:
         info = run_base(run_dir)
+        specs = {"proxy": proxy, "gold": gold, **{spec: spec for spec in also or []}}
+        if ensemble is not None:
+            specs["penalised"] = f"penalised(k={k:g}):{ensemble}"
         rewards = {"proxy": load_reward(proxy, device=dev), "gold": load_reward(gold, device=dev)}
         if ensemble is not None:
             from diffalign.rewards.ensemble import RewardEnsemble, UncertaintyPenalisedReward
@@ -73,6 +93,15 @@ def overopt_cmd(
         prediction_type, num_steps=steps, eta=eta, noise_level=noise_level
     )
     seeds = [seed * 1_000_003 + i for i in range(len(prompts))]
+    measurement = measurement_record(info["reference"], prompts, seeds, config, specs, str(dev))
+    base_point = None
+    if base_from is not None:
+        try:
+            earlier = json.loads(base_from.read_text(encoding="utf-8"))
+            base_point = reused_base_point(earlier, measurement, str(base_from))
+        except (OSError, json.JSONDecodeError, ValueError) as err:
+            fail(f"--base-from: {err}")
+        console.print(f"base point (step 0) taken from {base_from}")
 
     def show(point) -> None:
         console.print(
@@ -84,12 +113,13 @@ def overopt_cmd(
 
     try:
         points = checkpoint_points(
-            run_dir, rewards, prompts, config, seeds, batch_size, dev, max_checkpoints, show
+            run_dir, rewards, prompts, config, seeds, batch_size, dev, max_checkpoints, show, base_point
         )
         report = analyse(points, form)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         fail(str(err))
     report["run_dir"] = str(run_dir)
+    report["measurement"] = measurement
     report["rewards"] = {
         "gold": gold,
         "proxy": proxy,

@@ -21,11 +21,16 @@ Here:
 - `checkpoint_points` builds the points from a run folder's checkpoints: it loads the run's base model,
   applies each checkpoint's trainable weights, samples the same prompts and seeds, scores the samples
   with the rewards and estimates KL to the base model from trajectories (`diffalign.evaluate.kl`).
+- `measurement_record` describes what a base point depends on (the reference model, prompts, seeds,
+  sampler and rewards, each model or reward folder by a fingerprint of its files), and
+  `reused_base_point` takes the base point of an earlier report only when that record matches, so
+  several runs of one base model are judged without sampling the base again.
 - `plot_overopt` draws the curves and fits (matplotlib, no display needed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -157,10 +162,6 @@ class OveroptPoint:
     def d(self) -> float:
         """sqrt(KL), clipped at 0 (a Monte Carlo KL estimate can be slightly negative)."""
         return math.sqrt(max(self.kl, 0.0))
-
-
-def _stop_step(steps: list[int], values: np.ndarray) -> int:
-    return steps[int(np.argmax(values))]
 
 
 def paired_changes(point: OveroptPoint, base: OveroptPoint) -> dict[str, dict]:
@@ -302,6 +303,97 @@ def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
 # --- measuring a run's checkpoints ---------------------------------------------------------------------
 
 
+# --- reusing the base model's point --------------------------------------------------------------------
+
+#: Files up to this size are fingerprinted by content, larger ones (diffusers weights) by size and mtime.
+_HASHED_BYTES = 64 * 2**20
+
+
+def _file_fingerprint(path: Path, digest) -> None:
+    stat = path.stat()
+    if stat.st_size <= _HASHED_BYTES:
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    else:
+        digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+
+
+def spec_fingerprint(spec: str) -> str | None:
+    """A fingerprint of the files a model or reward spec names, or None when it names none.
+
+    Every ':'-separated part of `spec` that is an existing file or folder counts ("penalised:DIR",
+    "rewards.py:fn", a model folder); a folder by its files' relative paths and contents (size and
+    modification time for files over 64 MiB). Built-in names ("base", "gold-utility") name no file.
+    """
+    paths = [Path(part) for part in [spec, *str(spec).split(":")] if part and Path(part).exists()]
+    if not paths:
+        return None
+    digest = hashlib.sha256()
+    for path in dict.fromkeys(p.resolve() for p in paths):
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for file in files:
+            digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+            _file_fingerprint(file, digest)
+    return digest.hexdigest()
+
+
+def measurement_record(
+    reference: str,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    config,
+    rewards: dict[str, str],
+    device: str = "cpu",
+) -> dict:
+    """What the base model's point depends on, JSON-ready: the reference model spec and fingerprint,
+    the prompts, the seeds, the sampler config, every reward's spec and fingerprint (`rewards`:
+    {name in the report: spec}) and the device type (a seed draws other noise on CPU and CUDA)."""
+    return {
+        "reference": {"spec": str(reference), "fingerprint": spec_fingerprint(str(reference))},
+        "device": str(device).split(":")[0],
+        "prompts": list(prompts),
+        "seeds": [int(s) for s in seeds],
+        "sampler": json.loads(json.dumps(asdict(config))),
+        "rewards": {
+            name: {"spec": str(spec), "fingerprint": spec_fingerprint(str(spec))}
+            for name, spec in sorted(rewards.items())
+        },
+    }
+
+
+def _first_difference(recorded: dict, measurement: dict) -> str | None:
+    """What differs between two `measurement_record`s, in words, or None."""
+    for key in ("reference", "device", "prompts", "seeds", "sampler"):
+        if recorded.get(key) != measurement[key]:
+            return "the reference model or its files" if key == "reference" else f"the {key}"
+    there, here = recorded.get("rewards") or {}, measurement["rewards"]
+    if set(there) != set(here):
+        return f"the rewards ({sorted(there)} there, {sorted(here)} here)"
+    for name in here:
+        if there[name] != here[name]:
+            return f"reward {name!r} ({here[name]['spec']}: its spec or files)"
+    return None
+
+
+def reused_base_point(report: dict, measurement: dict, source: str = "the report") -> OveroptPoint:
+    """The base model's point (step 0) of an earlier `analyse` report written with `measurement`.
+
+    Raises ValueError naming the first thing that differs (the reference model or its files, the
+    device type, the prompts, the seeds, the sampler, a reward or its files), or when the report records no
+    measurement (written before it was recorded) or no per-sample values at step 0.
+    """
+    recorded = report.get("measurement") if isinstance(report, dict) else None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{source} records no measurement settings (written by an older version)")
+    differs = _first_difference(recorded, measurement)
+    if differs is not None:
+        raise ValueError(f"{source}: its base point was measured with other settings: {differs} differ")
+    first = next((p for p in report.get("points", []) if p.get("step") == 0), None)
+    if first is None or not first.get("values"):
+        raise ValueError(f"{source} has no base point with per-sample rewards")
+    fields = ("step", "kl", "kl_stderr", "proxy", "gold", "penalised", "extra", "values")
+    return OveroptPoint(**{name: first.get(name) for name in fields if name in first})
+
+
 def run_base(run_dir: str | Path) -> dict:
     """The run's base model spec and LoRA settings from RUN_DIR/config.json.
 
@@ -415,6 +507,7 @@ def checkpoint_points(
     device: str = "cpu",
     max_checkpoints: int | None = None,
     on_point: Callable[[OveroptPoint], None] | None = None,
+    base_point: OveroptPoint | None = None,
 ) -> list[OveroptPoint]:
     """The base model (step 0) and every checkpoint of `run_dir`, measured by `measure_point`.
 
@@ -429,6 +522,8 @@ def checkpoint_points(
         device: where models run.
         max_checkpoints: keep this many checkpoints, evenly spaced (None: all).
         on_point: called after each measured point (progress).
+        base_point: the base model's point measured before with the same reference, prompts, seeds,
+            sampler and rewards (`reused_base_point` checks that); None measures it.
     """
     from diffalign.models.registry import load_model
 
@@ -446,7 +541,12 @@ def checkpoint_points(
         checkpoints = [checkpoints[i] for i in keep]
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
     base = load_model(info["reference"], device=device)
-    points = [measure_point(base, base, 0, prompts, seeds, config, rewards, batch_size)]
+    if base_point is not None:
+        if base_point.step != 0 or set(base_point.values) != set(rewards):
+            raise ValueError("base_point must be a step-0 point with per-sample values of the same rewards")
+        if any(len(v) != len(prompts) for v in base_point.values.values()):
+            raise ValueError(f"base_point has per-sample values for other than {len(prompts)} prompts")
+    points = [base_point or measure_point(base, base, 0, prompts, seeds, config, rewards, batch_size)]
     if on_point is not None:
         on_point(points[-1])
     for step, path in checkpoints:
