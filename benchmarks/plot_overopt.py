@@ -11,10 +11,12 @@ gold ones with their 95% bootstrap band:
   that optimised reward models of different scales share one axis;
 - the gold reward (`--gold`, e.g. gold-utility), in its own units;
 - every reward recorded with `diffalign overopt --also` (e.g. shapes:faithfulness: the gold accuracy).
-Prints a markdown table of the same points.
+Prints a markdown table of the same points. `--log-queries` puts reward queries on a log axis (runs
+whose checkpoints lie at 40 and at 4,000 queries); the base model, at 0 queries, is then the
+reference line at 0 rather than a point.
 
     python benchmarks/plot_overopt.py RUN_A/overopt/overopt.json RUN_B/overopt/overopt.json \
-        --label "GRPO, RM A" --label "GRPO, RM B" --out overopt_runs.png
+        --label "GRPO, RM A" --label "GRPO, RM B" --out overopt_runs.png [--log-queries]
 """
 
 from __future__ import annotations
@@ -99,11 +101,28 @@ def run_points(report_path: Path) -> dict:
     return columns
 
 
-def overopt_panels(runs: list[tuple[str, dict]]) -> list[Panel]:
-    """The proxy panel, the gold panel and one per extra reward, every run a series."""
-    proxy = Panel("proxy (the optimised reward)", "reward queries", "paired change / its sd (d_z)")
+def _trained_only(columns: dict) -> dict:
+    """The columns without the points at 0 reward queries (the base model), for a log axis."""
+    keep = [i for i, q in enumerate(columns["queries"]) if q > 0]
+    out = dict(columns)
+    for key in ("queries", "steps", "d", "proxy_dz"):
+        out[key] = [columns[key][i] for i in keep]
+    for name in columns["names"]:
+        out[name] = {part: [columns[name][part][i] for i in keep] for part in ("mean", "low", "high")}
+    return out
+
+
+def overopt_panels(runs: list[tuple[str, dict]], log_queries: bool = False) -> list[Panel]:
+    """The proxy panel, the gold panel and one per extra reward, every run a series (reward queries on
+    a log axis, the base points left out, with `log_queries`)."""
+    xscale = "log" if log_queries else "linear"
+    if log_queries:
+        runs = [(label, _trained_only(columns)) for label, columns in runs]
+    proxy = Panel(
+        "proxy (the optimised reward)", "reward queries", "paired change / its sd (d_z)", xscale=xscale
+    )
     gold_name = next(iter(runs))[1]["rewards"].get("gold", "gold")
-    gold = Panel(f"gold: {gold_name}", "reward queries", "change from base, 95% CI")
+    gold = Panel(f"gold: {gold_name}", "reward queries", "change from base, 95% CI", xscale=xscale)
     extras: dict[str, Panel] = {}
     for label, columns in runs:
         proxy.series.append(Series(label, columns["queries"], columns["proxy_dz"]))
@@ -114,7 +133,7 @@ def overopt_panels(runs: list[tuple[str, dict]]) -> list[Panel]:
                 panel = gold
             else:
                 panel = extras.setdefault(
-                    name, Panel(f"also: {name}", "reward queries", "change from base, 95% CI")
+                    name, Panel(f"also: {name}", "reward queries", "change from base, 95% CI", xscale=xscale)
                 )
             entry = columns[name]
             panel.series.append(
@@ -151,12 +170,13 @@ def main() -> None:
     parser.add_argument("reports", nargs="+", type=Path, help="overopt.json files of `diffalign overopt`")
     parser.add_argument("--label", action="append", default=None, help="a legend label per report")
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    parser.add_argument("--log-queries", action="store_true", help="reward queries on a log axis")
     args = parser.parse_args()
     labels = args.label or [path.parent.parent.name for path in args.reports]
     if len(labels) != len(args.reports):
         parser.error(f"{len(labels)} --label for {len(args.reports)} reports")
     runs = [(label, run_points(path)) for label, path in zip(labels, args.reports)]
-    save_figure(line_panels(overopt_panels(runs)), args.out)
+    save_figure(line_panels(overopt_panels(runs, args.log_queries)), args.out)
     print(markdown_table(runs))
 
 

@@ -66,6 +66,17 @@ def test_the_script_draws_one_panel_per_reward(tmp_path, monkeypatch, capsys):
     assert "| B | 10 | 320 |" in printed
 
 
+def test_log_queries_leave_the_base_point_out(tmp_path):
+    module = load_benchmark("plot_overopt")
+    columns = module.run_points(_report(tmp_path))
+    panels = module.overopt_panels([("A", columns)], log_queries=True)
+    assert all(panel.xscale == "log" for panel in panels)
+    gold = panels[1].series[0]
+    assert gold.x == [160, 320] and gold.y == pytest.approx([0.25, -0.25]) and len(gold.lower) == 2
+    assert panels[0].series[0].x == [160, 320]
+    assert [p.xscale for p in module.overopt_panels([("A", columns)])] == ["linear"] * 3
+
+
 def test_standardised_change_edge_cases():
     module = load_benchmark("plot_overopt")
     assert module.standardised_change([1.0, 2.0], [1.0, 2.0]) == 0.0
