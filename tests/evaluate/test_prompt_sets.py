@@ -44,6 +44,32 @@ def test_hpsv2_folder_reads_every_style_present(tmp_path):
     assert single.prompts == ["a dog on a sofa"] and single.categories == ["photo"]
 
 
+def test_geneval_metadata_jsonl_reads_prompts_and_tags(tmp_path):
+    path = tmp_path / "evaluation_metadata.jsonl"
+    records = [
+        {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+        {"tag": "color_attr", "include": [], "prompt": "a photo of a red bowl and a green cup"},
+        {"include": [], "prompt": "no tag here"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n", encoding="utf-8")
+    ps = read_prompt_set(path)
+    assert ps.name == "geneval"
+    assert ps.prompts == [r["prompt"] for r in records]
+    assert ps.categories == ["single_object", "color_attr", ""]
+    # what `diffalign shapeseval prompts` writes is read the same way
+    from diffalign.world.shapeseval import build_shapeseval, to_jsonl
+
+    lines = build_shapeseval()
+    out = tmp_path / "shapeseval.jsonl"
+    out.write_text(to_jsonl(lines), encoding="utf-8")
+    ours = read_prompt_set(out)
+    assert ours.prompts == [m["prompt"] for m in lines] and "color_attr" in ours.categories
+    for body, message in [('{"prompt": "ok"}\n{"tag": "x"}\n', "line 2"), ("not json\n", "line 1: not JSON")]:
+        path.write_text(body, encoding="utf-8")
+        with pytest.raises(PromptSetError, match=message):
+            read_prompt_set(path)
+
+
 def test_text_file_one_prompt_per_line(tmp_path):
     path = tmp_path / "prompts.txt"
     path.write_text("a cat\n\n a dog \n", encoding="utf-8")

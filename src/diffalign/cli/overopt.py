@@ -32,7 +32,8 @@ def overopt_cmd(
     form: Annotated[str, typer.Option(help="Gao et al.'s form to fit: rl (d(a - b log d)) or bon.")] = "rl",
     num_prompts: Annotated[int, typer.Option(help="Samples per checkpoint (Shapes-world prompts).")] = 64,
     prompts_file: Annotated[
-        Path | None, typer.Option(help="Prompts from a file (PartiPrompts/DrawBench/HPSv2/one per line).")
+        Path | None,
+        typer.Option(help="Prompts from a file (PartiPrompts/DrawBench/HPSv2/GenEval .jsonl/one per line)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seeds the prompt draw and the samples.")] = 0,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,

@@ -8,6 +8,8 @@ Formats (their published layouts):
 - HPSv2 benchmark (Wu et al. 2023, `hpsv2`'s benchmark files): one JSON file per style
   (`anime.json`, `concept-art.json`, `paintings.json`, `photo.json`), each a JSON list of prompt
   strings; a folder holding them reads all four, the style being the category.
+- GenEval (Ghosh et al. 2023, `evaluation_metadata.jsonl`; also what `diffalign shapeseval prompts`
+  writes): JSON lines, each an object with a "prompt" string; its "tag" (the task) is the category.
 - A plain text file: one prompt per line (blank lines skipped), no category.
 
 `read_prompt_set(path)` picks the reader from the extension (or `kind`); malformed files raise
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HPSV2_STYLES: tuple[str, ...] = ("anime", "concept-art", "paintings", "photo")
-KINDS: tuple[str, ...] = ("parti", "drawbench", "hpsv2", "text")
+KINDS: tuple[str, ...] = ("parti", "drawbench", "hpsv2", "geneval", "text")
 
 
 class PromptSetError(ValueError):
@@ -34,7 +36,7 @@ class PromptSet:
     """Prompts with optional per-prompt categories.
 
     Attributes:
-        name: the set's name ("parti", "drawbench", "hpsv2", "text").
+        name: the set's name ("parti", "drawbench", "hpsv2", "geneval", "text").
         prompts: the prompts in file order.
         categories: one category per prompt ("" when the format has none).
         extra: further per-prompt columns (PartiPrompts' "challenge"), each a list aligned with prompts.
@@ -134,6 +136,33 @@ def read_hpsv2(path: str | Path) -> PromptSet:
     return PromptSet("hpsv2", prompts, categories)
 
 
+def read_geneval_metadata(path: str | Path) -> PromptSet:
+    """GenEval metadata JSON lines: one object per line with a "prompt" (its "tag" is the category)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise PromptSetError(f"{path}: cannot read ({err})") from err
+    prompts, tags = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PromptSetError(f"{path}, line {number}: not JSON ({err})") from err
+        prompt = record.get("prompt") if isinstance(record, dict) else None
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptSetError(
+                f"{path}, line {number}: expected an object with a non-empty 'prompt' string"
+            )
+        prompts.append(prompt.strip())
+        tags.append(str(record.get("tag", "") or ""))
+    if not prompts:
+        raise PromptSetError(f"{path}: no prompts")
+    return PromptSet("geneval", prompts, tags)
+
+
 def read_text_prompts(path: str | Path) -> PromptSet:
     """One prompt per line; blank lines are skipped."""
     path = Path(path)
@@ -149,18 +178,21 @@ def read_text_prompts(path: str | Path) -> PromptSet:
 
 def read_prompt_set(path: str | Path, kind: str | None = None) -> PromptSet:
     """Read a prompt set; `kind` is one of KINDS or None (from the extension: .tsv parti, .csv drawbench,
-    .json or a folder hpsv2, anything else text)."""
+    .json or a folder hpsv2, .jsonl geneval, anything else text)."""
     path = Path(path)
     if not path.exists():
         raise PromptSetError(f"{path}: no such prompt file")
     if kind is None:
         suffix = path.suffix.lower()
-        kind = {".tsv": "parti", ".csv": "drawbench", ".json": "hpsv2"}.get(suffix, "text")
+        kind = {".tsv": "parti", ".csv": "drawbench", ".json": "hpsv2", ".jsonl": "geneval"}.get(
+            suffix, "text"
+        )
         kind = "hpsv2" if path.is_dir() else kind
     readers = {
         "parti": read_partiprompts,
         "drawbench": read_drawbench,
         "hpsv2": read_hpsv2,
+        "geneval": read_geneval_metadata,
         "text": read_text_prompts,
     }
     if kind not in readers:
