@@ -541,6 +541,14 @@ def test_line_panels_draws_in_memory_only(tmp_path, monkeypatch):
         line_panels([])
 
 
+def test_log_axis_ticks_are_thinned_where_labels_would_overlap():
+    from diffalign.demo.plots import _spread_ticks
+
+    assert _spread_ticks([80, 240, 256, 480, 2048, 2816, 3840]) == [80, 240, 480, 2048, 3840]
+    assert _spread_ticks([500, 2000, 8000]) == [500, 2000, 8000]
+    assert _spread_ticks([]) == []
+
+
 def test_line_panels_band_and_reference_lines():
     band_blue = (221, 235, 244)  # C0 at alpha 0.15 over white
     plain = Panel("t", "x", "y", [Series("a", [1.0, 10.0, 100.0], [0.5, 0.6, 0.55], colour="C0")])

@@ -42,6 +42,16 @@ class Panel:
     xscale: str = "linear"
 
 
+def _spread_ticks(values: list[float], ratio: float = 1.5) -> list[float]:
+    """The sorted `values` thinned so that each kept tick is at least `ratio` times the one before
+    (on a log axis, labels of nearby values such as 240 and 256 would overlap)."""
+    kept: list[float] = []
+    for value in values:
+        if not kept or value >= ratio * kept[-1]:
+            kept.append(value)
+    return kept
+
+
 def line_panels(
     panels: Sequence[Panel], panel_size: tuple[float, float] = (4.6, 3.4), dpi: int = 100
 ) -> Image.Image:
@@ -90,7 +100,7 @@ def line_panels(
             axes.axhline(value, color="0.4", linestyle=("--", ":", "-.")[k_ref % 3], linewidth=1, label=label)
         axes.set_xscale(panel.xscale)
         if panel.xscale == "log":  # ticks at the data's own x values ("2,000"), not powers of ten
-            ticks = sorted({x for series in panel.series for x in series.x if x > 0})
+            ticks = _spread_ticks(sorted({x for series in panel.series for x in series.x if x > 0}))
             if ticks:
                 axes.minorticks_off()
                 axes.set_xticks(ticks, [f"{t:,.0f}" if t >= 1 else f"{t:g}" for t in ticks])
