@@ -186,11 +186,14 @@ def test_overopt_cli_measures_checkpoints_and_writes_json_and_plot(tmp_path):
     # a second call reuses the base point: the same report without sampling the base again
     earlier = str(tmp_path / "out" / "overopt.json")
     args[args.index("--out") + 1] = str(tmp_path / "again")
-    again = CliRunner().invoke(app, [*args, "--base-from", earlier])
+    again = CliRunner().invoke(app, [*args, "--base-from", earlier, "--checkpoint", "4"])
     assert again.exit_code == 0, again.output
     assert "taken from" in again.output
     second = json.loads((tmp_path / "again" / "overopt.json").read_text())["points"]
-    assert [p["values"] for p in second] == [p["values"] for p in points]
+    assert [p["step"] for p in second] == [0, 4]  # only the checkpoint asked for
+    assert [p["values"] for p in second] == [points[0]["values"], points[2]["values"]]
+    missing = CliRunner().invoke(app, [*args, "--base-from", earlier, "--checkpoint", "3"])
+    assert missing.exit_code == 2 and "no checkpoint at step(s) [3]" in missing.output
     # other settings are refused before anything is sampled, naming what differs
     refused = CliRunner().invoke(app, [*args, "--seed", "1", "--base-from", earlier])
     assert refused.exit_code == 2 and "prompts" in refused.output

@@ -40,6 +40,14 @@ def overopt_cmd(
     eta: Annotated[float, typer.Option(help="DDIM eta (> 0: KL needs a stochastic sampler).")] = 1.0,
     noise_level: Annotated[float, typer.Option(help="Flow SDE noise level (flow models).")] = 0.7,
     max_checkpoints: Annotated[int | None, typer.Option(help="Use at most this many checkpoints.")] = None,
+    checkpoint_steps: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--checkpoint",
+            help="Measure only the checkpoint of this optimiser step (repeatable; e.g. the best one "
+            "judged again on other prompts).",
+        ),
+    ] = None,
     batch_size: int = 64,
     base_from: Annotated[
         Path | None,
@@ -114,7 +122,17 @@ def overopt_cmd(
 
     try:
         points = checkpoint_points(
-            run_dir, rewards, prompts, config, seeds, batch_size, dev, max_checkpoints, show, base_point
+            run_dir,
+            rewards,
+            prompts,
+            config,
+            seeds,
+            batch_size,
+            dev,
+            max_checkpoints,
+            show,
+            base_point,
+            checkpoint_steps or None,
         )
         report = analyse(points, form)
     except (FileNotFoundError, ValueError, RuntimeError) as err:

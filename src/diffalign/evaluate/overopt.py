@@ -508,6 +508,7 @@ def checkpoint_points(
     max_checkpoints: int | None = None,
     on_point: Callable[[OveroptPoint], None] | None = None,
     base_point: OveroptPoint | None = None,
+    only_steps: Sequence[int] | None = None,
 ) -> list[OveroptPoint]:
     """The base model (step 0) and every checkpoint of `run_dir`, measured by `measure_point`.
 
@@ -521,6 +522,8 @@ def checkpoint_points(
         batch_size: samples per batch.
         device: where models run.
         max_checkpoints: keep this many checkpoints, evenly spaced (None: all).
+        only_steps: measure the checkpoints of these steps only (ValueError naming any the run does
+            not keep); applied before `max_checkpoints`.
         on_point: called after each measured point (progress).
         base_point: the base model's point measured before with the same reference, prompts, seeds,
             sampler and rewards (`reused_base_point` checks that); None measures it.
@@ -536,6 +539,12 @@ def checkpoint_points(
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise FileNotFoundError(f"{Path(run_dir) / 'checkpoints'}: no checkpoints to analyse")
+    if only_steps is not None:
+        kept = {step for step, _ in checkpoints}
+        missing = sorted(set(only_steps) - kept)
+        if missing:
+            raise ValueError(f"{run_dir}: no checkpoint at step(s) {missing}; it keeps steps {sorted(kept)}")
+        checkpoints = [(step, path) for step, path in checkpoints if step in set(only_steps)]
     if max_checkpoints is not None and len(checkpoints) > max_checkpoints:
         keep = np.unique(np.linspace(0, len(checkpoints) - 1, max_checkpoints).round().astype(int))
         checkpoints = [checkpoints[i] for i in keep]
