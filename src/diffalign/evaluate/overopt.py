@@ -300,9 +300,6 @@ def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     return json_path, plot_overopt(report, out / "overopt.png")
 
 
-# --- measuring a run's checkpoints ---------------------------------------------------------------------
-
-
 # --- reusing the base model's point --------------------------------------------------------------------
 
 #: Files up to this size are fingerprinted by content, larger ones (diffusers weights) by size and mtime.
@@ -378,20 +375,25 @@ def reused_base_point(report: dict, measurement: dict, source: str = "the report
     """The base model's point (step 0) of an earlier `analyse` report written with `measurement`.
 
     Raises ValueError naming the first thing that differs (the reference model or its files, the
-    device type, the prompts, the seeds, the sampler, a reward or its files), or when the report records no
-    measurement (written before it was recorded) or no per-sample values at step 0.
+    device type, the prompts, the seeds, the sampler, a reward or its files), or when the report
+    records no measurement (written before it was recorded) or no per-sample values at step 0.
     """
     recorded = report.get("measurement") if isinstance(report, dict) else None
     if not isinstance(recorded, dict):
         raise ValueError(f"{source} records no measurement settings (written by an older version)")
     differs = _first_difference(recorded, measurement)
     if differs is not None:
-        raise ValueError(f"{source}: its base point was measured with other settings: {differs} differ")
+        raise ValueError(
+            f"{source}: its base point was measured with other settings (they differ in {differs})"
+        )
     first = next((p for p in report.get("points", []) if p.get("step") == 0), None)
     if first is None or not first.get("values"):
         raise ValueError(f"{source} has no base point with per-sample rewards")
     fields = ("step", "kl", "kl_stderr", "proxy", "gold", "penalised", "extra", "values")
     return OveroptPoint(**{name: first.get(name) for name in fields if name in first})
+
+
+# --- measuring a run's checkpoints ---------------------------------------------------------------------
 
 
 def run_base(run_dir: str | Path) -> dict:
