@@ -82,18 +82,19 @@ def overopt_cmd(
     dev = resolve_device(device)
     try:
         info = run_base(run_dir)
-        specs = {"proxy": proxy, "gold": gold, **{spec: spec for spec in also or []}}
-        if ensemble is not None:
-            specs["penalised"] = f"penalised(k={k:g}):{ensemble}"
+        # specs: each reward's name in the report -> what it was loaded from (the measurement record)
+        specs = {"proxy": proxy, "gold": gold}
         rewards = {"proxy": load_reward(proxy, device=dev), "gold": load_reward(gold, device=dev)}
         if ensemble is not None:
             from diffalign.rewards.ensemble import RewardEnsemble, UncertaintyPenalisedReward
 
             rewards["penalised"] = UncertaintyPenalisedReward(RewardEnsemble.load(ensemble, dev), k)
+            specs["penalised"] = f"penalised(k={k:g}):{ensemble}"
         for spec in also or []:
             if spec in rewards or spec in ("proxy", "gold", "penalised"):
                 fail(f"--also {spec!r} is given twice or names a reward the analysis already has")
             rewards[spec] = load_reward(spec, device=dev)
+            specs[spec] = spec
         prompts = read_prompt_set(prompts_file).prompts if prompts_file else world_prompts(num_prompts, seed)
         prediction_type = load_model(info["reference"], device=dev).prediction_type
     except (FileNotFoundError, ValueError, RewardSpecError, PromptSetError) as err:

@@ -542,11 +542,12 @@ def checkpoint_points(
     if not checkpoints:
         raise FileNotFoundError(f"{Path(run_dir) / 'checkpoints'}: no checkpoints to analyse")
     if only_steps is not None:
-        kept = {step for step, _ in checkpoints}
-        missing = sorted(set(only_steps) - kept)
-        if missing:
-            raise ValueError(f"{run_dir}: no checkpoint at step(s) {missing}; it keeps steps {sorted(kept)}")
-        checkpoints = [(step, path) for step, path in checkpoints if step in set(only_steps)]
+        wanted, kept = set(only_steps), {step for step, _ in checkpoints}
+        if wanted - kept:
+            raise ValueError(
+                f"{run_dir}: no checkpoint at step(s) {sorted(wanted - kept)}; it keeps steps {sorted(kept)}"
+            )
+        checkpoints = [(step, path) for step, path in checkpoints if step in wanted]
     if max_checkpoints is not None and len(checkpoints) > max_checkpoints:
         keep = np.unique(np.linspace(0, len(checkpoints) - 1, max_checkpoints).round().astype(int))
         checkpoints = [checkpoints[i] for i in keep]
