@@ -17,6 +17,9 @@ reference line at 0 rather than a point.
 
     python benchmarks/plot_overopt.py RUN_A/overopt/overopt.json RUN_B/overopt/overopt.json \
         --label "GRPO, RM A" --label "GRPO, RM B" --out overopt_runs.png [--log-queries]
+
+Reports given the same label are one series: a run judged again at later checkpoints against the
+same base point (`diffalign overopt --base-from`) is drawn as one curve.
 """
 
 from __future__ import annotations
@@ -98,7 +101,48 @@ def run_points(report_path: Path) -> dict:
         }
     columns["names"] = names
     columns["rewards"] = report.get("rewards", {})
+    columns["base_values"] = points[0]["values"] if points[0]["step"] == 0 else None
     return columns
+
+
+def join_reports(parts: list[tuple[Path, dict]]) -> dict:
+    """One series from several reports of the same run and base point (a run judged again at later
+    checkpoints with `diffalign overopt --base-from`): the points of all, ordered by step. Refused,
+    naming the reports, when their base points differ (another measurement) or a step is in two."""
+    (first_path, first), *rest = parts
+    steps = set(first["steps"])
+    for path, columns in rest:
+        if columns["base_values"] != first["base_values"] or columns["names"] != first["names"]:
+            raise ValueError(
+                f"{path} and {first_path} share a label but not their base point: they were not measured "
+                "on the same samples (use `diffalign overopt --base-from` for the later checkpoints)"
+            )
+        twice = steps & {s for s in columns["steps"] if s}
+        if twice:
+            raise ValueError(
+                f"{path} and an earlier report with its label both measure steps {sorted(twice)}"
+            )
+        steps |= set(columns["steps"])
+    rows = sorted(
+        ((path, columns, i) for path, columns in parts for i, s in enumerate(columns["steps"])),
+        key=lambda row: row[1]["steps"][row[2]],
+    )
+    seen_base = False
+    keep = []
+    for row in rows:
+        if row[1]["steps"][row[2]] == 0:
+            if seen_base:
+                continue
+            seen_base = True
+        keep.append(row)
+    out = dict(first)
+    for key in ("queries", "steps", "d", "proxy_dz"):
+        out[key] = [columns[key][i] for _, columns, i in keep]
+    for name in first["names"]:
+        out[name] = {
+            part: [columns[name][part][i] for _, columns, i in keep] for part in ("mean", "low", "high")
+        }
+    return out
 
 
 def _trained_only(columns: dict) -> dict:
@@ -175,7 +219,13 @@ def main() -> None:
     labels = args.label or [path.parent.parent.name for path in args.reports]
     if len(labels) != len(args.reports):
         parser.error(f"{len(labels)} --label for {len(args.reports)} reports")
-    runs = [(label, run_points(path)) for label, path in zip(labels, args.reports)]
+    grouped: dict[str, list[tuple[Path, dict]]] = {}
+    for label, path in zip(labels, args.reports):
+        grouped.setdefault(label, []).append((path, run_points(path)))
+    try:
+        runs = [(label, join_reports(parts)) for label, parts in grouped.items()]
+    except ValueError as err:
+        parser.error(str(err))
     save_figure(line_panels(overopt_panels(runs, args.log_queries)), args.out)
     print(markdown_table(runs))
 

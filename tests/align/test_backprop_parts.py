@@ -1,6 +1,7 @@
 """The pieces of reward backpropagation against independent computations: where gradients flow
 (AlignProp / DRaFT-K truncation), DRaFT-LV's re-noised last step, ReFL's one-step x0 prediction and
-pre-training loss, the drift from the base model, the online metrics, the config's checks."""
+pre-training loss, the drift from the base model and its penalty, the online metrics, the config's
+checks."""
 
 import math
 
@@ -12,6 +13,7 @@ from PIL import Image
 from diffalign.align.backprop_config import BackpropConfig
 from diffalign.align.backprop_losses import (
     SamplingPolicy,
+    chain_kl_penalty,
     draft_lv_loss,
     drift_to_base,
     pretrain_loss,
@@ -130,18 +132,77 @@ def test_refl_scores_the_x0_prediction_of_its_step_and_adds_the_pretraining_loss
     assert float(hinge.loss.detach()) == pytest.approx(float((2 * torch.relu(-reward)).mean()), abs=1e-5)
 
 
-def test_drift_to_base_is_zero_at_the_start_and_grows_when_weights_move(eps_model_dir):
-    model, _ = _policy(eps_model_dir)
+def _stochastic_and_deterministic_chains(model):
+    """The same prompts and seeds sampled by DDIM with eta 1 and with eta 0 (no gradients)."""
     stochastic = SamplerConfig(sampler="ddim", num_steps=4, eta=1.0)
     with torch.no_grad():
-        traj = sample(model, PROMPTS, config=stochastic, seeds=SEEDS)
-        det = sample(model, PROMPTS, config=DDIM, seeds=SEEDS)
+        return (
+            sample(model, PROMPTS, config=stochastic, seeds=SEEDS),
+            sample(model, PROMPTS, config=DDIM, seeds=SEEDS),
+        )
+
+
+def test_drift_to_base_is_zero_at_the_start_and_grows_when_weights_move(eps_model_dir):
+    model, _ = _policy(eps_model_dir)
+    traj, det = _stochastic_and_deterministic_chains(model)
     assert drift_to_base(model, traj) == ("kl_to_base", 0.0)
     assert drift_to_base(model, det) == ("drift_to_base", 0.0)
     with torch.no_grad():
         for p in model.unet.parameters():
             p.add_(0.01 * torch.randn_like(p))
     assert drift_to_base(model, traj)[1] > 0 and drift_to_base(model, det)[1] > 0
+
+
+def test_kl_penalty_is_the_chain_kl_estimated_at_drawn_steps_and_pulls_towards_the_base(eps_model_dir):
+    model, policy = _policy(eps_model_dir)
+    traj, det = _stochastic_and_deterministic_chains(model)
+    # at the base the penalty and its gradient are zero (to float32 rounding of the frozen copy)
+    at_base = chain_kl_penalty(policy, traj, [0, 2])
+    at_base.backward()
+    assert float(at_base.detach()) < 1e-10 and float(_grads(model).abs().max()) < 1e-6
+    model.unet.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())))
+    # every step: the logged drift (the chain KL per dimension for eta > 0, the step-mean distance for eta 0)
+    for chain in (traj, det):
+        full = chain_kl_penalty(policy, chain, range(4))
+        assert float(full.detach()) == pytest.approx(drift_to_base(model, chain)[1], rel=1e-5)
+    # two of four steps: S / m times their sum; each step's KL against torch.distributions (the last
+    # step, to abar = 1, is deterministic even at eta = 1 and counts 0)
+    assert not bool(traj.stochastic[3]) and float(chain_kl_penalty(policy, traj, [3]).detach()) == 0.0
+    with torch.no_grad():
+        expected = 0.0
+        for i in (1, 2):
+            x_t = traj.latents[:, i]
+            t = traj.timesteps[i].expand(2)
+            t_prev = traj.timesteps[i + 1].expand(2)
+            steps = []
+            for predict in (model.predict, model.reference_predict):
+                eps = predict(x_t, t, traj.cond)
+                abar = model.schedule.alpha_bar(t).float()
+                abar_prev = model.schedule.alpha_bar(t_prev).float()
+                x0 = (x_t - (1 - abar).sqrt()[:, None, None, None] * eps) / abar.sqrt()[:, None, None, None]
+                var = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)  # DDIM eta = 1
+                direction = (1 - abar_prev - var).clamp(min=0).sqrt()[:, None, None, None] * eps
+                steps.append((abar_prev.sqrt()[:, None, None, None] * x0 + direction, var.sqrt()))
+            (mu, std), (mu_ref, _) = steps
+            sd = std[:, None, None, None].expand_as(mu)
+            kl = torch.distributions.kl_divergence(
+                torch.distributions.Normal(mu, sd), torch.distributions.Normal(mu_ref, sd)
+            )
+            expected += float(kl.flatten(1).mean(dim=1).mean())
+    estimate = chain_kl_penalty(policy, traj, [1, 2])
+    assert float(estimate.detach()) == pytest.approx(expected * 4 / 2, rel=1e-4)
+    # a gradient step on the penalty brings the policy's steps back towards the base's
+    estimate.backward()
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            if p.grad is not None:
+                p.sub_(1e-3 * p.grad / _grads(model).norm())
+    assert float(chain_kl_penalty(policy, traj, [1, 2]).detach()) < float(estimate.detach())
+    with pytest.raises(ValueError, match="at least one step"):
+        chain_kl_penalty(policy, traj, [])
 
 
 def test_backprop_refuses_a_non_differentiable_reward(tmp_path, eps_model_dir):
@@ -167,6 +228,9 @@ def test_config_checks_and_derived_ranges():
         (dict(refl_step_range=(0.9, 0.5)), "refl_step_range"),
         (dict(lv_samples=0), "lv_samples must be >= 1"),
         (dict(pretrain_weight=-1.0), "pretrain_weight must be >= 0"),
+        (dict(kl_weight=-1.0), "kl_weight must be >= 0"),
+        (dict(kl_steps=11), r"kl_steps \(11\) must be <= num_steps"),
+        (dict(kl_steps=0), "kl_steps must be >= 1"),
     ]:
         with pytest.raises(ValueError, match=match):
             BackpropConfig(num_steps=10, **bad)

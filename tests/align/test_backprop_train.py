@@ -39,10 +39,28 @@ def test_each_method_raises_the_reward_and_moves_the_weights(tmp_path, eps_model
     assert all(torch.equal(reloaded[n], after[n]) for n in after)
 
 
+def test_kl_weight_holds_the_policy_near_the_base_and_logs_its_penalty(tmp_path, eps_model_dir):
+    lines = {}
+    for kl_weight in (0.0, 3e3):
+        cfg = bp_config(eps_model_dir, "alignprop", steps=4, kl_weight=kl_weight, kl_steps=2, eta=1.0)
+        train_backprop(cfg, tmp_path / str(kl_weight), reward=DiffRedness())
+        lines[kl_weight] = read_metrics(tmp_path / str(kl_weight) / "metrics.jsonl")
+    free, held = lines[0.0], lines[3e3]
+    assert "kl_penalty" not in free[0] and all(r["kl_penalty"] >= 0 for r in held)
+    # the first step starts at the base, where the penalty has no gradient: both runs take it alike
+    assert held[0]["kl_to_base"] == pytest.approx(free[0]["kl_to_base"], rel=1e-3)
+    assert held[-1]["kl_to_base"] < 0.5 * free[-1]["kl_to_base"]
+    for r in held:  # the weighted penalty is part of the loss
+        assert r["loss"] == pytest.approx(-r["train_reward"] + 3e3 * r["kl_penalty"], rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["alignprop", "refl"])
 def test_resume_matches_uninterrupted_run(tmp_path, eps_model_dir, method):
-    cfg = bp_config(eps_model_dir, method, steps=4, num_steps=3, log_every=2, checkpoint_every=1, eta=0.5)
+    kl = dict(kl_weight=10.0, kl_steps=2) if method == "refl" else {}  # the penalty's draws resume too
+    cfg = bp_config(
+        eps_model_dir, method, steps=4, num_steps=3, log_every=2, checkpoint_every=1, eta=0.5, **kl
+    )
     whole = train_backprop(cfg, tmp_path / "whole", reward=DiffRedness())
     train_backprop(cfg, tmp_path / "parts", stop_after=3, reward=DiffRedness())  # mid log window
     assert not (tmp_path / "parts" / "model").exists()
@@ -53,7 +71,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, eps_model_dir, method):
     for (name, a), b in zip(whole.unet.state_dict().items(), resumed.unet.state_dict().values()):
         assert torch.equal(a, b), name
     # a finished 2-step run, extended to 4 steps, is the 4-step run
-    short = bp_config(eps_model_dir, method, steps=2, num_steps=3, log_every=2, checkpoint_every=1, eta=0.5)
+    short = bp_config(
+        eps_model_dir, method, steps=2, num_steps=3, log_every=2, checkpoint_every=1, eta=0.5, **kl
+    )
     train_backprop(short, tmp_path / "short", reward=DiffRedness())
     extended = train_backprop(cfg, tmp_path / "short", extend=True, reward=DiffRedness())
     assert _lines(tmp_path / "whole") == _lines(tmp_path / "short")

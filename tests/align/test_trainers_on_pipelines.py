@@ -150,10 +150,12 @@ def test_nft_with_guidance_trains_lora_on_a_pipeline(tmp_path, pipelines, family
 def test_draft_trains_lora_through_the_vae_on_a_pipeline(tmp_path, pipelines, family):
     folder = pipelines[family]
     run = tmp_path / "run"
-    cfg = bp_config(folder, method="draft", steps=2, lora_rank=4, lr=1e-2, checkpoint_every=1)
+    cfg = bp_config(folder, method="draft", steps=2, lora_rank=4, lr=1e-2, checkpoint_every=1, kl_weight=1.0)
     model = train_backprop(cfg, run, reward=DiffRedness())
     metrics = read_metrics(run / "metrics.jsonl")
     assert len(metrics) == 2 and all(m["grad_norm"] > 0 for m in metrics)
+    # the drift penalty's base is the adapter-disabled pipeline: nothing at the start, something after
+    assert metrics[0]["kl_penalty"] < 1e-10 < metrics[1]["kl_penalty"]
     _check_lora_run(run, folder, model)
 
 

@@ -104,3 +104,29 @@ def test_bad_inputs_name_the_file(tmp_path):
     other.write_text(json.dumps({"curve": []}))
     with pytest.raises(ValueError, match="not a `diffalign overopt` report"):
         module.run_points(other)
+
+
+def test_reports_of_one_run_and_base_point_join_into_one_series(tmp_path):
+    module = load_benchmark("plot_overopt")
+    path = _report(tmp_path)
+    report = json.loads(path.read_text())
+    base, early, late = report["points"]
+    late["step"] = 8
+
+    def write(name: str, points: list[dict]) -> Path:
+        out = path.with_name(name)
+        out.write_text(json.dumps({**report, "points": points}))
+        return out
+
+    first, later = write("first.json", [base, early]), write("later.json", [base, late])
+    joined = module.join_reports([(p, module.run_points(p)) for p in (later, first)])
+    assert joined["steps"] == [0, 5, 8] and joined["queries"] == [0, 160, 256]
+    assert joined["gold"]["mean"] == pytest.approx([0.0, 0.25, -0.25])
+    assert joined["proxy_dz"][2] == pytest.approx(3.25 / 0.5)
+    again = write("again.json", [base, {**early}])
+    with pytest.raises(ValueError, match=r"both measure steps \[5\]"):
+        module.join_reports([(p, module.run_points(p)) for p in (first, again)])
+    other_base = {**base, "values": {**base["values"], "gold": [2, 2, 2, 2]}}
+    moved = write("moved.json", [other_base, late])
+    with pytest.raises(ValueError, match="share a label but not their base point"):
+        module.join_reports([(p, module.run_points(p)) for p in (first, moved)])

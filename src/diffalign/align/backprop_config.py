@@ -68,6 +68,19 @@ class BackpropConfig:
             when pretrain_weight > 0). See `align/pretrain_data.py`.
         pretrain_batch_size: images of that loss per micro-batch.
         reward_scale: the reward is multiplied by this in the loss (loss = -reward_scale * reward).
+        kl_weight: weight of a penalty on the drift from the base model, added to every method's loss
+            (0: off, the papers' objectives). The penalty is the chain divergence that `log_kl` logs,
+            summed over the S sampling steps at the states the policy visited: for a stochastic
+            sampler (DDIM eta > 0, the flow SDE) the mean-per-dimension |mu_theta - mu_base|^2 /
+            (2 sigma^2), the KL between the two models' sampling chains divided by C*H*W, DPOK's
+            regulariser (Fan et al. 2023, sec. 4: the sum of per-step KLs that bounds the KL of the
+            final samples; gradients through the policy's step means only, the visited states held
+            fixed); for a deterministic sampler (DDIM eta 0, Euler), which has no KL, the squared
+            step-mean distance |mu_theta - mu_base|^2 (so weights are not comparable across the
+            two). Estimated on the micro-batch's own chains at `kl_steps` step indices drawn per
+            optimiser step, scaled by S / kl_steps (unbiased for the sum).
+        kl_steps: chain steps at which that penalty is evaluated per optimiser step (1..num_steps; each
+            costs one policy forward and backward and one base forward per image).
         checkpoint_grad_steps: activation checkpointing of the denoiser calls that carry gradients
             (AlignProp's gradient checkpointing: memory of O(1) network activations per step).
         lr: AdamW learning rate (constant).
@@ -107,6 +120,8 @@ class BackpropConfig:
     pretrain_batch_size: int = 8
     pretrain_data: str = "world"
     reward_scale: float = 1.0
+    kl_weight: float = 0.0
+    kl_steps: int = 1
     checkpoint_grad_steps: bool = True
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -133,6 +148,7 @@ class BackpropConfig:
             "draft_k",
             "lv_samples",
             "pretrain_batch_size",
+            "kl_steps",
             "log_every",
             "keep_checkpoints",
         ):
@@ -145,9 +161,12 @@ class BackpropConfig:
             "weight_decay",
             "grad_clip",
             "pretrain_weight",
+            "kl_weight",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.kl_steps > self.num_steps:
+            raise ValueError(f"kl_steps ({self.kl_steps}) must be <= num_steps ({self.num_steps})")
         if self.draft_k > self.num_steps:
             raise ValueError(f"draft_k ({self.draft_k}) must be <= num_steps ({self.num_steps})")
         if self.truncation_range is not None:

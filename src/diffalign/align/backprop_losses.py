@@ -58,6 +58,8 @@ class BackpropOutput:
         pretrain_loss: ReFL's denoising loss (0 for the other methods).
         trajectory: the micro-batch's sampling chain (final samples detached in `trajectory.latents`).
         grad_calls: denoiser evaluations per prompt that carried gradients (K; n for DRaFT-LV; 1 for ReFL).
+        kl_penalty: the drift penalty's value (`chain_kl_penalty`, detached) when `kl_weight` > 0 added
+            it to `loss` (unweighted), else None.
     """
 
     loss: Tensor
@@ -65,6 +67,7 @@ class BackpropOutput:
     pretrain_loss: Tensor
     trajectory: Trajectory
     grad_calls: int
+    kl_penalty: Tensor | None = None
 
 
 def reward_term(rewards: Tensor, scale: float, margin: float | None = None) -> Tensor:
@@ -174,6 +177,39 @@ def refl_loss(
     return BackpropOutput(loss, rewards, data_loss.detach(), traj, 1)
 
 
+def step_divergence(own, ref, stochastic_chain: bool, stochastic_step: bool) -> Tensor:
+    """One step's divergence from the base per sample [B], per dimension: KL(N(mu, s^2) || N(mu_base, s^2))
+    = |mu - mu_base|^2 / (2 s^2) on a stochastic chain (0 at its deterministic steps), the squared
+    step-mean distance |mu - mu_base|^2 on a deterministic one (which has no KL)."""
+    from diffalign.align.pg_losses import gaussian_mean_kl
+
+    if stochastic_chain:
+        if not stochastic_step:
+            return torch.zeros(own.mean.shape[0], device=own.mean.device)
+        return gaussian_mean_kl(own.mean, ref.mean, own.std)
+    return ((own.mean.float() - ref.mean.float()) ** 2).flatten(1).mean(dim=1)
+
+
+def chain_kl_penalty(policy: SamplingPolicy, traj: Trajectory, step_indices: Sequence[int]) -> Tensor:
+    """The drift penalty of `BackpropConfig.kl_weight`: an unbiased estimate of the sum over the chain's S
+    steps of `step_divergence`, S / m times its sum at the m `step_indices`, averaged over the samples.
+
+    Each step is recomputed at the stored (detached) state x_t under the policy, with gradients, and
+    under the base without: DPOK's per-step KL regulariser (Fan et al. 2023, sec. 4), whose gradient
+    moves the policy's step means towards the base's at the states the policy visits."""
+    if not step_indices:
+        raise ValueError("chain_kl_penalty needs at least one step index")
+    stochastic = bool(traj.stochastic.any())
+    total = None
+    for i in step_indices:
+        own = recompute_step(policy, traj, i)
+        with torch.no_grad():
+            ref = recompute_step(policy, traj, i, use_reference=True)
+        term = step_divergence(own, ref, stochastic, bool(traj.stochastic[i]))
+        total = term if total is None else total + term
+    return total.mean() * (traj.num_steps / len(step_indices))
+
+
 def drift_to_base(model, traj: Trajectory) -> tuple[str, float]:
     """How far the policy has moved from the base model on a trajectory it sampled, every step
     recomputed under both (no gradients).
@@ -182,16 +218,11 @@ def drift_to_base(model, traj: Trajectory) -> tuple[str, float]:
     a one-sample Monte-Carlo estimate of KL(p_theta || p_base) of the chains divided by C*H*W (the chain
     rule of KL over the Gaussian steps). Deterministic sampler (no KL between point masses):
     ("drift_to_base", sum over steps of the mean-per-dimension |mu - mu_ref|^2)."""
-    from diffalign.align.pg_losses import gaussian_mean_kl
-
     total = 0.0
     stochastic = bool(traj.stochastic.any())
     with torch.no_grad():
         for i in range(traj.num_steps):
             own = recompute_step(model, traj, i)
             ref = recompute_step(model, traj, i, use_reference=True)
-            if stochastic and bool(traj.stochastic[i]):
-                total += float(gaussian_mean_kl(own.mean, ref.mean, own.std).mean())
-            elif not stochastic:
-                total += float(((own.mean.float() - ref.mean.float()) ** 2).flatten(1).mean())
+            total += float(step_divergence(own, ref, stochastic, bool(traj.stochastic[i])).mean())
     return ("kl_to_base" if stochastic else "drift_to_base"), total

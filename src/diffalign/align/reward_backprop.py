@@ -9,15 +9,19 @@ d reward / d image into the network through some of the sampling steps (`backpro
 - ReFL: one random late step's x0 prediction, plus the pre-training loss on `pretrain_data`
   (`pretrain_data.py`: generated Shapes-world images, or a preference store's preferred images), the
   regulariser of the paper that its released code leaves out.
+Any of them can add `kl_weight` times a drift penalty to the base model (`chain_kl_penalty`: DPOK's
+per-step KL, or the squared step-mean distance for a deterministic sampler), which none of the papers has.
 The reward must be differentiable (`require_differentiable`: a learned reward model, not a detector).
 
 `train_backprop` is one explicit loop, in the order of `dpo.train_dpo`: Accelerate, seeding, the model
 and its frozen base, resume (weights before `prepare`, optimiser and RNG after), then per step: the
-step's draw (prompts, seeds, K or ReFL's step, DRaFT-LV's noise, ReFL's data: a function of (seed, step)
-only, so a resumed run reproduces the uninterrupted one), micro-batches under `accumulate`, the NaN/inf
-guard, metrics averaged between log lines, atomic checkpoints, the final `model/` folder.
+step's draw (prompts, seeds, K or ReFL's step, DRaFT-LV's noise, ReFL's data, the penalty's steps: a
+function of (seed, step) only, so a resumed run reproduces the uninterrupted one), micro-batches under
+`accumulate`, the NaN/inf guard, metrics averaged between log lines, atomic checkpoints, the final
+`model/` folder.
 
-Logged: loss, the training reward of the scored images, ReFL's pre-training loss, the gradient norm,
+Logged: loss, the training reward of the scored images, ReFL's pre-training loss, the drift penalty
+(`kl_penalty`, unweighted, when `kl_weight` > 0), the gradient norm,
 reward queries and denoiser calls with gradients (cumulative, all processes), and at every log line
 the metrics of the final samples of the step's last micro-batch (`online_metrics.sample_metrics`:
 reward mean/std, gold reward, diversity) and, with `log_kl`, the drift from the base model on one of
@@ -34,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +48,7 @@ from diffalign.align.backprop_config import BackpropConfig
 from diffalign.align.backprop_losses import (
     BackpropOutput,
     SamplingPolicy,
+    chain_kl_penalty,
     draft_lv_loss,
     drift_to_base,
     refl_loss,
@@ -76,11 +81,11 @@ from diffalign.rewards.protocol import Reward, require_differentiable
 from diffalign.rewards.registry import load_reward
 
 #: Per-micro-batch metrics summed between log lines (then averaged), in this order.
-TRAIN_METRICS = ("loss", "train_reward", "pretrain_loss")
-GRAD_NORM, COUNT_MICRO, COUNT_OPT = 3, 4, 5
-WINDOW_SIZE = 6
+TRAIN_METRICS = ("loss", "train_reward", "pretrain_loss", "kl_penalty")
+GRAD_NORM, COUNT_MICRO, COUNT_OPT = 4, 5, 6
+WINDOW_SIZE = 7
 #: Sub-streams of `step_generator(seed, step, stream=...)`.
-PROMPT_STREAM, NOISE_STREAM, DATA_STREAM = 1, 2, 3
+PROMPT_STREAM, NOISE_STREAM, DATA_STREAM, KL_STREAM = 1, 2, 3, 4
 
 
 @dataclass
@@ -94,6 +99,7 @@ class StepDraw:
         refl_step: ReFL's gradient step index.
         lv_noise: DRaFT-LV's re-noising draws [G, n, C, H, W], or None.
         data: ReFL's pre-training batch (images [D, 3, H, W], prompts, noise, t) with D = G_pretrain, or None.
+        kl_steps: the chain steps of the drift penalty (distinct, sorted; empty when `kl_weight` is 0).
     """
 
     prompts: list[str]
@@ -102,6 +108,7 @@ class StepDraw:
     refl_step: int
     lv_noise: Tensor | None
     data: tuple[Tensor, list[str], Tensor, Tensor] | None
+    kl_steps: list[int]
 
 
 def draw_step(
@@ -135,7 +142,20 @@ def draw_step(
         noise = torch.randn((data_size, *model.latent_shape), generator=data_gen)
         t = model.schedule.sample_training_timesteps(data_size, generator=data_gen)
         data = (images, data_prompts, noise, t)
-    return StepDraw(prompts, seeds, k, refl_step, lv_noise, data)
+    kl_steps: list[int] = []
+    if config.kl_weight > 0:
+        kl_gen = step_generator(seed, step, stream=KL_STREAM)
+        kl_steps = sorted(torch.randperm(config.num_steps, generator=kl_gen)[: config.kl_steps].tolist())
+    return StepDraw(prompts, seeds, k, refl_step, lv_noise, data, kl_steps)
+
+
+def with_kl_penalty(config: BackpropConfig, policy: SamplingPolicy, out: BackpropOutput, draw: StepDraw):
+    """`out` with `kl_weight` times the drift penalty on its own chains added to the loss (and its value
+    kept as `kl_penalty`); `out` itself when `kl_weight` is 0."""
+    if config.kl_weight == 0:
+        return out
+    penalty = chain_kl_penalty(policy, out.trajectory, draw.kl_steps)
+    return replace(out, loss=out.loss + config.kl_weight * penalty, kl_penalty=penalty.detach())
 
 
 def _micro(
@@ -295,7 +315,9 @@ def train_backprop(
     rank = accelerator.process_index
     window = torch.zeros(WINDOW_SIZE, device=device)  # metric sums and counts since the last log line
     if checkpoint is not None and "window" in checkpoint.process_state:
-        window = checkpoint.process_state["window"].to(device)
+        saved = checkpoint.process_state["window"]
+        if saved.numel() == WINDOW_SIZE:  # a checkpoint of an older layout restarts the averages
+            window = saved.to(device)
     done = start
     started = time.perf_counter()
     try:
@@ -312,6 +334,7 @@ def train_backprop(
                 with accelerator.accumulate(unet):
                     with accelerator.autocast():
                         out = _micro(config, policy, reward, sampler, draw, rows, data_rows, device)
+                        out = with_kl_penalty(config, policy, out, draw)
                     guard.observe("reward", out.rewards, step + 1)
                     guard.observe("loss", out.loss, step + 1)
                     accelerator.backward(out.loss)
@@ -326,6 +349,8 @@ def train_backprop(
                 window[0] += out.loss.detach().float()
                 window[1] += out.rewards.detach().float().mean()
                 window[2] += out.pretrain_loss.float()
+                if out.kl_penalty is not None:
+                    window[3] += out.kl_penalty.float()
                 window[COUNT_MICRO] += 1
                 grad_calls += out.grad_calls * config.batch_size * num_processes
             counters["reward_queries"] += queries_per_step
@@ -351,6 +376,8 @@ def train_backprop(
                 mean = accelerator.reduce(window.clone(), reduction="mean")
                 line: dict = {"step": done, **counters}
                 line.update({k: float(mean[i] / mean[COUNT_MICRO]) for i, k in enumerate(TRAIN_METRICS)})
+                if config.kl_weight == 0:
+                    del line["kl_penalty"]
                 line["grad_norm"] = float(mean[GRAD_NORM] / mean[COUNT_OPT])
                 if config.log_kl and runs_callbacks(accelerator, config.runtime):
                     # the policy and base forwards: every process runs a sharded model's together
