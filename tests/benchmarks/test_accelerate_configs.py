@@ -5,6 +5,7 @@ CPU processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -170,3 +171,5 @@ def test_align_online_dpo_runs_sharded_under_accelerate_launch(tmp_path):
     assert keys == [f"simulated:0:{i}" for i in range(4)]
     assert len((out / "rounds.jsonl").read_text().splitlines()) == 1
     assert (out / "model" / "diffusion_pytorch_model.safetensors").is_file()
+    # the main process alone writes the costs (two writers raced on costs.json), recording both processes
+    assert json.loads((out / "costs.json").read_text())["processes"] == 2

@@ -108,6 +108,10 @@ def test_run_costs_add_up_over_resumed_sessions(tmp_path):
     assert total == json.loads((tmp_path / "costs.json").read_text())
     assert total["wall_s"] == 3.0 and total["forward_nfe"] == 15 and total["backward_nfe"] == 5
     assert total["reward_queries"] == 5 and total["peak_memory_mb"] == 80.0 and total["sessions"] == 2
+    assert total["processes"] == 1
+    # a session of two processes (one measured): recorded as the most processes of any session
+    assert add_run_costs(tmp_path, second, processes=2)["processes"] == 2
+    assert add_run_costs(tmp_path, second)["processes"] == 2
 
 
 def test_uncounted_rewards_are_null_not_zero(tmp_path):

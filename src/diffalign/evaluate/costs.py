@@ -220,12 +220,16 @@ COSTS_FILE = "costs.json"
 SUMMED = ("wall_s", "forward_nfe", "backward_nfe", "reward_queries", "reward_grads")
 
 
-def add_run_costs(run_dir: str | Path, cost: StageCost, rewards_counted: bool = True) -> dict:
+def add_run_costs(
+    run_dir: str | Path, cost: StageCost, rewards_counted: bool = True, processes: int = 1
+) -> dict:
     """Add one session's cost to `run_dir/costs.json` (a resumed run adds up its sessions; memory is the
     largest peak of any session); returns what was written. With `rewards_counted=False` (the reward
-    was not wrapped with `CostMeter.count_reward`) the reward counts are written as null, not 0."""
+    was not wrapped with `CostMeter.count_reward`) the reward counts are written as null, not 0.
+    `processes` > 1: `cost` is one process's of a multi-process session, recorded as `processes`
+    (the most of any session)."""
     path = Path(run_dir) / COSTS_FILE
-    total = cost.to_dict() | {"sessions": 1}
+    total = cost.to_dict() | {"sessions": 1, "processes": processes}
     if not rewards_counted:
         total["reward_queries"] = total["reward_grads"] = None
     if path.is_file():
@@ -236,6 +240,7 @@ def add_run_costs(run_dir: str | Path, cost: StageCost, rewards_counted: bool = 
         peaks = [m for m in (had.get("peak_memory_mb"), cost.peak_memory_mb) if m is not None]
         total["peak_memory_mb"] = max(peaks) if peaks else None
         total["sessions"] = int(had.get("sessions", 1)) + 1
+        total["processes"] = max(int(had.get("processes", 1)), processes)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(total, indent=1), encoding="utf-8")
     tmp.replace(path)
