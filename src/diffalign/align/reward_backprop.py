@@ -149,7 +149,9 @@ def draw_step(
     return StepDraw(prompts, seeds, k, refl_step, lv_noise, data, kl_steps)
 
 
-def with_kl_penalty(config: BackpropConfig, policy: SamplingPolicy, out: BackpropOutput, draw: StepDraw):
+def with_kl_penalty(
+    config: BackpropConfig, policy: SamplingPolicy, out: BackpropOutput, draw: StepDraw
+) -> BackpropOutput:
     """`out` with `kl_weight` times the drift penalty on its own chains added to the loss (and its value
     kept as `kl_penalty`); `out` itself when `kl_weight` is 0."""
     if config.kl_weight == 0:
