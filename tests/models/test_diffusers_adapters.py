@@ -221,6 +221,15 @@ def test_lora_round_trip_through_diffusers_load_lora_weights(folders, family, tm
     with torch.no_grad():
         torch.testing.assert_close(merged.predict(x, t, cond), ours, rtol=1e-4, atol=1e-5)
 
+    model.merge_lora()  # in place: the same outputs from a plain denoiser, every weight trainable
+    assert not model.lora and not any("lora" in name for name in model.denoiser.state_dict())
+    assert len(model.trainable_parameters()) == len(list(model.denoiser.parameters()))
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(x, t, cond), ours, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model.reference_predict(x, t, cond), ours, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        model.merge_lora()
+
 
 @pytest.mark.parametrize("family", ("sd", "sd3"))
 def test_vae_encode_decode_use_scale_and_shift(folders, family):

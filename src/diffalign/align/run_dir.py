@@ -11,7 +11,8 @@ RUN_DIR/
     process-0.pt, process-1.pt   per process: torch RNG states (CPU, and CUDA if used) and the
                                  trainer's per-process state (e.g. metric sums since the last log)
   model/                         the final model (`TinyDiffusionModel.save`), so `load_model(RUN_DIR)`
-                                 and `diffalign sample|eval --model RUN_DIR` work
+                                 and `diffalign sample|eval --model RUN_DIR` work (a checkpoint
+                                 folder works too: `run_checkpoints.py`)
   logs/                          Accelerate trackers (TensorBoard events, ...)
 ```
 

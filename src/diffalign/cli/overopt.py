@@ -61,6 +61,7 @@ def overopt_cmd(
     device: str = "auto",
 ) -> None:
     """Fit Gao et al. (2022)'s over-optimisation curves to a run and report where to stop."""
+    from diffalign.align.run_checkpoints import run_base
     from diffalign.diffusion.sampling import SamplerConfig
     from diffalign.evaluate.overopt import (
         FORMS,
@@ -68,7 +69,6 @@ def overopt_cmd(
         checkpoint_points,
         measurement_record,
         reused_base_point,
-        run_base,
         write_report,
     )
     from diffalign.evaluate.prompt_sets import PromptSetError, read_prompt_set, world_prompts

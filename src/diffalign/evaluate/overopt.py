@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffalign.align.run_checkpoints import list_checkpoints, load_checkpoint_model, run_base
+
 FORMS: tuple[str, ...] = ("rl", "bon")
 
 
@@ -394,77 +396,6 @@ def reused_base_point(report: dict, measurement: dict, source: str = "the report
 
 
 # --- measuring a run's checkpoints ---------------------------------------------------------------------
-
-
-def run_base(run_dir: str | Path) -> dict:
-    """The run's base model spec and LoRA settings from RUN_DIR/config.json.
-
-    Returns {"model": spec, "reference": spec of the KL reference, "lora_rank", "lora_alpha",
-    "pipeline": the diffusers options (a dict, empty for older runs)}; the reference is the config's
-    `reference` when set (DPO against an earlier iterate), else the model.
-    """
-    from diffalign.align.run_dir import CONFIG_FILE
-
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a run folder ({CONFIG_FILE} is missing)")
-    record = json.loads(path.read_text(encoding="utf-8"))
-    config = record.get("config", {})
-    if "model" not in config:
-        raise ValueError(f"{path}: the run record has no config.model")
-    return {
-        "model": config["model"],
-        "reference": config.get("reference") or config["model"],
-        "lora_rank": int(config.get("lora_rank", 0) or 0),
-        "lora_alpha": float(config.get("lora_alpha", 0.0) or 0.0),
-        "pipeline": dict(config.get("pipeline") or {}),
-    }
-
-
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every finished checkpoint under RUN_DIR/checkpoints, by step."""
-    from diffalign.align.run_dir import CHECKPOINTS, STATE_FILE
-
-    folder = Path(run_dir) / CHECKPOINTS
-    found = []
-    for path in sorted(folder.glob("step-*")) if folder.is_dir() else []:
-        state = path / STATE_FILE
-        if state.is_file():
-            found.append((int(json.loads(state.read_text(encoding="utf-8"))["step"]), path))
-    return sorted(found)
-
-
-def load_checkpoint_model(
-    spec: str,
-    checkpoint: Path,
-    lora_rank: int = 0,
-    lora_alpha: float = 0.0,
-    device="cpu",
-    pipeline: dict | None = None,
-):
-    """The base model `spec` (a tiny model or a diffusers pipeline, with the run's `pipeline` options)
-    with the checkpoint's trainable weights applied to its denoiser (LoRA adapters when `lora_rank` > 0)."""
-    from safetensors.torch import load_file
-
-    from diffalign.align.policy_setup import adapter_options, load_policy
-    from diffalign.align.run_dir import WEIGHTS_FILE
-
-    model = load_policy(
-        spec,
-        device,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        pipeline=adapter_options(pipeline or {}),
-        fix_reference=False,
-    )
-    weights = load_file(str(checkpoint / WEIGHTS_FILE), device=str(device))
-    own = set(model.denoiser.state_dict())
-    unknown = sorted(set(weights) - own)
-    if unknown:
-        raise ValueError(f"{checkpoint / WEIGHTS_FILE}: weights not in the model: {unknown[:5]}")
-    model.denoiser.load_state_dict(weights, strict=False)
-    model.denoiser.eval()
-    return model
 
 
 def measure_point(

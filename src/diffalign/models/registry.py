@@ -3,7 +3,10 @@
 Accepted forms:
 - `base` / `base-flow`: the tiny Shapes-world models shipped inside the package (epsilon / flow);
 - a tiny-model folder (holding `diffalign_model.json`), or a run folder whose `model/` subfolder
-  is one (what `diffalign pretrain` writes);
+  is one (what `diffalign pretrain` and every trainer write at the end);
+- a checkpoint of a trainer's run (`RUN_DIR/checkpoints/step-N`): the run's base model with that
+  checkpoint's trainable weights (`diffalign.align.run_checkpoints`), LoRA adapters merged as in the
+  run's `model/`, e.g. the step `diffalign overopt` says to stop at;
 - a diffusers pipeline folder (holding `model_index.json`; also as a run's `model/`), or the id of a
   Hugging Face repository in the local cache (no download): Stable Diffusion 1.x/2.x, XL and 3,
   wrapped by `diffalign.models.diffusers_adapters` (imported only when such a model is named).
@@ -49,19 +52,43 @@ def resolve_model_folder(spec: str) -> Path:
             return cached_snapshot(spec)  # FileNotFoundError naming the id and the cache when absent
         raise FileNotFoundError(
             f"--model {spec!r}: no such folder; expected 'base', 'base-flow', a model folder, a run folder, "
-            "a diffusers pipeline folder or a Hugging Face id in the local cache"
+            "a run's checkpoint folder, a diffusers pipeline folder or a Hugging Face id in the local cache"
         )
     for folder in (path, path / "model"):
         if (folder / MODEL_FILE).is_file() or (folder / PIPELINE_FILE).is_file():
             return folder
     raise FileNotFoundError(
-        f"--model {spec!r}: no {MODEL_FILE} or {PIPELINE_FILE} in it or in its model/ subfolder"
+        f"--model {spec!r}: no {MODEL_FILE} or {PIPELINE_FILE} in it or in its model/ subfolder, and it "
+        "is not a run's checkpoint (RUN_DIR/checkpoints/step-N)"
     )
+
+
+def checkpoint_of_run(spec: str) -> Path | None:
+    """The run folder when `spec` names one of its checkpoints (RUN_DIR/checkpoints/step-N), else None."""
+    if spec in BUILTIN:
+        return None
+    from diffalign.align.run_checkpoints import checkpoint_run_dir
+
+    return checkpoint_run_dir(spec)
 
 
 def load_model(spec: str, device: torch.device | str = "cpu", diffusers_options=None):
     """Load the model named by `spec` onto `device`, in eval mode: a `TinyDiffusionModel`, or a
-    diffusers adapter (`diffusers_options`: an `AdapterConfig` with its dtype and memory options)."""
+    diffusers adapter (`diffusers_options`: an `AdapterConfig` with its dtype and memory options; for a
+    run's checkpoint, the run's own options unless these are given)."""
+    run_dir = checkpoint_of_run(spec)
+    if run_dir is not None:
+        from diffalign.align.run_checkpoints import load_checkpoint_model, run_base
+
+        info = run_base(run_dir)
+        options = info["pipeline"] if diffusers_options is None else diffusers_options
+        model = load_checkpoint_model(
+            info["model"], Path(spec), info["lora_rank"], info["lora_alpha"], device, options
+        )
+        if model.lora:
+            model.merge_lora()  # a plain model, as the run's model/ folder is
+        model.denoiser.eval()
+        return model
     folder = resolve_model_folder(spec)
     if (folder / PIPELINE_FILE).is_file():
         from diffalign.models.diffusers_adapters.loading import UnsupportedPipelineError, load_adapter
@@ -78,6 +105,13 @@ def load_model(spec: str, device: torch.device | str = "cpu", diffusers_options=
 def model_image_size(spec: str, diffusers_options=None) -> int:
     """Pixels per side of the images the model named by `spec` generates and trains on (a preference
     store's pairs are read at this size), without loading a pipeline's weights."""
+    run_dir = checkpoint_of_run(spec)
+    if run_dir is not None:
+        from diffalign.align.run_checkpoints import run_base
+
+        info = run_base(run_dir)
+        options = info["pipeline"] if diffusers_options is None else diffusers_options
+        return model_image_size(info["model"], options)
     folder = resolve_model_folder(spec)
     if (folder / PIPELINE_FILE).is_file():
         from diffalign.models.diffusers_adapters.loading import pipeline_resolution

@@ -99,15 +99,7 @@ class TinyDiffusionModel(FrozenReference):
         into a copy, so the folder is a plain full model; use `save_lora` for the adapters alone."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        unet = self.unet
-        if self.lora:
-            unet = copy.deepcopy(self.unet)
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            for module in unet.modules():
-                if isinstance(module, BaseTunerLayer):
-                    module.merge()
-            unet = _strip_lora(unet)
+        unet = _merged(copy.deepcopy(self.unet)) if self.lora else self.unet
         unet.save_pretrained(out, safe_serialization=True)
         self.tokenizer.save(out / TOKENIZER_FILE)
         schedule = {"type": type(self._schedule).__name__, **_schedule_fields(self._schedule)}
@@ -232,6 +224,15 @@ class TinyDiffusionModel(FrozenReference):
         self.lora = True
         self._reference = None
 
+    def merge_lora(self) -> None:
+        """Fold the adapters into the weights (W + alpha/r B A) and drop them: a plain full model
+        again, every weight trainable, its reference the merged model (made on first use)."""
+        if not self.lora:
+            raise ValueError("merge_lora: this model has no LoRA adapters")
+        self.unet = _merged(self.unet).requires_grad_(True)
+        self.lora = False
+        self._reference = None
+
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
         self.unet.disable_adapters()
@@ -246,6 +247,16 @@ def _schedule_fields(schedule: DDPMSchedule | FlowSchedule) -> dict:
     return {k: v for k, v in fields.items() if isinstance(v, (int, float, str, bool))}
 
 
+def _merged(unet: TinyUNet) -> TinyUNet:
+    """`unet` with its LoRA adapters merged into the base layers and the peft layers removed."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    return _strip_lora(unet)
+
+
 def _strip_lora(unet: TinyUNet) -> TinyUNet:
     """Replace merged peft layers by their base layers (a plain TinyUNet again)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -256,5 +267,6 @@ def _strip_lora(unet: TinyUNet) -> TinyUNet:
             parent = unet.get_submodule(parent_name) if parent_name else unet
             setattr(parent, child, module.get_base_layer())
     unet._hf_peft_config_loaded = False
-    unet.peft_config = {}
+    if hasattr(unet, "peft_config"):
+        del unet.peft_config  # peft would warn of "multiple adapters" when LoRA is added again
     return unet

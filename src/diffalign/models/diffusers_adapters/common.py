@@ -255,6 +255,15 @@ class DiffusersAdapter(FrozenReference, abc.ABC):
         self.lora = True
         self._reference = None
 
+    def merge_lora(self) -> None:
+        """Fold the adapters into the denoiser's weights (`fuse_lora`) and drop them: a plain full
+        denoiser again, every weight trainable, its reference the merged model (made on first use)."""
+        if not self.lora:
+            raise ValueError("merge_lora: this model has no LoRA adapters")
+        lora_utils.merge_in_place(self.denoiser)
+        self.lora = False
+        self._reference = None
+
     @contextlib.contextmanager
     def adapters_disabled(self) -> Iterator[None]:
         self.denoiser.disable_adapters()

@@ -59,10 +59,14 @@ def lora_layers(denoiser: nn.Module) -> tuple[dict[str, Tensor], dict]:
 
 def merged_copy(denoiser: nn.Module) -> nn.Module:
     """A copy of the denoiser whose weights include the adapters (W + alpha/r B A), without peft layers."""
-    merged = copy.deepcopy(denoiser)
-    merged.fuse_lora(lora_scale=1.0)
-    merged.unload_lora()
-    return merged.requires_grad_(True)
+    return merge_in_place(copy.deepcopy(denoiser))
+
+
+def merge_in_place(denoiser: nn.Module) -> nn.Module:
+    """Fold the denoiser's adapters into its weights and remove the peft layers; every weight trainable."""
+    denoiser.fuse_lora(lora_scale=1.0)
+    denoiser.unload_lora()
+    return denoiser.requires_grad_(True)
 
 
 def trainable(module: nn.Module) -> list[torch.nn.Parameter]:
