@@ -135,7 +135,8 @@ def make_run(tmp_path):
     model_dir = save_tiny_model(tmp_path / "model", "epsilon")
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"config": {"model": str(model_dir), "lora_rank": 0}}))
+    config = {"model": str(model_dir), "lora_rank": 0, "guidance_scale": 2.0}
+    (run / "config.json").write_text(json.dumps({"config": config}))
     from diffalign.models.tiny import TinyDiffusionModel
 
     base = TinyDiffusionModel.load(model_dir)
@@ -179,6 +180,9 @@ def test_overopt_cli_measures_checkpoints_and_writes_json_and_plot(tmp_path):
         change = np.subtract(p["values"]["gold"], points[0]["values"]["gold"]).mean()
         assert p["vs_base"]["gold"]["mean"] == pytest.approx(change)
     assert "gold-quality" in result.output
+    # judged with the run's own guidance unless told otherwise
+    assert "guidance 2" in result.output
+    assert report["measurement"]["sampler"]["guidance_scale"] == 2.0
     assert points[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     # larger weight drift -> larger KL to the base model
     assert 0 < points[1]["kl"] < points[2]["kl"]
@@ -197,6 +201,8 @@ def test_overopt_cli_measures_checkpoints_and_writes_json_and_plot(tmp_path):
     # other settings are refused before anything is sampled, naming what differs
     refused = CliRunner().invoke(app, [*args, "--seed", "1", "--base-from", earlier])
     assert refused.exit_code == 2 and "prompts" in refused.output
+    unguided = CliRunner().invoke(app, [*args, "--guidance", "1", "--base-from", earlier])
+    assert unguided.exit_code == 2 and "sampler" in unguided.output
 
 
 def test_a_base_point_is_reused_only_with_the_same_settings(tmp_path):

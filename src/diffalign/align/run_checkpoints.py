@@ -36,8 +36,9 @@ def run_base(run_dir: str | Path) -> dict:
     """The run's base model spec and LoRA settings from RUN_DIR/config.json.
 
     Returns {"model": spec, "reference": spec of the KL reference, "lora_rank", "lora_alpha",
-    "pipeline": the diffusers options (a dict, empty for older runs)}; the reference is the config's
-    `reference` when set (DPO against an earlier iterate), else the model.
+    "pipeline": the diffusers options (a dict, empty for older runs), "guidance_scale": the guidance
+    the run sampled with (None for a trainer that does not sample, e.g. offline DPO)}; the reference is
+    the config's `reference` when set (DPO against an earlier iterate), else the model.
     """
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
@@ -52,6 +53,7 @@ def run_base(run_dir: str | Path) -> dict:
         "lora_rank": int(config.get("lora_rank", 0) or 0),
         "lora_alpha": float(config.get("lora_alpha", 0.0) or 0.0),
         "pipeline": dict(config.get("pipeline") or {}),
+        "guidance_scale": None if config.get("guidance_scale") is None else float(config["guidance_scale"]),
     }
 
 

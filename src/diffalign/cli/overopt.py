@@ -11,6 +11,8 @@ import typer
 from diffalign.cli import app
 from diffalign.cli.common import console, fail, resolve_device
 
+DEFAULT_GUIDANCE = 3.0  # `diffalign eval`'s and every trainer's default classifier-free guidance
+
 
 @app.command("overopt")
 def overopt_cmd(
@@ -39,6 +41,13 @@ def overopt_cmd(
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
     eta: Annotated[float, typer.Option(help="DDIM eta (> 0: KL needs a stochastic sampler).")] = 1.0,
     noise_level: Annotated[float, typer.Option(help="Flow SDE noise level (flow models).")] = 0.7,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            help="Classifier-free guidance weight of the judged samples (default: the run's own "
+            f"guidance_scale, else {DEFAULT_GUIDANCE:g} as in `diffalign eval`; 1 samples unguided)."
+        ),
+    ] = None,
     max_checkpoints: Annotated[int | None, typer.Option(help="Use at most this many checkpoints.")] = None,
     checkpoint_steps: Annotated[
         list[int] | None,
@@ -99,8 +108,17 @@ def overopt_cmd(
         prediction_type = load_model(info["reference"], device=dev).prediction_type
     except (FileNotFoundError, ValueError, RewardSpecError, PromptSetError) as err:
         fail(str(err))
-    config = SamplerConfig.for_prediction_type(
-        prediction_type, num_steps=steps, eta=eta, noise_level=noise_level
+    if guidance is None:
+        guidance = DEFAULT_GUIDANCE if info["guidance_scale"] is None else info["guidance_scale"]
+    try:
+        config = SamplerConfig.for_prediction_type(
+            prediction_type, num_steps=steps, eta=eta, noise_level=noise_level, guidance_scale=guidance
+        )
+    except ValueError as err:
+        fail(str(err))
+    console.print(
+        f"judging with {config.sampler}, {config.num_steps} steps, guidance {config.guidance_scale:g}"
+        + (f", eta {config.eta:g}" if config.sampler == "ddim" else "")
     )
     seeds = [seed * 1_000_003 + i for i in range(len(prompts))]
     measurement = measurement_record(info["reference"], prompts, seeds, config, specs, str(dev))
