@@ -155,19 +155,26 @@ def make_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_overopt_cli_measures_checkpoints_and_writes_json_and_plot(tmp_path):
+def test_overopt_cli_measures_checkpoints_and_writes_json_and_plot(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from diffalign.cli import app
+    from diffalign.models import registry
 
     torch.set_num_threads(1)
     run = make_run(tmp_path)
+    loads = []
+    original_load = registry.load_model
+    monkeypatch.setattr(
+        registry, "load_model", lambda spec, *a, **k: loads.append(spec) or original_load(spec, *a, **k)
+    )
     rewards = tmp_path / "rewards.py"
     args = ["overopt", str(run), "--gold", f"{rewards}:redness", "--proxy", f"{rewards}:brightness"]
     args += ["--num-prompts", "4", "--steps", "3", "--device", "cpu", "--out", str(tmp_path / "out")]
     args += ["--also", "gold-quality"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert loads == [str(tmp_path / "model")]  # the reference model is loaded once
     report = json.loads((tmp_path / "out" / "overopt.json").read_text())
     points = report["points"]
     assert [p["step"] for p in points] == [0, 2, 4]

@@ -105,14 +105,18 @@ def overopt_cmd(
             rewards[spec] = load_reward(spec, device=dev)
             specs[spec] = spec
         prompts = read_prompt_set(prompts_file).prompts if prompts_file else world_prompts(num_prompts, seed)
-        prediction_type = load_model(info["reference"], device=dev).prediction_type
+        reference = load_model(info["reference"], device=dev)  # loaded once: measured as step 0
     except (FileNotFoundError, ValueError, RewardSpecError, PromptSetError) as err:
         fail(str(err))
     if guidance is None:
         guidance = DEFAULT_GUIDANCE if info["guidance_scale"] is None else info["guidance_scale"]
     try:
         config = SamplerConfig.for_prediction_type(
-            prediction_type, num_steps=steps, eta=eta, noise_level=noise_level, guidance_scale=guidance
+            reference.prediction_type,
+            num_steps=steps,
+            eta=eta,
+            noise_level=noise_level,
+            guidance_scale=guidance,
         )
     except ValueError as err:
         fail(str(err))
@@ -152,6 +156,7 @@ def overopt_cmd(
             show,
             base_point,
             checkpoint_steps or None,
+            base=reference,
         )
         report = analyse(points, form)
     except (FileNotFoundError, ValueError, RuntimeError) as err:

@@ -442,6 +442,7 @@ def checkpoint_points(
     on_point: Callable[[OveroptPoint], None] | None = None,
     base_point: OveroptPoint | None = None,
     only_steps: Sequence[int] | None = None,
+    base=None,
 ) -> list[OveroptPoint]:
     """The base model (step 0) and every checkpoint of `run_dir`, measured by `measure_point`.
 
@@ -460,6 +461,8 @@ def checkpoint_points(
         on_point: called after each measured point (progress).
         base_point: the base model's point measured before with the same reference, prompts, seeds,
             sampler and rewards (`reused_base_point` checks that); None measures it.
+        base: the run's reference model already loaded on `device` (None loads it), so a caller that
+            loaded it does not load a pipeline twice.
     """
     from diffalign.models.registry import load_model
 
@@ -483,7 +486,8 @@ def checkpoint_points(
         keep = np.unique(np.linspace(0, len(checkpoints) - 1, max_checkpoints).round().astype(int))
         checkpoints = [checkpoints[i] for i in keep]
     seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    base = load_model(info["reference"], device=device)
+    if base is None:
+        base = load_model(info["reference"], device=device)
     if base_point is not None:
         if base_point.step != 0 or set(base_point.values) != set(rewards):
             raise ValueError("base_point must be a step-0 point with per-sample values of the same rewards")
