@@ -72,16 +72,27 @@ def checkpoint_of_run(spec: str) -> Path | None:
     return checkpoint_run_dir(spec)
 
 
+def _checkpoint_base(spec: str, diffusers_options) -> tuple[dict, object] | None:
+    """For a run's checkpoint: the run's `run_base` record and the pipeline options to load its base
+    with (the caller's when given, else the run's); None when `spec` is not a checkpoint."""
+    run_dir = checkpoint_of_run(spec)
+    if run_dir is None:
+        return None
+    from diffalign.align.run_checkpoints import run_base
+
+    info = run_base(run_dir)
+    return info, info["pipeline"] if diffusers_options is None else diffusers_options
+
+
 def load_model(spec: str, device: torch.device | str = "cpu", diffusers_options=None):
     """Load the model named by `spec` onto `device`, in eval mode: a `TinyDiffusionModel`, or a
     diffusers adapter (`diffusers_options`: an `AdapterConfig` with its dtype and memory options; for a
     run's checkpoint, the run's own options unless these are given)."""
-    run_dir = checkpoint_of_run(spec)
-    if run_dir is not None:
-        from diffalign.align.run_checkpoints import load_checkpoint_model, run_base
+    checkpoint = _checkpoint_base(spec, diffusers_options)
+    if checkpoint is not None:
+        from diffalign.align.run_checkpoints import load_checkpoint_model
 
-        info = run_base(run_dir)
-        options = info["pipeline"] if diffusers_options is None else diffusers_options
+        info, options = checkpoint
         model = load_checkpoint_model(
             info["model"], Path(spec), info["lora_rank"], info["lora_alpha"], device, options
         )
@@ -105,12 +116,9 @@ def load_model(spec: str, device: torch.device | str = "cpu", diffusers_options=
 def model_image_size(spec: str, diffusers_options=None) -> int:
     """Pixels per side of the images the model named by `spec` generates and trains on (a preference
     store's pairs are read at this size), without loading a pipeline's weights."""
-    run_dir = checkpoint_of_run(spec)
-    if run_dir is not None:
-        from diffalign.align.run_checkpoints import run_base
-
-        info = run_base(run_dir)
-        options = info["pipeline"] if diffusers_options is None else diffusers_options
+    checkpoint = _checkpoint_base(spec, diffusers_options)
+    if checkpoint is not None:
+        info, options = checkpoint
         return model_image_size(info["model"], options)
     folder = resolve_model_folder(spec)
     if (folder / PIPELINE_FILE).is_file():
