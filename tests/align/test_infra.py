@@ -7,7 +7,7 @@ from diffalign.align.config_io import load_config
 from diffalign.align.guard import FiniteGuard, NonFiniteError
 from diffalign.align.run_dir import RunDir, RunDirError, differing_keys
 from diffalign.align.runtime import RuntimeConfig, epoch_indices, global_batch_slice, make_accelerator
-from diffalign.align.tracking import read_metrics, resolve_log_with, truncate_metrics
+from diffalign.align.tracking import Tracker, read_metrics, resolve_log_with, truncate_metrics
 
 RECORD = {
     "trainer": "dpo",
@@ -103,6 +103,33 @@ def test_metrics_truncated_to_the_checkpoint_on_resume(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in (2, 4, 6)))
     truncate_metrics(path, 4)
     assert [r["step"] for r in read_metrics(path)] == [2, 4]
+
+
+def test_metrics_lines_are_strict_json_with_undefined_values_as_null(tmp_path):
+    class MainProcess:
+        is_main_process = True
+        log_with = None
+
+    path = tmp_path / "metrics.jsonl"
+    tracker = Tracker(MainProcess(), path, project="p", record={}, total_steps=2, start_step=0)
+    tracker.log(
+        {
+            "step": 1,
+            "loss": 0.5,
+            "diversity": float("nan"),
+            "extra": {"kl": float("inf"), "xs": [1.0, float("-inf")]},
+        }
+    )
+    tracker.close()
+    line = path.read_text(encoding="utf-8")
+    assert "NaN" not in line and "Infinity" not in line
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    record = json.loads(line, parse_constant=refuse)
+    assert record == {"step": 1, "loss": 0.5, "diversity": None, "extra": {"kl": None, "xs": [1.0, None]}}
+    assert read_metrics(path) == [record]
 
 
 def test_log_with_values():

@@ -38,6 +38,7 @@ from diffalign.align.checkpointing import begin_run
 from diffalign.align.dpo import DPOConfig, train_dpo
 from diffalign.align.run_dir import RunDir
 from diffalign.align.runtime import make_accelerator
+from diffalign.align.tracking import json_line
 from diffalign.models.registry import load_model
 from diffalign.prefs.pairs import PreferencePairs
 
@@ -169,7 +170,7 @@ def run_rounds(
             line["final"] = {k: v for k, v in lines[-1].items() if k != "step"}
         if accelerator.is_main_process:
             with log_path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(line) + "\n")
+                fh.write(json_line(line) + "\n")
             if on_round is not None:
                 on_round(line)
         accelerator.wait_for_everyone()

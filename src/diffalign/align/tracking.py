@@ -2,7 +2,9 @@
 
 - `metrics.jsonl`: one JSON object per logged step (always written, by the main process). On resume
   from the checkpoint of step k, lines with step > k are dropped first, so the file of an interrupted
-  and resumed run equals the file of an uninterrupted run.
+  and resumed run equals the file of an uninterrupted run. The file is strict JSON: a value that is
+  not a finite number (the diversity of a batch with no repeated prompt is undefined) is written as
+  `null`, which every JSON reader accepts (Python's `NaN` token is not JSON).
 - Accelerate trackers (`Accelerator(log_with=...)`): `resolve_log_with("auto")` is TensorBoard when it
   is installed (events under RUN_DIR/logs), "wandb" and "mlflow" are passed through (configure them the
   usual way, e.g. WANDB_PROJECT), "none" disables them; several may be given comma-separated.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 KNOWN_TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
@@ -46,6 +49,21 @@ def truncate_metrics(path: Path, step: int) -> None:
 def read_metrics(path: str | Path) -> list[dict]:
     """Every record of a metrics.jsonl file."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def json_line(record: dict) -> str:
+    """`record` as one line of strict JSON: floats that are NaN or infinite, at any depth, become null."""
+
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(record), allow_nan=False)
 
 
 def _flat_hparams(record: dict, prefix: str = "") -> dict:
@@ -104,7 +122,7 @@ class Tracker:
         """One metrics record (must hold "step"): the JSONL line, the trackers, the bar's text."""
         if self.main:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_line(record) + "\n")
             if self.progress is not None:
                 shown = [f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "implicit_acc")]
                 self.progress.update(self.task, completed=record["step"], info="  ".join(shown))
