@@ -3,8 +3,12 @@
 Trains the base model against the gold faithfulness reward (`shapes:faithfulness`, GenEval's verdict:
 1 when every clause of the prompt holds) for a wall-clock budget, and evaluates it on a fixed third of
 ShapesEval (every third line: 100 prompts over the six tasks, `--eval-samples` images each, the
-evaluation sampler of `diffalign eval`: 20 steps, guidance 3, DDIM eta 0 or the flow Euler ODE) before
-training and every `--eval-every` epochs. Evaluation time is not counted as training time.
+evaluation sampler of `diffalign eval`: 20 steps, DDIM eta 0 or the flow Euler ODE, with the run's own
+`guidance_scale`, 3 by default) before training and every `--eval-every` epochs. Evaluation time is not
+counted as training time. `--eval-guidance G1,G2,...` judges with other guidance scales too: the first
+is the curve's `overall`, every one is recorded under `by_guidance` (a run trained CFG-free,
+`guidance_scale=1`, is then read both against the base sampled the same way and against the guided
+base).
 
 The budget `--minutes` is in 2-core CPU-minutes: the process's CPU time over all its threads, halved,
 which is the wall time on two dedicated cores and does not depend on other work sharing the machine.
@@ -50,14 +54,15 @@ def eval_lines(stride: int = 3) -> list[dict]:
     return load_shapeseval()[::stride]
 
 
-def gold_accuracy(model, lines: list[dict], samples: int, batch: int = 50) -> dict:
-    """GenEval-style accuracy of `model` on `lines`: per task, overall as the mean of the tasks, and
-    each task's failure modes (`diffalign.evaluate.failure_modes`: share of its images per mode)."""
+def gold_accuracy(model, lines: list[dict], samples: int, batch: int = 50, guidance: float = 3.0) -> dict:
+    """GenEval-style accuracy of `model` on `lines` sampled with classifier-free guidance `guidance`:
+    per task, overall as the mean of the tasks, and each task's failure modes
+    (`diffalign.evaluate.failure_modes`: share of its images per mode)."""
     sampler = SamplerConfig.for_prediction_type(
-        model.prediction_type, num_steps=20, guidance_scale=3.0, eta=0.0
+        model.prediction_type, num_steps=20, guidance_scale=guidance, eta=0.0
     )
     if sampler.sampler == "flow_sde":
-        sampler = SamplerConfig(sampler="flow_euler", num_steps=20, guidance_scale=3.0)
+        sampler = SamplerConfig(sampler="flow_euler", num_steps=20, guidance_scale=guidance)
     jobs = [(i, j) for i in range(len(lines)) for j in range(samples)]
     judge = ShapesFaithfulness()
     records = []
@@ -87,6 +92,11 @@ def main() -> None:
     )
     parser.add_argument("--eval-every", type=int, default=5, help="epochs between evaluations")
     parser.add_argument("--eval-samples", type=int, default=2, help="images per evaluation prompt")
+    parser.add_argument(
+        "--eval-guidance",
+        default=None,
+        help="evaluation guidance scales, comma-separated (default: the run's own); the first is 'overall'",
+    )
     parser.add_argument("--config", type=Path, default=None, help="a YAML of PGConfig (NFTConfig) fields")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("overrides", nargs="*", help="PGConfig (NFTConfig for nft) overrides key=value")
@@ -109,6 +119,9 @@ def main() -> None:
     trainer = train_nft if nft else train_pg
     args.out.mkdir(parents=True, exist_ok=True)
     lines = eval_lines()
+    guidances = (
+        [float(g) for g in args.eval_guidance.split(",")] if args.eval_guidance else [config.guidance_scale]
+    )
     budget = args.minutes * 60
     curve: list[dict] = []
     # Training time excludes evaluations: wall seconds, and CPU seconds of this process over all threads.
@@ -123,7 +136,10 @@ def main() -> None:
 
     def evaluate(model, epoch: int) -> None:
         pause()
-        result = gold_accuracy(model, lines, args.eval_samples)
+        results = {g: gold_accuracy(model, lines, args.eval_samples, guidance=g) for g in guidances}
+        result = {**results[guidances[0]], "guidance": guidances[0]}
+        if len(guidances) > 1:
+            result["by_guidance"] = {str(g): r["overall"] for g, r in results.items()}
         point = {
             "epoch": epoch,
             "reward_queries": epoch * config.samples_per_epoch,

@@ -29,3 +29,30 @@ def test_nft_run_stops_at_its_budget_and_writes_the_curve(tmp_path, monkeypatch)
             assert all(0.0 < share <= 1.0 for share in modes.values())
             assert (accuracy < 1.0) == bool(modes) and sum(modes.values()) >= 1.0 - accuracy - 1e-9
     assert record["curve"][1]["reward_queries"] == 4 and record["curve"][1]["train_cpu_seconds"] > 0
+    assert all(point["guidance"] == 3.0 and "by_guidance" not in point for point in record["curve"])
+
+
+def test_a_cfg_free_run_is_judged_with_its_own_guidance_and_the_others_asked(tmp_path, monkeypatch):
+    model = save_tiny_model(tmp_path / "model", "epsilon")
+    out = tmp_path / "bench"
+    argv = ["rl.py", "--model", str(model), "--method", "nft", "--minutes", "0.001", "--eval-every", "1"]
+    argv += ["--eval-samples", "1", "--out", str(out), "--eval-guidance", "1,3", "num_steps=2"]
+    argv += ["prompts_per_epoch=2", "samples_per_prompt=2", "sample_batch_size=4", "train_batch_size=4"]
+    argv += ["grid_every=0", "guidance_scale=1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench = load_benchmark("rl")
+    judged: list[float] = []
+    real = bench.gold_accuracy
+
+    def spy(model, lines, samples, batch=50, guidance=3.0):
+        judged.append(guidance)
+        return real(model, lines, samples, batch=batch, guidance=guidance)
+
+    monkeypatch.setattr(bench, "gold_accuracy", spy)
+    bench.main()
+    record = json.loads((out / "curve.json").read_text())
+    assert record["config"]["guidance_scale"] == 1.0
+    assert judged == [1.0, 3.0, 1.0, 3.0]  # base point and epoch 1, each with both samplers
+    for point in record["curve"]:
+        assert point["guidance"] == 1.0 and set(point["by_guidance"]) == {"1.0", "3.0"}
+        assert point["by_guidance"]["1.0"] == point["overall"]
