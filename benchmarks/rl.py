@@ -117,11 +117,18 @@ def main() -> None:
     nft = args.method == "nft"
     config = load_config(NFTConfig if nft else PGConfig, args.config, [*defaults, *args.overrides])
     trainer = train_nft if nft else train_pg
+    try:
+        guidances = (
+            [float(g) for g in args.eval_guidance.split(",")]
+            if args.eval_guidance
+            else [config.guidance_scale]
+        )
+    except ValueError:
+        parser.error(
+            f"--eval-guidance {args.eval_guidance!r}: expected numbers separated by commas, e.g. 1,3"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     lines = eval_lines()
-    guidances = (
-        [float(g) for g in args.eval_guidance.split(",")] if args.eval_guidance else [config.guidance_scale]
-    )
     budget = args.minutes * 60
     curve: list[dict] = []
     # Training time excludes evaluations: wall seconds, and CPU seconds of this process over all threads.

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from tests.align.helpers import save_tiny_model
 from tests.benchmarks.helpers import load_benchmark
 
@@ -56,3 +58,13 @@ def test_a_cfg_free_run_is_judged_with_its_own_guidance_and_the_others_asked(tmp
     for point in record["curve"]:
         assert point["guidance"] == 1.0 and set(point["by_guidance"]) == {"1.0", "3.0"}
         assert point["by_guidance"]["1.0"] == point["overall"]
+
+
+def test_an_unreadable_eval_guidance_is_named_before_anything_runs(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "bench"
+    argv = ["rl.py", "--model", "base", "--out", str(out), "--eval-guidance", "1,three"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        load_benchmark("rl").main()
+    assert stop.value.code == 2 and "--eval-guidance '1,three'" in capsys.readouterr().err
+    assert not out.exists()
