@@ -30,8 +30,8 @@ Each step is measured for two variants in the same process, on the same initial 
 - `diffalign`: the same maths with the speed levers below. Both variants fine-tune the same way
   (`--finetune full` or `lora`): like is compared with like.
 
-Levers of the diffalign variant (defaults in brackets; the CUDA defaults are the best guess, not yet
-measured on a GPU):
+Levers of the diffalign variant (defaults in brackets; the CUDA defaults were measured once on an H200,
+docs/scaling.md):
   --compile MODE           torch.compile mode: none, default, reduce-overhead (CUDA graphs),
                            max-autotune, max-autotune-no-cudagraphs [default on CUDA, none on CPU]
   --compile-scope SCOPE    blocks: compile each ResnetBlock2D and Transformer2DModel (regional
@@ -60,7 +60,7 @@ uncompiled modules (matrix products, convolutions and attention, forward and bac
 TFLOP/s = FLOPs / time. Before each step the trainable weights are reset and a fresh optimiser is
 made, so every step starts from the same weights in both variants.
 
-    python benchmarks/gpu_steps.py --out bench_gpu/                     # everything, on CUDA (aim: ~5 min)
+    python benchmarks/gpu_steps.py --out bench_gpu/          # everything, on CUDA (compiling: minutes)
     python benchmarks/gpu_steps.py --steps dpo --pairs 8 --compile max-autotune-no-cudagraphs
     python benchmarks/gpu_steps.py --finetune lora --lora-rank 8
     python benchmarks/gpu_steps.py --device cpu --tiny --threads 1      # a tiny UNet, ~30 s
@@ -567,8 +567,9 @@ def measure_variant(
     args: argparse.Namespace,
     stored: dict[int, dict],
     device: torch.device,
+    on_record: Callable[[Record], None] | None = None,
 ) -> list[Record]:
-    """Every requested (step, batch) of one variant."""
+    """Every requested (step, batch) of one variant; `on_record` is called with each as it is measured."""
     settings = StepSettings()
     schedule = DDPMSchedule(**SD15_SCHEDULE)
     cudagraphs = device.type == "cuda" and variant.levers.compile in ("reduce-overhead", "max-autotune")
@@ -617,6 +618,8 @@ def measure_variant(
                 f"first call {first:6.1f} s  {records[-1].tflops:9.3g} TFLOP/s",
                 flush=True,
             )
+            if on_record is not None:
+                on_record(records[-1])
     return records
 
 
@@ -801,13 +804,46 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"UNet {params / 1e6:.1f}M parameters ({kind}), {args.dtype}, {gpu}")
     records: list[Record] = []
     stored: dict[str, dict[int, dict]] = {}
+
+    def results(complete: bool) -> dict:
+        """What results.json holds; `complete` is False while steps are still to be measured."""
+        import diffusers
+
+        return {
+            "complete": complete,
+            "device": gpu,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "unet_parameters": params,
+            "config": {
+                **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "levers": {k: asdict(v) for k, v in levers.items()},
+                "batches": batches,
+                "shape": asdict(shape),
+                "settings": asdict(StepSettings()),
+            },
+            "records": [asdict(r) for r in records],
+            "comparisons": compare(records),
+            "compile_s_total": sum(r.compile_s for r in records if r.variant == "diffalign"),
+        }
+
+    def write(complete: bool) -> None:
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "results.json").write_text(json.dumps(results(complete), indent=2))
+
+    def record_and_write(record: Record) -> None:
+        # results.json is rewritten after every step, so a run stopped by a time limit keeps its steps
+        records.append(record)
+        write(complete=False)
+
     for finetune in args.finetune:
         for name in args.variants:
             with process_switches(levers[name], device):
                 variant = make_variant(
                     name, base, levers[name], finetune, (args.lora_rank, targets), dtype, device, args.seed
                 )
-                records += measure_variant(
+                measure_variant(
                     variant,
                     finetune,
                     args.steps,
@@ -816,6 +852,7 @@ def main(argv: list[str] | None = None) -> dict:
                     args,
                     stored.setdefault(finetune, {}),
                     device,
+                    on_record=record_and_write,
                 )
             del variant
             gc.collect()
@@ -823,36 +860,16 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.empty_cache()
             torch._dynamo.reset()
 
-    comparisons = compare(records)
     header = (
         f"{gpu}, torch {torch.__version__}, UNet {params / 1e6:.0f}M ({kind}), "
         f"{args.dtype}; diffalign levers: {asdict(levers['diffalign'])}"
     )
     print()
-    print(markdown(records, comparisons, header))
-    import diffusers
-
-    results = {
-        "device": gpu,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "unet_parameters": params,
-        "config": {
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "levers": {k: asdict(v) for k, v in levers.items()},
-            "batches": batches,
-            "shape": asdict(shape),
-            "settings": asdict(StepSettings()),
-        },
-        "records": [asdict(r) for r in records],
-        "comparisons": comparisons,
-        "compile_s_total": sum(r.compile_s for r in records if r.variant == "diffalign"),
-    }
+    print(markdown(records, compare(records), header))
+    write(complete=True)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.out / 'results.json'}")
-    return results
+    return results(complete=True)
 
 
 if __name__ == "__main__":

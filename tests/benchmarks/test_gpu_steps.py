@@ -50,6 +50,7 @@ def by_key(results):
 def test_results_structure(full_run):
     results, out = full_run
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert results["complete"] is True
     records = by_key(results)
     assert set(records) == {(v, s) for v in ("eager", "diffalign") for s in gpu_steps.STEPS}
     for record in records.values():
@@ -103,6 +104,24 @@ def test_eager_and_diffalign_compute_the_same_losses(full_run, lora_run):
     assert dpo[-1] < dpo[0]  # and moves towards the winners
 
 
+def test_a_run_stopped_part_way_keeps_the_steps_it_measured(tmp_path, monkeypatch):
+    # a time limit that stops the run on its third step: results.json holds the two before it
+    real, calls = gpu_steps.time_step, []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gpu_steps, "time_step", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_steps.main([*TINY, "--steps", "dpo,sample", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["complete"] is False
+    assert [(r["variant"], r["step"]) for r in results["records"]] == [("eager", "dpo"), ("eager", "sample")]
+
+
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_the_dpo_step_changes_the_trainable_weights_and_reset_restores_them(finetune):
     args = gpu_steps.parser().parse_args([*TINY, *LEVERS])
@@ -140,3 +159,34 @@ def test_bad_options_are_refused_by_name(argv, message, capsys):
         gpu_steps.main([*TINY, *argv])
     text = str(error.value.code) if message else capsys.readouterr().err
     assert (message or argv[0]) in text
+
+
+def load_table_script():
+    path = SCRIPT.with_name("gpu_steps_table.py")
+    spec = importlib.util.spec_from_file_location("gpu_steps_table", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_steps_table"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_table_script_pairs_each_step_with_its_eager_baseline(full_run, tmp_path, capsys):
+    table = load_table_script()
+    results, out = full_run
+    rows = table.rows_of(out / "results.json")
+    assert [(r["step"], r["batch"]) for r in rows] == [(s, 2) for s in gpu_steps.STEPS]
+    by_step = {(c["step"], c["batch"]): c for c in results["comparisons"]}
+    for row in rows:
+        assert row["speedup"] == pytest.approx(by_step[row["step"], row["batch"]]["speedup"])
+        # the tiny run changed channels-last, the optimiser and q/k/v from the CPU defaults
+        assert "fuse_qkv=True" in row["levers"] and "optimizer=foreach" in row["levers"]
+    # a run stopped before its diffalign variant: eager rows alone, marked as stopped
+    eager_only = [r for r in results["records"] if r["variant"] == "eager"]
+    stopped = dict(results, complete=False, records=eager_only)
+    (tmp_path / "stopped.json").write_text(json.dumps(stopped))
+    text = table.main([str(out / "results.json"), str(tmp_path / "stopped.json")])
+    lines = [line for line in text.splitlines() if line.startswith("| stopped (stopped part way) |")]
+    assert len(lines) == len(gpu_steps.STEPS) and all("| - | - |" in line for line in lines)
+    (tmp_path / "bad.json").write_text('{"records": 3}')
+    with pytest.raises(SystemExit, match=r"bad\.json"):
+        table.main([str(tmp_path / "bad.json")])

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The runs of benchmarks/gpu_steps.py behind the README's GPU table, in order of importance, inside one
+# time budget (a lent GPU is held for minutes, so the most important figures come first):
+#
+#   main     DPO (8, 16 pairs) and guided sampling (8, 16 images), full fine-tuning: the target rows
+#   train    the policy-gradient and DRaFT training steps (8 images)
+#   cudnn    DPO and sampling at 8 with the cuDNN attention kernel (the one lever swept here)
+#   lora     DPO and sampling at 8 with LoRA rank 8 (the diffusers DPO script's set-up), each against
+#            eager LoRA
+#   graphs   sampling (8, 16) with CUDA graphs (compile mode reduce-overhead)
+#
+# Each run is its own process, against its own eager baseline measured in that process; each writes
+# OUT/NAME/results.json after every step it measures, so a run stopped by its time limit keeps what
+# it measured. Inductor's cache is shared, so later runs reuse the graphs earlier runs compiled.
+#
+#   benchmarks/gpu_steps_suite.sh OUT [SECONDS]                    # on CUDA, 1500 s in all by default
+#   benchmarks/gpu_steps_suite.sh OUT 120 --device cpu --tiny      # a rehearsal on the CPU
+#
+# Arguments after SECONDS are passed to every run. Prints each run's table; OUT/log.txt has it all.
+# Measured on one H200 (torch 2.11, docs/scaling.md): on a bare machine, compiling the DPO step at 8
+# pairs took 152 s and the suite's first run did not finish in 300 s; with inductor's cache warm a run's
+# compiling took 7 to 27 s. The limits below leave room for a cold cache.
+set -u
+out=${1:?usage: gpu_steps_suite.sh OUT [SECONDS] [gpu_steps.py arguments]}
+budget=${2:-1500}
+shift $(($# >= 2 ? 2 : 1))
+extra=("$@")
+python=${PYTHON:-python3}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$out"
+start=$(date +%s)
+export PYTHONUNBUFFERED=1
+
+run() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((budget - ($(date +%s) - start)))
+    if ((left < 30)); then
+        echo "=== $name skipped: ${left} s of the budget left"
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo "=== $name (limit ${limit} s): $*"
+    timeout --kill-after=10 "$limit" "$python" "$here/gpu_steps.py" --out "$out/$name" "$@" "${extra[@]}"
+    echo "=== $name exit $? at $(($(date +%s) - start)) s"
+}
+
+{
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+    "$python" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
+    run main 600 --steps dpo,sample --pairs 8,16 --batch 8,16
+    run train 180 --steps pg,draft --batch 8
+    run cudnn 240 --steps dpo,sample --pairs 8 --batch 8 --sdpa cudnn
+    run lora 300 --steps dpo,sample --pairs 8 --batch 8 --finetune lora --lora-rank 8
+    run graphs 180 --steps sample --batch 8,16 --compile reduce-overhead
+    echo "=== done at $(($(date +%s) - start)) s"
+} 2>&1 | tee "$out/log.txt"

@@ -1,0 +1,102 @@
+"""One markdown table from several `benchmarks/gpu_steps.py` results files (the runs of
+`benchmarks/gpu_steps_suite.sh`, say), each row naming the levers its diffalign variant used where
+they differ from the script's defaults for that device.
+
+    python benchmarks/gpu_steps_table.py benchmarks/results/gpu_steps/h200-*.json
+
+Every measured (step, fine-tuning, batch) of every file is a row: a diffalign record with the eager
+record of the same file (the baseline measured in that process), or an eager record alone when its
+run stopped before the diffalign variant was measured. Rows from files whose run was stopped part
+way (`complete` false) are marked so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+#: The diffalign levers' defaults on CUDA (benchmarks/gpu_steps.py `diffalign_levers`); rows name
+#: the levers that differ from these.
+CUDA_DEFAULT_LEVERS = {
+    "compile": "default",
+    "compile_scope": "blocks",
+    "dynamic_shapes": False,
+    "channels_last": True,
+    "tf32": True,
+    "sdpa": "default",
+    "optimizer": "fused",
+    "fuse_qkv": False,
+    "inductor_tuning": False,
+}
+
+
+def lever_changes(levers: dict) -> str:
+    """The levers that differ from the CUDA defaults, as `name=value`, or "defaults"."""
+    changed = [f"{k}={v}" for k, v in levers.items() if CUDA_DEFAULT_LEVERS.get(k, v) != v]
+    return ", ".join(changed) or "defaults"
+
+
+def rows_of(path: Path) -> list[dict]:
+    """The table rows of one results file."""
+    try:
+        results = json.loads(path.read_text())
+        records = results["records"]
+        levers = results["config"]["levers"]["diffalign"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise SystemExit(f"{path}: not a benchmarks/gpu_steps.py results file ({error})") from error
+    run = path.stem + ("" if results.get("complete", True) else " (stopped part way)")
+    eager = {(r["finetune"], r["step"], r["batch"]): r for r in records if r["variant"] == "eager"}
+    diffalign = {(r["finetune"], r["step"], r["batch"]): r for r in records if r["variant"] == "diffalign"}
+    rows = []
+    for key, base in eager.items():
+        finetune, step, batch = key
+        row = {"run": run, "step": step, "finetune": finetune, "batch": batch, "eager": base}
+        ours = diffalign.get(key)
+        if ours is not None:
+            row.update(diffalign=ours, levers=lever_changes(levers), speedup=base["ms"] / ours["ms"])
+        rows.append(row)
+    for key, ours in diffalign.items():
+        if key not in eager:
+            finetune, step, batch = key
+            rows.append(
+                {"run": run, "step": step, "finetune": finetune, "batch": batch, "diffalign": ours}
+                | {"levers": lever_changes(levers)}
+            )
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    def cell(record: dict | None, key: str, fmt: str) -> str:
+        if record is None or record.get(key) is None:
+            return "-"
+        return format(record[key], fmt)
+
+    lines = [
+        "| run | step | tuning | B | diffalign levers | eager ms | diffalign ms | speed-up | eager GiB "
+        "| diffalign GiB | eager TFLOP/s | diffalign TFLOP/s | first call s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        e, d = row.get("eager"), row.get("diffalign")
+        speedup = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
+        lines.append(
+            f"| {row['run']} | {row['step']} | {row['finetune']} | {row['batch']} | {row.get('levers', '-')} "
+            f"| {cell(e, 'ms', '.1f')} | {cell(d, 'ms', '.1f')} | {speedup} | {cell(e, 'peak_gib', '.1f')} "
+            f"| {cell(d, 'peak_gib', '.1f')} | {cell(e, 'tflops', '.0f')} | {cell(d, 'tflops', '.0f')} "
+            f"| {cell(d, 'first_call_s', '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", type=Path, help="results.json files of gpu_steps.py")
+    args = parser.parse_args(argv)
+    table = markdown([row for path in args.results for row in rows_of(path)])
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
