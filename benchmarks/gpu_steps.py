@@ -11,7 +11,8 @@ on SD 1.5's scaled-linear schedule:
   and backward on the same 2B rows, then AdamW. Samples per step: B pairs.
 - `sample`: one DDPO/GRPO sampling step with classifier-free guidance: the policy forward on 2B rows
   (unconditional and conditional) without gradients, the guided DDIM step with eta = 1 (Song et al.
-  2021, eq. 12) and its log-prob. Samples per step: B images.
+  2021, eq. 12) and its log-prob. Samples per step: B images. Its reported value is the mean square
+  of x_prev (a function of the network's output; the log-prob of a step drawn with its own noise is not).
 - `pg`: the policy-gradient training step on stored (x_t, t, x_prev, log-prob) of B images: the guided
   forward with gradients (2B rows), the recomputed log-prob of x_prev, PPO's clipped loss (DDPO,
   Black et al. 2023, eq. 6), backward, AdamW. The stored batch is one sampling step of the first
@@ -458,7 +459,10 @@ def step_functions(
             )  # fmt: skip
         stored.setdefault("prev", out.prev.detach())
         stored.setdefault("log_prob", out.log_prob.detach())
-        return -out.log_prob.mean()  # sampling has no loss: report the mean negative log-prob
+        # Sampling has no loss. Its log-prob is no check either: with the step's own noise it depends
+        # on the noise alone (x_prev - mean = sigma * noise). Report the mean square of x_prev, which
+        # depends on the network's output, so the loss diff column compares the variants' samples.
+        return out.prev.float().square().mean()
 
     def pg(optimizer: torch.optim.Optimizer) -> Tensor:
         # DDPO (Black et al. 2023): recompute log p(x_prev | x_t) of the stored step, PPO clip.

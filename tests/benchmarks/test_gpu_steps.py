@@ -122,6 +122,24 @@ def test_a_run_stopped_part_way_keeps_the_steps_it_measured(tmp_path, monkeypatc
     assert [(r["variant"], r["step"]) for r in results["records"]] == [("eager", "dpo"), ("eager", "sample")]
 
 
+def test_the_sampling_steps_reported_value_depends_on_the_network(tmp_path):
+    # the loss diff column compares the variants' samples only if the value moves with the output
+    args = gpu_steps.parser().parse_args(TINY)
+    levers = gpu_steps.diffalign_levers(args, torch.device("cpu"))
+    base = gpu_steps.build_unet(gpu_steps.TINY_UNET, seed=0)
+    variant = gpu_steps.make_variant(
+        "eager", base, levers, "full", (4, ("to_q",)), torch.float32, torch.device("cpu"), seed=0
+    )
+    inputs = gpu_steps.Inputs.make(2, gpu_steps.Shape(8, 8, 32), seed=0)
+    schedule = gpu_steps.DDPMSchedule(**gpu_steps.SD15_SCHEDULE)
+    settings = gpu_steps.StepSettings()
+    before = gpu_steps.step_functions(variant, inputs, {}, settings, schedule)["sample"](None)
+    with torch.no_grad():
+        variant.policy.unet.conv_out.bias.add_(0.5)
+    after = gpu_steps.step_functions(variant, inputs, {}, settings, schedule)["sample"](None)
+    assert abs(float(after) - float(before)) > 1e-3
+
+
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_the_dpo_step_changes_the_trainable_weights_and_reset_restores_them(finetune):
     args = gpu_steps.parser().parse_args([*TINY, *LEVERS])
