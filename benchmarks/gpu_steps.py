@@ -45,6 +45,10 @@ docs/scaling.md):
   --sdpa BACKEND           scaled-dot-product attention kernel: default (torch picks), flash,
                            efficient, cudnn, math [default]
   --optimizer KIND         AdamW implementation: fused, foreach, for-loop [fused]
+  --merge-lora             sample through the LoRA adapters folded into the weights, the base weights
+                           restored after every step (diffalign.models.lora_merge, what online DPO,
+                           SPIN and DiffusionNFT do; the merge's cost is timed with the step; LoRA
+                           only) [off]
   --fuse-qkv               one matrix product for q, k, v (diffusers' fuse_qkv_projections; full
                            fine-tuning only) [off]
   --inductor-tuning        inductor's conv_1x1_as_mm and coordinate-descent tuning (longer compile)
@@ -103,6 +107,7 @@ from diffalign.align.runtime import compile_blocks
 from diffalign.diffusion.schedules import DDPMSchedule, training_target
 from diffalign.diffusion.steps import ddim_step
 from diffalign.models.diffusers_adapters.lora import DEFAULT_TARGETS, add_lora
+from diffalign.models.lora_merge import adapters_merged
 
 #: Stable Diffusion 1.5's UNet config (stable-diffusion-v1-5/unet/config.json), written out.
 SD15_UNET: dict = dict(
@@ -160,6 +165,8 @@ class Levers:
         tf32: TF32 for float32 matrix products and convolutions (CUDA only).
         sdpa: attention kernel for `torch.nn.functional.scaled_dot_product_attention`.
         optimizer: AdamW implementation: "fused", "foreach" or "for-loop".
+        merge_lora: the sampling step runs through LoRA adapters merged into the weights, restored after
+            (LoRA only).
         fuse_qkv: fuse the q, k, v projections (full fine-tuning only).
         inductor_tuning: inductor's conv_1x1_as_mm and coordinate-descent tuning.
     """
@@ -171,6 +178,7 @@ class Levers:
     tf32: bool = False
     sdpa: str = "default"
     optimizer: str = "fused"
+    merge_lora: bool = False
     fuse_qkv: bool = False
     inductor_tuning: bool = False
 
@@ -451,7 +459,8 @@ def step_functions(
         return update(out.loss, optimizer)
 
     def sample(optimizer: torch.optim.Optimizer) -> Tensor:
-        with torch.no_grad():
+        merged = adapters_merged(policy.unet) if variant.levers.merge_lora else contextlib.nullcontext()
+        with torch.no_grad(), merged:
             eps = policy.guided(inputs.x_t, t_mid, inputs.text, inputs.uncond, settings.guidance)
             out = ddim_step(
                 eps, inputs.x_t, t_mid, t_mid_prev, schedule=schedule, prediction_type="epsilon", eta=1.0,
@@ -754,6 +763,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None, help="[on CUDA]")
     g.add_argument("--sdpa", choices=SDPA_BACKENDS, default="default")
     g.add_argument("--optimizer", choices=("fused", "foreach", "for-loop"), default="fused")
+    g.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--inductor-tuning", action=argparse.BooleanOptionalAction, default=False)
     return p
@@ -770,11 +780,14 @@ def diffalign_levers(args: argparse.Namespace, device: torch.device) -> Levers:
         tf32=args.tf32 if args.tf32 is not None else cuda,
         sdpa=args.sdpa,
         optimizer=args.optimizer,
+        merge_lora=args.merge_lora,
         fuse_qkv=args.fuse_qkv,
         inductor_tuning=args.inductor_tuning,
     )
     if levers.tf32 and not cuda:
         raise SystemExit("--tf32: TF32 is a mode of NVIDIA GPUs; there is none on --device cpu")
+    if levers.merge_lora and args.finetune != ["lora"]:
+        raise SystemExit("--merge-lora folds LoRA adapters into the weights: use it with --finetune lora")
     if levers.fuse_qkv and "lora" in args.finetune:
         raise SystemExit("--fuse-qkv replaces to_q/to_k/to_v, which LoRA adapts: use it with --finetune full")
     return levers

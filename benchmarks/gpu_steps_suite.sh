@@ -7,6 +7,8 @@
 #   cudnn    DPO and sampling at 8 with the cuDNN attention kernel (the one lever swept here)
 #   lora     DPO and sampling at 8 with LoRA rank 8 (the diffusers DPO script's set-up), each against
 #            eager LoRA
+#   lora-merged  sampling at 8 through LoRA rank 8 merged into the weights, no other lever, against
+#            eager LoRA: what merging the adapters for rollouts saves (online DPO, SPIN, DiffusionNFT)
 #   graphs   sampling (8, 16) with CUDA graphs (compile mode reduce-overhead)
 #
 # Each run is its own process, against its own eager baseline measured in that process; each writes
@@ -52,6 +54,8 @@ run() {
     run train 180 --steps pg,draft --batch 8
     run cudnn 240 --steps dpo,sample --pairs 8 --batch 8 --sdpa cudnn
     run lora 300 --steps dpo,sample --pairs 8 --batch 8 --finetune lora --lora-rank 8
+    run lora-merged 120 --steps sample --batch 8 --finetune lora --lora-rank 8 --merge-lora --compile none \
+        --no-channels-last --no-tf32
     run graphs 180 --steps sample --batch 8,16 --compile reduce-overhead
     echo "=== done at $(($(date +%s) - start)) s"
 } 2>&1 | tee "$out/log.txt"

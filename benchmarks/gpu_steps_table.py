@@ -26,6 +26,7 @@ CUDA_DEFAULT_LEVERS = {
     "tf32": True,
     "sdpa": "default",
     "optimizer": "fused",
+    "merge_lora": False,
     "fuse_qkv": False,
     "inductor_tuning": False,
 }

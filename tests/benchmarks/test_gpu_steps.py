@@ -140,6 +140,20 @@ def test_the_sampling_steps_reported_value_depends_on_the_network(tmp_path):
     assert abs(float(after) - float(before)) > 1e-3
 
 
+def test_merged_lora_sampling_gives_eager_lora_samples():
+    results = gpu_steps.main(
+        [*TINY, "--finetune", "lora", "--lora-rank", "4", "--steps", "sample", "--merge-lora"]
+    )
+    records = by_key(results)
+    assert results["config"]["levers"]["diffalign"]["merge_lora"] is True
+    torch.testing.assert_close(
+        torch.tensor(records["diffalign", "sample"]["losses"]),
+        torch.tensor(records["eager", "sample"]["losses"]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 def test_the_dpo_step_changes_the_trainable_weights_and_reset_restores_them(finetune):
     args = gpu_steps.parser().parse_args([*TINY, *LEVERS])
@@ -167,6 +181,7 @@ def test_the_dpo_step_changes_the_trainable_weights_and_reset_restores_them(fine
     ("argv", "message"),
     [
         (["--tf32"], "TF32"),
+        (["--merge-lora"], "--merge-lora"),
         (["--fuse-qkv", "--finetune", "lora"], "--fuse-qkv"),
         (["--steps", "dpo,bogus"], None),
         (["--pairs", "0"], None),

@@ -62,6 +62,7 @@ from diffalign.align.runtime import (
 from diffalign.align.sharding import check_sharding, local_value, runs_callbacks, whole_value
 from diffalign.align.tracking import resolve_log_with
 from diffalign.diffusion.sampling import guided_predict, sample
+from diffalign.models.lora_merge import merged_for_sampling
 from diffalign.rewards.placement import place_reward
 from diffalign.rewards.protocol import Reward
 from diffalign.rewards.registry import load_reward
@@ -127,9 +128,10 @@ def training_points(
 
 
 def _sample_images(model, prompts: list[str], seeds: list[int], sampler, batch_size: int):
-    """(final latents, decoded images) of `prompts`, sampled in chunks of `batch_size`."""
+    """(final latents, decoded images) of `prompts`, sampled in chunks of `batch_size`, through LoRA
+    adapters merged into the weights (`lora_merge`: the same function at the plain network's cost)."""
     latents, images = [], []
-    with torch.no_grad():
+    with torch.no_grad(), merged_for_sampling(model):
         for start in range(0, len(prompts), batch_size):
             chunk = slice(start, start + batch_size)
             traj = sample(model, prompts[chunk], config=sampler, seeds=seeds[chunk])

@@ -33,6 +33,7 @@ from diffalign.align.config_io import to_dict
 from diffalign.align.dpo import DPOConfig
 from diffalign.align.rounds import check_round_fields, process_share, run_rounds
 from diffalign.diffusion.sampling import SamplerConfig, sample
+from diffalign.models.lora_merge import merged_for_sampling
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.records import CHOICE_IMAGE, CHOICE_TIE, NewComparison
 from diffalign.prefs.simulate import SEED_STRIDE, check_share, encode_png, pair_prompts, simulate_preferences
@@ -145,7 +146,8 @@ def label_with_reward(
         ps = [all_prompts[i] for i in idx]
         sa = [seed * SEED_STRIDE + 2 * i for i in idx]
         with torch.no_grad():
-            traj = sample(model, ps + ps, config=sampler_config, seeds=sa + [s + 1 for s in sa])
+            with merged_for_sampling(model):  # LoRA adapters folded in while sampling (`lora_merge`)
+                traj = sample(model, ps + ps, config=sampler_config, seeds=sa + [s + 1 for s in sa])
             images = (traj.images.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
             scores = reward(images.float() / 255.0, ps + ps).detach().float().cpu()
         a, b = images[: len(idx)], images[len(idx) :]

@@ -29,6 +29,7 @@ from diffalign.align.dpo import DPOConfig, PreferenceDataError
 from diffalign.align.online_dpo import sampler_for
 from diffalign.align.rounds import check_round_fields, gather_in_order, process_share, run_rounds
 from diffalign.diffusion.sampling import sample
+from diffalign.models.lora_merge import merged_for_sampling
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.simulate import SEED_STRIDE
 from diffalign.prefs.stored_pairs import StoredPairs
@@ -136,12 +137,13 @@ class SPINConfig:
 
 
 def generate(model, prompts: list[str], seeds: list[int], config: SPINConfig) -> torch.Tensor:
-    """uint8 samples of `model`, image i with seed seeds[i]."""
+    """uint8 samples of `model`, image i with seed seeds[i] (LoRA adapters merged while sampling:
+    `lora_merge`)."""
     sampler = sampler_for(model, config.sample_steps, config.guidance)
     out = [torch.empty((0, *model.image_shape), dtype=torch.uint8)]  # a process's share may be empty
     for start in range(0, len(prompts), config.sample_batch):
         chunk = slice(start, start + config.sample_batch)
-        with torch.no_grad():
+        with torch.no_grad(), merged_for_sampling(model):
             traj = sample(model, prompts[chunk], config=sampler, seeds=seeds[chunk])
         out.append((traj.images.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
     return torch.cat(out)
