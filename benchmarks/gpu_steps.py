@@ -36,8 +36,9 @@ docs/scaling.md):
   --compile MODE           torch.compile mode: none, default, reduce-overhead (CUDA graphs),
                            max-autotune, max-autotune-no-cudagraphs [default on CUDA, none on CPU]
   --compile-scope SCOPE    blocks: compile each ResnetBlock2D and Transformer2DModel (regional
-                           compilation: identical blocks share one compiled graph, so compiling takes
-                           a fraction of the whole model's time); model: the whole UNet [blocks]
+                           compilation: identical blocks share one compiled graph; SD 1.5's blocks
+                           come in many shapes, so on an H200 the DPO step still compiled for 152 s
+                           cold); model: the whole UNet [blocks]
   --dynamic-shapes         symbolic sizes after a recompile (fewer graphs: shorter compile, maybe
                            slower kernels); off: one static graph per block shape [off]
   --channels-last          channels-last weights and inputs [on on CUDA, off on CPU]

@@ -3,10 +3,11 @@
 # time budget (a lent GPU is held for minutes, so the most important figures come first):
 #
 #   main     DPO (8, 16 pairs) and guided sampling (8, 16 images), full fine-tuning: the target rows
+#   lora     DPO and sampling at 8 with LoRA rank 8, each against eager LoRA, the set-up of the
+#            diffusers DPO script users run (its backward skips the frozen weights' gradients: 41
+#            TFLOP a step against 52); the sampling through the adapters merged into the weights
 #   train    the policy-gradient and DRaFT training steps (8 images)
 #   cudnn    DPO and sampling at 8 with the cuDNN attention kernel (the one lever swept here)
-#   lora     DPO and sampling at 8 with LoRA rank 8 (the diffusers DPO script's set-up), each against
-#            eager LoRA
 #   lora-merged  sampling at 8 through LoRA rank 8 merged into the weights, no other lever, against
 #            eager LoRA: what merging the adapters for rollouts saves (online DPO, SPIN, DiffusionNFT)
 #   graphs   sampling (8, 16) with CUDA graphs (compile mode reduce-overhead)
@@ -15,8 +16,9 @@
 # OUT/NAME/results.json after every step it measures, so a run stopped by its time limit keeps what
 # it measured. Inductor's cache is shared, so later runs reuse the graphs earlier runs compiled.
 #
-#   benchmarks/gpu_steps_suite.sh OUT [SECONDS]                    # on CUDA, 1500 s in all by default
+#   benchmarks/gpu_steps_suite.sh OUT [SECONDS]                    # on CUDA, 1800 s in all by default
 #   benchmarks/gpu_steps_suite.sh OUT 120 --device cpu --tiny      # a rehearsal on the CPU
+#   RUNS="lora graphs" benchmarks/gpu_steps_suite.sh OUT 560       # only the runs named (suite order)
 #
 # Arguments after SECONDS are passed to every run. Prints each run's table; OUT/log.txt has it all.
 # Measured on one H200 (torch 2.11, docs/scaling.md): on a bare machine, compiling the DPO step at 8
@@ -24,7 +26,7 @@
 # compiling took 7 to 27 s. The limits below leave room for a cold cache.
 set -u
 out=${1:?usage: gpu_steps_suite.sh OUT [SECONDS] [gpu_steps.py arguments]}
-budget=${2:-1500}
+budget=${2:-1800}
 shift $(($# >= 2 ? 2 : 1))
 extra=("$@")
 python=${PYTHON:-python3}
@@ -36,6 +38,9 @@ export PYTHONUNBUFFERED=1
 run() {
     local name=$1 limit=$2
     shift 2
+    if [[ -n ${RUNS:-} && " $RUNS " != *" $name "* ]]; then
+        return
+    fi
     local left=$((budget - ($(date +%s) - start)))
     if ((left < 30)); then
         echo "=== $name skipped: ${left} s of the budget left"
@@ -51,9 +56,9 @@ run() {
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
     "$python" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
     run main 600 --steps dpo,sample --pairs 8,16 --batch 8,16
+    run lora 420 --steps dpo,sample --pairs 8 --batch 8 --finetune lora --lora-rank 8 --merge-lora
     run train 180 --steps pg,draft --batch 8
     run cudnn 240 --steps dpo,sample --pairs 8 --batch 8 --sdpa cudnn
-    run lora 300 --steps dpo,sample --pairs 8 --batch 8 --finetune lora --lora-rank 8
     run lora-merged 120 --steps sample --batch 8 --finetune lora --lora-rank 8 --merge-lora --compile none \
         --no-channels-last --no-tf32
     run graphs 180 --steps sample --batch 8,16 --compile reduce-overhead

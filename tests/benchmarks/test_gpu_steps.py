@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -223,3 +225,18 @@ def test_the_table_script_pairs_each_step_with_its_eager_baseline(full_run, tmp_
     (tmp_path / "bad.json").write_text('{"records": 3}')
     with pytest.raises(SystemExit, match=r"bad\.json"):
         table.main([str(tmp_path / "bad.json")])
+
+
+def test_the_suite_runs_the_named_runs_and_keeps_their_results(tmp_path):
+    suite = SCRIPT.with_name("gpu_steps_suite.sh")
+    env = dict(os.environ, PYTHON=sys.executable, RUNS="train", OMP_NUM_THREADS="1")
+    argv = [str(suite), str(tmp_path), "120", "--device", "cpu", "--tiny", "--threads", "1", "--iters", "1"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "train"]  # the one run named
+    results = json.loads((tmp_path / "train" / "results.json").read_text())
+    assert results["complete"] is True
+    assert {(r["variant"], r["step"]) for r in results["records"]} == {
+        (v, s) for v in ("eager", "diffalign") for s in ("pg", "draft")
+    }
+    assert "=== train exit 0" in (tmp_path / "log.txt").read_text()

@@ -175,8 +175,10 @@ def outermost_blocks(network: torch.nn.Module) -> list[torch.nn.Module]:
 
 def compile_blocks(network: torch.nn.Module, mode: str = "default", dynamic: bool | None = False) -> int:
     """Compile every outermost block of `network` whose class is in `REPEATED_BLOCKS`, in place
-    (`nn.Module.compile`): regional compilation, where identical blocks share one compiled graph, so
-    compiling takes a fraction of the whole network's time. Returns the number of blocks compiled.
+    (`nn.Module.compile`): regional compilation, where identical blocks share one compiled graph (on
+    an H200 an SD1.5-shaped UNet's DPO step still took 152 s to compile cold, about what compiling the
+    whole UNet took: its blocks come in many shapes; docs/scaling.md). Returns the number of blocks
+    compiled.
 
     Why not the whole network: on the CPU (torch 2.13) compiling a whole diffusers UNet in place gave
     the right outputs but zero gradients for 84 of its 208 parameter tensors, while compiling it block
