@@ -98,8 +98,18 @@ def plan_cmd(
         float | None, typer.Option(help="Per-step seconds given by hand instead of --measure.")
     ] = None,
     fixed_seconds: Annotated[
-        float, typer.Option(help="With --seconds-per-step: the run's fixed seconds.")
+        float, typer.Option(help="With --seconds-per-step or --gpu-table: the run's fixed seconds.")
     ] = 0.0,
+    gpu_table: Annotated[
+        Path | None,
+        typer.Option(
+            help="dpo only: per-step figures from a benchmarks/gpu_steps.py results.json (its DPO step "
+            "of the config's batch_size, LoRA or full as lora_rank says; the denoiser's step alone)."
+        ),
+    ] = None,
+    gpu_variant: Annotated[
+        str, typer.Option(help="With --gpu-table: the diffalign (levers) or eager (plain diffusers) step.")
+    ] = "diffalign",
     devices: Annotated[int, typer.Option(help="Devices (GPUs) the run is spread over, data parallel.")] = 1,
     efficiency: Annotated[float, typer.Option(help="Data-parallel scaling efficiency in (0, 1].")] = 0.9,
     price_per_device_hour: Annotated[float, typer.Option(help="Price of one device-hour.")] = 0.0,
@@ -115,14 +125,17 @@ def plan_cmd(
     device: DeviceOpt = None,
 ) -> None:
     """Project a run's wall time, device-hours, NFEs, reward queries, memory and cost (compute and
-    annotation), from a measurement of a few of its steps (--measure) or per-step figures given by hand."""
+    annotation), from a measurement of a few of its steps (--measure), the GPU step benchmark's table
+    (--gpu-table, Diffusion-DPO) or per-step figures given by hand."""
     from diffalign.planning.measure import StepCost, measure_step_cost
     from diffalign.planning.projection import RunShape, project
     from diffalign.planning.trainers import PAIR_METHODS, run_length, trainer_runner
 
     cfg = _config(method, config, overrides, model, reward, prompts, device)
-    if measure == (seconds_per_step is not None):
-        fail("plan: give exactly one of --measure and --seconds-per-step")
+    if sum((measure, seconds_per_step is not None, gpu_table is not None)) != 1:
+        fail("plan: give exactly one of --measure, --seconds-per-step and --gpu-table")
+    if gpu_table is not None and method != "dpo":
+        fail(f"--gpu-table: the GPU step table projects dpo only ({method}'s steps are not rows of it)")
     try:
         if measure and method in ("online-dpo", "spin"):
             from diffalign.planning.rounds import measure_online_dpo, measure_spin
@@ -150,6 +163,18 @@ def plan_cmd(
                 long,
                 reward_counted=method not in PAIR_METHODS,
             )
+        elif gpu_table is not None:
+            from diffalign.planning.gpu_table import dpo_step_cost
+
+            cost = dpo_step_cost(
+                gpu_table,
+                pairs_per_step=cfg.batch_size,
+                finetune="lora" if cfg.lora_rank > 0 else "full",
+                variant=gpu_variant,
+                accumulation=cfg.runtime.gradient_accumulation_steps,
+                fixed_seconds=fixed_seconds,
+            )
+            console.print(f"per-step figures {cost.source}")
         else:
             cost = StepCost.given(method, seconds_per_step, fixed_seconds)
         if method == "online-dpo" and not pairs:
