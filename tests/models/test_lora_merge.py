@@ -112,3 +112,14 @@ def test_a_training_step_after_merged_sampling_equals_one_without():
 
     for a, b in zip(step(True), step(False), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_merge_runs_in_the_weights_precision_under_autocast():
+    torch.manual_seed(0)
+    model = with_trained_adapters(TinyDiffusionModel.create("epsilon", TINY))
+    layer = lora_layers(model.denoiser)[0]
+    base = layer.get_base_layer()
+    adapter = layer.active_adapters[0]
+    expected = base.weight.detach().clone() + layer.get_delta_weight(adapter).detach()  # float32
+    with torch.autocast("cpu", dtype=torch.bfloat16), adapters_merged(model.denoiser):
+        torch.testing.assert_close(base.weight.detach(), expected, rtol=0, atol=1e-6)

@@ -43,11 +43,12 @@ def adapters_merged(network: nn.Module) -> Iterator[int]:
     and bias are copied back from the saved originals."""
     saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = []
     try:
-        with torch.no_grad():
-            for layer in lora_layers(network):
-                if layer.disable_adapters or layer.merged or not layer.active_adapters:
-                    continue
-                base = layer.get_base_layer()
+        for layer in lora_layers(network):
+            if layer.disable_adapters or layer.merged or not layer.active_adapters:
+                continue
+            base = layer.get_base_layer()
+            # B A in the weights' own precision, not an enclosing autocast's
+            with torch.no_grad(), torch.autocast(base.weight.device.type, enabled=False):
                 bias = getattr(base, "bias", None)
                 kept_bias = None if bias is None else bias.detach().clone()
                 saved.append((layer, base.weight.detach().clone(), kept_bias))
