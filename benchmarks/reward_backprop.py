@@ -34,6 +34,7 @@ from diffalign.align.reward_backprop import train_backprop
 from diffalign.align.runtime import RuntimeConfig
 from diffalign.diffusion.sampling import SamplerConfig, sample
 from diffalign.evaluate.stats import bootstrap_mean_ci
+from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 from diffalign.rewards.registry import load_reward
 
 
@@ -128,7 +129,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-steps", type=int, default=10)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE_SCALE)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--draft-k", type=int, default=1)
     parser.add_argument("--eval-every", type=int, default=20)

@@ -41,6 +41,7 @@ from diffalign.align.pg_config import PGConfig
 from diffalign.align.policy_gradient import train_pg
 from diffalign.diffusion.sampling import SamplerConfig, sample
 from diffalign.evaluate.failure_modes import failure_modes
+from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 from diffalign.rewards.gold import ShapesFaithfulness
 from diffalign.world.shapeseval import load_shapeseval
 
@@ -54,7 +55,9 @@ def eval_lines(stride: int = 3) -> list[dict]:
     return load_shapeseval()[::stride]
 
 
-def gold_accuracy(model, lines: list[dict], samples: int, batch: int = 50, guidance: float = 3.0) -> dict:
+def gold_accuracy(
+    model, lines: list[dict], samples: int, batch: int = 50, guidance: float = DEFAULT_GUIDANCE_SCALE
+) -> dict:
     """GenEval-style accuracy of `model` on `lines` sampled with classifier-free guidance `guidance`:
     per task, overall as the mean of the tasks, and each task's failure modes
     (`diffalign.evaluate.failure_modes`: share of its images per mode)."""

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from diffalign.diffusion.sampling import SamplerConfig, sample
+from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 from diffalign.models.registry import load_model
 from diffalign.rewards.registry import load_reward
 from diffalign.steer import make_config, plain_nfe, run_method
@@ -121,7 +122,7 @@ def main() -> None:
     parser.add_argument("--per-tag", type=int, default=1)
     parser.add_argument("--samples", type=int, default=2, help="samples per prompt (seeds)")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE_SCALE)
     parser.add_argument(
         "--budgets", default="4,8", help="multiples of a plain sample's NFEs (1x is always run)"
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from diffalign.align.policy_setup import adapter_options
 from diffalign.align.runtime import RuntimeConfig
 from diffalign.diffusion.sampling import SAMPLERS, SamplerConfig
+from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 from diffalign.models.diffusers_adapters.common import AdapterConfig
 from diffalign.rewards.placement import check_reward_device
 
@@ -108,7 +109,7 @@ class BackpropConfig:
     num_steps: int = 10
     eta: float = 0.0
     noise_level: float = 0.7
-    guidance_scale: float = 3.0
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     steps: int = 100
     batch_size: int = 8
     truncation_range: tuple[int, int] | None = None

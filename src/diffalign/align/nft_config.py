@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from diffalign.align.policy_setup import adapter_options
 from diffalign.align.runtime import RuntimeConfig
 from diffalign.diffusion.sampling import SAMPLERS, SamplerConfig
+from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 from diffalign.models.diffusers_adapters.common import AdapterConfig
 from diffalign.rewards.placement import check_reward_device
 
@@ -89,7 +90,7 @@ class NFTConfig:
     num_steps: int = 10
     eta: float = 0.0
     noise_level: float = 0.7
-    guidance_scale: float = 3.0
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     guided_loss: bool = True
     epochs: int = 50
     prompts_per_epoch: int = 8

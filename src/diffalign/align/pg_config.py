@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from diffalign.align.policy_setup import adapter_options
 from diffalign.align.runtime import RuntimeConfig
 from diffalign.diffusion.sampling import SAMPLERS, SamplerConfig, check_sde_window
+from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 from diffalign.models.diffusers_adapters.common import AdapterConfig
 from diffalign.rewards.placement import check_reward_device
 
@@ -117,7 +118,7 @@ class PGConfig:
     num_steps: int = 10
     eta: float = 1.0
     noise_level: float = 0.7
-    guidance_scale: float = 3.0
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     sde_window_size: int = 0
     sde_window_range: tuple[int, int] | None = None
     sde_window_schedule: str = "random"

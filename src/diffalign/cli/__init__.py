@@ -14,6 +14,7 @@ from rich.table import Table
 from diffalign.cli.common import console
 from diffalign.cli.common import fail as _fail
 from diffalign.cli.common import load_model_arg as _load
+from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 
 app = typer.Typer(
     add_completion=False,
@@ -194,7 +195,7 @@ def sample_cmd(
     n: Annotated[int, typer.Option("-n", help="Number of images.")] = 16,
     sampler: SamplerOpt = None,
     steps: int = 20,
-    guidance: float = 3.0,
+    guidance: float = DEFAULT_GUIDANCE_SCALE,
     eta: Annotated[float, typer.Option(help="DDIM eta (0 = deterministic).")] = 0.0,
     noise_level: Annotated[float, typer.Option(help="Flow SDE noise level a.")] = 0.7,
     seed: int = 0,
@@ -231,7 +232,7 @@ def eval_cmd(
     ] = 4,
     sampler: SamplerOpt = None,
     steps: int = 20,
-    guidance: float = 3.0,
+    guidance: float = DEFAULT_GUIDANCE_SCALE,
     eta: float = 0.0,
     noise_level: float = 0.7,
     batch_size: int = 100,

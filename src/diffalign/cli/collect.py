@@ -13,6 +13,7 @@ from rich.table import Table
 from diffalign.cli.common import console, fail
 from diffalign.cli.common import load_model_arg as _load
 from diffalign.cli.prefs import StoreImagesOpt, StoreOpt
+from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -167,7 +168,7 @@ def add_tasks_cmd(
     disagreement: Annotated[str, typer.Option(help="variance or vote (active mode).")] = "variance",
     batch: Annotated[str | None, typer.Option(help="Batch name (default: the model).")] = None,
     steps: int = 20,
-    guidance: float = 3.0,
+    guidance: float = DEFAULT_GUIDANCE_SCALE,
     seed: int = 0,
     batch_size: int = 64,
     device: str = "auto",

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from diffalign.cli.common import console, fail
+from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 
 
 def demo_cmd(
@@ -62,7 +63,7 @@ def report_cmd(
     ] = 6,
     samples_per_prompt: Annotated[int, typer.Option(help="Samples per prompt when evaluating runs.")] = 2,
     steps: Annotated[int, typer.Option(help="Sampling steps when evaluating runs.")] = 10,
-    guidance: float = 3.0,
+    guidance: float = DEFAULT_GUIDANCE_SCALE,
     proxy: Annotated[
         str | None,
         typer.Option(help="The reward to report beside gold (default: the runs' own reward, when shared)."),

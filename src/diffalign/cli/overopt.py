@@ -10,8 +10,7 @@ import typer
 
 from diffalign.cli import app
 from diffalign.cli.common import console, fail, resolve_device
-
-DEFAULT_GUIDANCE = 3.0  # `diffalign eval`'s and every trainer's default classifier-free guidance
+from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 
 
 @app.command("overopt")
@@ -45,7 +44,7 @@ def overopt_cmd(
         float | None,
         typer.Option(
             help="Classifier-free guidance weight of the judged samples (default: the run's own "
-            f"guidance_scale, else {DEFAULT_GUIDANCE:g} as in `diffalign eval`; 1 samples unguided)."
+            f"guidance_scale, else {DEFAULT_GUIDANCE_SCALE:g} as in `diffalign eval`; 1 samples unguided)."
         ),
     ] = None,
     max_checkpoints: Annotated[int | None, typer.Option(help="Use at most this many checkpoints.")] = None,
@@ -109,7 +108,7 @@ def overopt_cmd(
     except (FileNotFoundError, ValueError, RewardSpecError, PromptSetError) as err:
         fail(str(err))
     if guidance is None:
-        guidance = DEFAULT_GUIDANCE if info["guidance_scale"] is None else info["guidance_scale"]
+        guidance = DEFAULT_GUIDANCE_SCALE if info["guidance_scale"] is None else info["guidance_scale"]
     try:
         config = SamplerConfig.for_prediction_type(
             reference.prediction_type,

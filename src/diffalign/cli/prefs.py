@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from diffalign.cli.common import console, fail
+from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -231,7 +232,7 @@ def simulate_cmd(
     ] = 2000,
     seed: Annotated[int, typer.Option(help="Fixes prompts, sampling seeds, raters and their choices.")] = 0,
     steps: Annotated[int, typer.Option(help="Sampling steps.")] = 20,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 3.0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = DEFAULT_GUIDANCE_SCALE,
     batch_size: Annotated[int, typer.Option(help="Images per sampling call.")] = 64,
     prompts: Annotated[
         Path | None, typer.Option(help="A metadata JSONL (GenEval schema) whose prompts to draw from.")

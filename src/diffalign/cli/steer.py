@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from diffalign.cli.common import console, fail, load_model_arg, resolve_device
+from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -152,7 +153,9 @@ def _command(method: str):
         ] = None,
         sampler: Annotated[str | None, typer.Option(help="ddim | ddpm | flow_euler | flow_sde.")] = None,
         steps: int = 20,
-        guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 3.0,
+        guidance: Annotated[
+            float, typer.Option(help="Classifier-free guidance scale.")
+        ] = DEFAULT_GUIDANCE_SCALE,
         eta: Annotated[
             float | None, typer.Option(help="DDIM eta (default 1 for fk/svdd/dno, else 0).")
         ] = None,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
+
 
 @dataclass
 class DemoConfig:
@@ -46,7 +48,7 @@ class DemoConfig:
     model: str = "base"
     seed: int = 0
     num_steps: int = 10
-    guidance_scale: float = 3.0
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     pairs: int = 200
     rm_epochs: int = 15
     rm_pretrain_steps: int = 300

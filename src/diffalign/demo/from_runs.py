@@ -22,6 +22,7 @@ from diffalign.demo.report_html import render_report
 from diffalign.devices import resolve_device
 from diffalign.diffusion.sampling import SamplerConfig
 from diffalign.evaluate.features import load_feature_net
+from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 from diffalign.models.registry import load_model
 from diffalign.rewards.registry import load_reward
 from diffalign.world.raters import RaterPanel
@@ -74,7 +75,7 @@ def report_from_runs(
     prompts_per_task: int = 6,
     samples_per_prompt: int = 2,
     steps: int = 10,
-    guidance: float = 3.0,
+    guidance: float = DEFAULT_GUIDANCE_SCALE,
     proxy: str | None = None,
     seed: int = 0,
     device: str = "auto",
