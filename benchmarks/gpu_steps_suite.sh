@@ -10,7 +10,7 @@
 #   cudnn    DPO and sampling at 8 with the cuDNN attention kernel (the one lever swept here)
 #   lora-merged  sampling at 8 through LoRA rank 8 merged into the weights, no other lever, against
 #            eager LoRA: what merging the adapters for rollouts saves (online DPO, SPIN, DiffusionNFT)
-#   graphs   sampling (8, 16) with CUDA graphs (compile mode reduce-overhead)
+#   graphs   DPO (8) and sampling (8, 16) with CUDA graphs (compile mode reduce-overhead)
 #
 # Each run is its own process, against its own eager baseline measured in that process; each writes
 # OUT/NAME/results.json after every step it measures, so a run stopped by its time limit keeps what
@@ -61,6 +61,6 @@ run() {
     run cudnn 240 --steps dpo,sample --pairs 8 --batch 8 --sdpa cudnn
     run lora-merged 120 --steps sample --batch 8 --finetune lora --lora-rank 8 --merge-lora --compile none \
         --no-channels-last --no-tf32
-    run graphs 180 --steps sample --batch 8,16 --compile reduce-overhead
+    run graphs 300 --steps dpo,sample --pairs 8 --batch 8,16 --compile reduce-overhead
     echo "=== done at $(($(date +%s) - start)) s"
 } 2>&1 | tee "$out/log.txt"
