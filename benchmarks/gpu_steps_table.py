@@ -39,13 +39,16 @@ def lever_changes(levers: dict) -> str:
 
 
 def rows_of(path: Path) -> list[dict]:
-    """The table rows of one results file."""
+    """The table rows of one results file; SystemExit naming the file when it is not one."""
     try:
-        results = json.loads(path.read_text())
-        records = results["records"]
-        levers = results["config"]["levers"]["diffalign"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-        raise SystemExit(f"{path}: not a benchmarks/gpu_steps.py results file ({error})") from error
+        return _rows(path, json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise SystemExit(f"{path}: not a benchmarks/gpu_steps.py results file ({error!r})") from error
+
+
+def _rows(path: Path, results: dict) -> list[dict]:
+    records = results["records"]
+    levers = results["config"]["levers"]["diffalign"]
     run = path.stem + ("" if results.get("complete", True) else " (stopped part way)")
     eager = {(r["finetune"], r["step"], r["batch"]): r for r in records if r["variant"] == "eager"}
     diffalign = {(r["finetune"], r["step"], r["batch"]): r for r in records if r["variant"] == "diffalign"}

@@ -222,9 +222,11 @@ def test_the_table_script_pairs_each_step_with_its_eager_baseline(full_run, tmp_
     text = table.main([str(out / "results.json"), str(tmp_path / "stopped.json")])
     lines = [line for line in text.splitlines() if line.startswith("| stopped (stopped part way) |")]
     assert len(lines) == len(gpu_steps.STEPS) and all("| - | - |" in line for line in lines)
-    (tmp_path / "bad.json").write_text('{"records": 3}')
-    with pytest.raises(SystemExit, match=r"bad\.json"):
-        table.main([str(tmp_path / "bad.json")])
+    no_fields = '{"records": [{"variant": "eager"}], "config": {"levers": {"diffalign": {}}}}'
+    for bad in ('{"records": 3}', no_fields):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(SystemExit, match=r"bad\.json"):
+            table.main([str(tmp_path / "bad.json")])
 
 
 def test_the_suite_runs_the_named_runs_and_keeps_their_results(tmp_path):
