@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from diffalign.diffusion.sampling import SamplerConfig, sample
-from diffalign.evaluate.costs import STATM, CostMeter, StageCost, add_run_costs, denoiser_types
+from diffalign.evaluate.costs import (
+    STATM,
+    CostMeter,
+    StageCost,
+    add_run_costs,
+    denoiser_types,
+    read_run_costs,
+)
 from diffalign.models.tiny import TinyDiffusionModel
 from diffalign.rewards.protocol import as_reward
 
@@ -112,6 +119,29 @@ def test_run_costs_add_up_over_resumed_sessions(tmp_path):
     # a session of two processes (one measured): recorded as the most processes of any session
     assert add_run_costs(tmp_path, second, processes=2)["processes"] == 2
     assert add_run_costs(tmp_path, second)["processes"] == 2
+
+
+def test_every_process_writes_its_own_costs_and_the_reader_adds_them_up(tmp_path):
+    main = StageCost(wall_s=10.0, forward_nfe=8, backward_nfe=4, reward_queries=3, peak_memory_mb=100.0)
+    other = StageCost(wall_s=9.5, forward_nfe=6, backward_nfe=2, reward_queries=5, peak_memory_mb=120.0)
+    assert read_run_costs(tmp_path) is None  # no costs.json: no costs
+    add_run_costs(tmp_path, main, processes=2, rank=0)
+    add_run_costs(tmp_path, other, processes=2, rank=1)
+    assert (tmp_path / "costs-rank-1.json").is_file()
+    assert json.loads((tmp_path / "costs.json").read_text())["forward_nfe"] == 8  # each file its own
+    total = read_run_costs(tmp_path)
+    assert (total["forward_nfe"], total["backward_nfe"], total["reward_queries"]) == (14, 6, 8)
+    assert total["wall_s"] == 10.0  # the main process's wall time is the run's
+    assert total["peak_memory_mb"] == 120.0 and total["processes_counted"] == 2
+    # a resumed session adds to each process's own file
+    add_run_costs(tmp_path, other, processes=2, rank=1)
+    assert read_run_costs(tmp_path)["forward_nfe"] == 8 + 12
+    # a process that did not count its rewards leaves the total unknown, not short
+    add_run_costs(tmp_path, other, rewards_counted=False, processes=3, rank=2)
+    assert read_run_costs(tmp_path)["reward_queries"] is None
+    (tmp_path / "costs-rank-2.json").write_text("{broken")
+    with pytest.raises(ValueError, match=r"costs-rank-2\.json"):
+        read_run_costs(tmp_path)
 
 
 def test_uncounted_rewards_are_null_not_zero(tmp_path):

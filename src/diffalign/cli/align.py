@@ -132,9 +132,10 @@ def measured(out: Path, device: str):
     """Measure the training call inside (NFEs, wall time, peak memory; `diffalign.evaluate.costs`) and
     add it to `out/costs.json` once the run folder exists, also when the run stops early.
 
-    Under `accelerate launch` / torchrun every process runs this command: only the main one (`RANK`
-    0) writes, its own measurement, and the file records the number of processes (`WORLD_SIZE`), so
-    the run's total is about that many times the counts."""
+    Under `accelerate launch` / torchrun every process runs this command and writes its own
+    measurement: the main one (`RANK` 0) `costs.json`, recording the number of processes
+    (`WORLD_SIZE`), each other one `costs-rank-RANK.json`; `evaluate.costs.read_run_costs` adds the
+    processes' counts up."""
     import os
 
     from diffalign.devices import resolve_device
@@ -145,9 +146,10 @@ def measured(out: Path, device: str):
         with meter:
             yield
     finally:
-        if int(os.environ.get("RANK", "0")) == 0 and (out / "config.json").is_file():
+        if (out / "config.json").is_file():
             processes = int(os.environ.get("WORLD_SIZE", "1"))
-            add_run_costs(out, meter.cost, rewards_counted=False, processes=processes)
+            rank = int(os.environ.get("RANK", "0"))
+            add_run_costs(out, meter.cost, rewards_counted=False, processes=processes, rank=rank)
 
 
 def reward_trainer_config(cls, method: str, overrides, model, reward, prompts, config_file, device):

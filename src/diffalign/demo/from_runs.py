@@ -5,7 +5,8 @@
 - Align run folders (`diffalign align ...`; each holds `config.json` and `model/`): every run's final
   model and the base model they share are evaluated on the same ShapesEval prompts and seeds
   (`diffalign.demo.evaluation`), each run's training curves come from its `metrics.jsonl` and its costs
-  from `costs.json` (written by `diffalign align` and by the demo; "n/a" where a run has none).
+  from `costs.json` (written by `diffalign align` and by the demo, with every other process's
+  `costs-rank-N.json` added; "n/a" where a run has none).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from diffalign.demo.pipeline import assemble_report, curves
 from diffalign.demo.report_html import render_report
 from diffalign.devices import resolve_device
 from diffalign.diffusion.sampling import SamplerConfig
+from diffalign.evaluate.costs import read_run_costs
 from diffalign.evaluate.features import load_feature_net
 from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 from diffalign.models.registry import load_model
@@ -63,8 +65,10 @@ def read_run(run_dir: Path) -> dict:
         model = str(config["model"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ReportRunsError(f"{config_file}: not a diffalign run record ({err})") from err
-    costs_file = run_dir / "costs.json"
-    costs = json.loads(costs_file.read_text(encoding="utf-8")) if costs_file.is_file() else None
+    try:
+        costs = read_run_costs(run_dir)  # every process's counts of a multi-process run
+    except ValueError as err:
+        raise ReportRunsError(str(err)) from err
     return {"method": method, "model": model, "reward": config.get("reward"), "costs": costs}
 
 

@@ -217,18 +217,23 @@ def denoiser_types() -> tuple[type, ...]:
 
 
 COSTS_FILE = "costs.json"
+#: Each further process's own measurement of a multi-process run (`add_run_costs(..., rank=r)`).
+RANK_COSTS_FILE = "costs-rank-{rank}.json"
 SUMMED = ("wall_s", "forward_nfe", "backward_nfe", "reward_queries", "reward_grads")
+#: The counts a run's processes add up to (each process evaluates and scores its own share).
+PROCESS_SUMMED = ("forward_nfe", "backward_nfe", "reward_queries", "reward_grads")
 
 
 def add_run_costs(
-    run_dir: str | Path, cost: StageCost, rewards_counted: bool = True, processes: int = 1
+    run_dir: str | Path, cost: StageCost, rewards_counted: bool = True, processes: int = 1, rank: int = 0
 ) -> dict:
     """Add one session's cost to `run_dir/costs.json` (a resumed run adds up its sessions; memory is the
     largest peak of any session); returns what was written. With `rewards_counted=False` (the reward
     was not wrapped with `CostMeter.count_reward`) the reward counts are written as null, not 0.
     `processes` > 1: `cost` is one process's of a multi-process session, recorded as `processes`
-    (the most of any session)."""
-    path = Path(run_dir) / COSTS_FILE
+    (the most of any session); process `rank` > 0 writes its own file, `costs-rank-RANK.json`, so no
+    two processes write one file, and `read_run_costs` adds them up."""
+    path = Path(run_dir) / (COSTS_FILE if rank == 0 else RANK_COSTS_FILE.format(rank=rank))
     total = cost.to_dict() | {"sessions": 1, "processes": processes}
     if not rewards_counted:
         total["reward_queries"] = total["reward_grads"] = None
@@ -244,4 +249,38 @@ def add_run_costs(
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(total, indent=1), encoding="utf-8")
     tmp.replace(path)
+    return total
+
+
+def read_run_costs(run_dir: str | Path) -> dict | None:
+    """A run folder's costs: `costs.json` (the main process's measurement, its wall time the run's)
+    with the counts of every other process's `costs-rank-*.json` added (forward and backward NFEs,
+    reward queries and gradients; a count any process left null stays null) and the largest peak
+    memory of any process (memory is per device); `processes_counted` says how many processes'
+    measurements the counts hold. None when the run has no costs.json. Raises ValueError naming a file
+    that is not readable JSON."""
+    run_dir = Path(run_dir)
+    main = run_dir / COSTS_FILE
+    if not main.is_file():
+        return None
+
+    def load(path: Path) -> dict:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a readable costs file ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a costs file (a JSON object)")
+        return data
+
+    total = load(main)
+    others = sorted(run_dir.glob(RANK_COSTS_FILE.format(rank="*")))
+    for path in others:
+        data = load(path)
+        for key in PROCESS_SUMMED:
+            a, b = total.get(key), data.get(key)
+            total[key] = None if a is None or b is None else a + b
+        peaks = [m for m in (total.get("peak_memory_mb"), data.get("peak_memory_mb")) if m is not None]
+        total["peak_memory_mb"] = max(peaks) if peaks else None
+    total["processes_counted"] = 1 + len(others)
     return total
