@@ -20,7 +20,8 @@
 #   benchmarks/gpu_steps_suite.sh OUT 120 --device cpu --tiny      # a rehearsal on the CPU
 #   RUNS="lora graphs" benchmarks/gpu_steps_suite.sh OUT 560       # only the runs named (suite order)
 #
-# Arguments after SECONDS are passed to every run. Prints each run's table; OUT/log.txt has it all.
+# Arguments after SECONDS are passed to every run. Prints each run's table, then all of them in one
+# (OUT/table.md, benchmarks/gpu_steps_table.py); OUT/log.txt has it all.
 # Measured on one H200 (torch 2.11, docs/scaling.md): on a bare machine, compiling the DPO step at 8
 # pairs took 152 s and the suite's first run did not finish in 300 s; with inductor's cache warm a run's
 # compiling took 7 to 27 s. The limits below leave room for a cold cache.
@@ -63,4 +64,8 @@ run() {
         --no-channels-last --no-tf32
     run graphs 300 --steps dpo,sample --pairs 8 --batch 8,16 --compile reduce-overhead
     echo "=== done at $(($(date +%s) - start)) s"
+    results=("$out"/*/results.json)
+    if [[ -e ${results[0]} ]]; then
+        "$python" "$here/gpu_steps_table.py" "${results[@]}" | tee "$out/table.md"
+    fi
 } 2>&1 | tee "$out/log.txt"

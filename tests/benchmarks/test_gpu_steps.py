@@ -235,10 +235,12 @@ def test_the_suite_runs_the_named_runs_and_keeps_their_results(tmp_path):
     argv = [str(suite), str(tmp_path), "120", "--device", "cpu", "--tiny", "--threads", "1", "--iters", "1"]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "train"]  # the one run named
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "table.md", "train"]  # the run named
     results = json.loads((tmp_path / "train" / "results.json").read_text())
     assert results["complete"] is True
     assert {(r["variant"], r["step"]) for r in results["records"]} == {
         (v, s) for v in ("eager", "diffalign") for s in ("pg", "draft")
     }
     assert "=== train exit 0" in (tmp_path / "log.txt").read_text()
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert [line.split(" | ")[1] for line in table[2:]] == ["pg", "draft"]  # one row a step
