@@ -18,7 +18,7 @@
 #
 #   benchmarks/gpu_steps_suite.sh OUT [SECONDS]                    # on CUDA, 1800 s in all by default
 #   benchmarks/gpu_steps_suite.sh OUT 120 --device cpu --tiny      # a rehearsal on the CPU
-#   RUNS="lora graphs" benchmarks/gpu_steps_suite.sh OUT 560       # only the runs named (suite order)
+#   RUNS="lora graphs" benchmarks/gpu_steps_suite.sh OUT 560       # only the runs named, in that order
 #
 # Arguments after SECONDS are passed to every run. Prints each run's table, then all of them in one
 # (OUT/table.md, benchmarks/gpu_steps_table.py); OUT/log.txt has it all.
@@ -32,16 +32,11 @@ shift $(($# >= 2 ? 2 : 1))
 extra=("$@")
 python=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
-mkdir -p "$out"
-start=$(date +%s)
 export PYTHONUNBUFFERED=1
 
 run() {
     local name=$1 limit=$2
     shift 2
-    if [[ -n ${RUNS:-} && " $RUNS " != *" $name "* ]]; then
-        return
-    fi
     local left=$((budget - ($(date +%s) - start)))
     if ((left < 30)); then
         echo "=== $name skipped: ${left} s of the budget left"
@@ -53,16 +48,34 @@ run() {
     echo "=== $name exit $? at $(($(date +%s) - start)) s"
 }
 
+# The runs, by name: each a time limit (seconds) and gpu_steps.py's arguments.
+declare -A limits=([main]=600 [lora]=420 [train]=180 [cudnn]=240 [lora-merged]=120 [graphs]=300)
+declare -A arguments=(
+    [main]="--steps dpo,sample --pairs 8,16 --batch 8,16"
+    [lora]="--steps dpo,sample --pairs 8 --batch 8 --finetune lora --lora-rank 8 --merge-lora"
+    [train]="--steps pg,draft --batch 8"
+    [cudnn]="--steps dpo,sample --pairs 8 --batch 8 --sdpa cudnn"
+    [lora-merged]="--steps sample --batch 8 --finetune lora --lora-rank 8 --merge-lora --compile none
+        --no-channels-last --no-tf32"
+    [graphs]="--steps dpo,sample --pairs 8 --batch 8,16 --compile reduce-overhead"
+)
+order=(${RUNS:-main lora train cudnn lora-merged graphs})
+for name in "${order[@]}"; do
+    if [[ -z ${limits[$name]:-} ]]; then
+        echo "gpu_steps_suite.sh: RUNS names $name; the runs are: main lora train cudnn lora-merged graphs" >&2
+        exit 2
+    fi
+done
+mkdir -p "$out"
+start=$(date +%s)
+
 {
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
     "$python" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
-    run main 600 --steps dpo,sample --pairs 8,16 --batch 8,16
-    run lora 420 --steps dpo,sample --pairs 8 --batch 8 --finetune lora --lora-rank 8 --merge-lora
-    run train 180 --steps pg,draft --batch 8
-    run cudnn 240 --steps dpo,sample --pairs 8 --batch 8 --sdpa cudnn
-    run lora-merged 120 --steps sample --batch 8 --finetune lora --lora-rank 8 --merge-lora --compile none \
-        --no-channels-last --no-tf32
-    run graphs 300 --steps dpo,sample --pairs 8 --batch 8,16 --compile reduce-overhead
+    for name in "${order[@]}"; do
+        # shellcheck disable=SC2086  # the arguments are words
+        run "$name" "${limits[$name]}" ${arguments[$name]}
+    done
     echo "=== done at $(($(date +%s) - start)) s"
     results=("$out"/*/results.json)
     if [[ -e ${results[0]} ]]; then

@@ -244,3 +244,7 @@ def test_the_suite_runs_the_named_runs_and_keeps_their_results(tmp_path):
     assert "=== train exit 0" in (tmp_path / "log.txt").read_text()
     table = (tmp_path / "table.md").read_text().splitlines()
     assert [line.split(" | ")[1] for line in table[2:]] == ["pg", "draft"]  # one row a step
+    argv = [str(suite), str(tmp_path / "other"), "10"]
+    unknown = subprocess.run(argv, env=dict(env, RUNS="train bogus"), capture_output=True, text=True)
+    assert unknown.returncode == 2 and "RUNS names bogus" in unknown.stderr
+    assert not (tmp_path / "other").exists()  # refused before anything ran
