@@ -13,28 +13,30 @@ way (`complete` false) are marked so.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
-#: The diffalign levers' defaults on CUDA (benchmarks/gpu_steps.py `diffalign_levers`); rows name
-#: the levers that differ from these.
-CUDA_DEFAULT_LEVERS = {
-    "compile": "default",
-    "compile_scope": "blocks",
-    "dynamic_shapes": False,
-    "channels_last": True,
-    "tf32": True,
-    "sdpa": "default",
-    "optimizer": "fused",
-    "merge_lora": False,
-    "fuse_qkv": False,
-    "inductor_tuning": False,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_steps, beside this script
+
+
+@functools.cache
+def cuda_default_levers() -> dict:
+    """The diffalign variant's levers on CUDA when no lever flag is given (`gpu_steps.diffalign_levers`,
+    derived rather than copied, so the table follows the benchmark's defaults)."""
+    import torch
+
+    from gpu_steps import diffalign_levers, parser
+
+    return asdict(diffalign_levers(parser().parse_args([]), torch.device("cuda")))
 
 
 def lever_changes(levers: dict) -> str:
     """The levers that differ from the CUDA defaults, as `name=value`, or "defaults"."""
-    changed = [f"{k}={v}" for k, v in levers.items() if CUDA_DEFAULT_LEVERS.get(k, v) != v]
+    defaults = cuda_default_levers()
+    changed = [f"{k}={v}" for k, v in levers.items() if defaults.get(k, v) != v]
     return ", ".join(changed) or "defaults"
 
 

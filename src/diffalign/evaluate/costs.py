@@ -224,6 +224,16 @@ SUMMED = ("wall_s", "forward_nfe", "backward_nfe", "reward_queries", "reward_gra
 PROCESS_SUMMED = ("forward_nfe", "backward_nfe", "reward_queries", "reward_grads")
 
 
+def _merge(total: dict, other: dict, summed: Sequence[str]) -> None:
+    """Add `other`'s counts named in `summed` into `total` (a count either left null stays null) and
+    keep the larger peak memory, in place."""
+    for key in summed:
+        a, b = total.get(key), other.get(key)
+        total[key] = None if a is None or b is None else a + b
+    peaks = [m for m in (total.get("peak_memory_mb"), other.get("peak_memory_mb")) if m is not None]
+    total["peak_memory_mb"] = max(peaks) if peaks else None
+
+
 def add_run_costs(
     run_dir: str | Path, cost: StageCost, rewards_counted: bool = True, processes: int = 1, rank: int = 0
 ) -> dict:
@@ -239,11 +249,7 @@ def add_run_costs(
         total["reward_queries"] = total["reward_grads"] = None
     if path.is_file():
         had = json.loads(path.read_text(encoding="utf-8"))
-        for key in SUMMED:
-            a, b = had.get(key), total[key]
-            total[key] = None if a is None or b is None else a + b
-        peaks = [m for m in (had.get("peak_memory_mb"), cost.peak_memory_mb) if m is not None]
-        total["peak_memory_mb"] = max(peaks) if peaks else None
+        _merge(total, had, SUMMED)
         total["sessions"] = int(had.get("sessions", 1)) + 1
         total["processes"] = max(int(had.get("processes", 1)), processes)
     tmp = path.with_suffix(".json.tmp")
@@ -276,11 +282,6 @@ def read_run_costs(run_dir: str | Path) -> dict | None:
     total = load(main)
     others = sorted(run_dir.glob(RANK_COSTS_FILE.format(rank="*")))
     for path in others:
-        data = load(path)
-        for key in PROCESS_SUMMED:
-            a, b = total.get(key), data.get(key)
-            total[key] = None if a is None or b is None else a + b
-        peaks = [m for m in (total.get("peak_memory_mb"), data.get("peak_memory_mb")) if m is not None]
-        total["peak_memory_mb"] = max(peaks) if peaks else None
+        _merge(total, load(path), PROCESS_SUMMED)
     total["processes_counted"] = 1 + len(others)
     return total
