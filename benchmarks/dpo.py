@@ -21,6 +21,9 @@ Diagnostics (docs/align.md, "What the pairs teach, and at which noise level"):
   pairs closer than `--label-margin` left out. It asks whether DPO can learn a given trait from these
   pairs at all, separately from whether the raters' choices carry it;
 - `--eval-stride K` judges every K-th ShapesEval prompt (a quicker, still task-balanced evaluation);
+- `--renderings` adds a row for the world's own renderings of the judging prompts (one scene drawn
+  per prompt, all faithful by construction: the pretraining data) judged against the base's samples
+  the same way, with no training: the win rate of a model that had learned the world's data exactly;
 - `--seeds 0,1,2` trains each offline run once per training seed (`runtime.seed`: the order of the
   pairs, the noise and the timesteps; the judging seeds stay fixed) and prints the mean win rate with
   the seeds' range: on these runs the seed alone moves the win rate by about 0.02 (docs/align.md).
@@ -52,6 +55,8 @@ from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.simulate import simulate_preferences
 from diffalign.prefs.store import PreferenceStore
 from diffalign.world.raters import TASTE_FEATURES, ImageFeatures, RaterPanel
+from diffalign.world.render import render_batch
+from diffalign.world.scene import sample_scenes, templates_from_metadata
 from diffalign.world.shapeseval import load_shapeseval
 
 KEY = re.compile(r"^simulated:(\d+):(\d+)$")
@@ -150,6 +155,16 @@ def judge(panel: RaterPanel, tuned: torch.Tensor, base: torch.Tensor, prompts: l
         "means_base": feature_means(panel, features_base),
         "prompts": len(prompts),
     }
+
+
+def renderings(metadata: list[dict], size: int, seed: int = 0) -> torch.Tensor:
+    """uint8 [N, 3, size, size]: one world scene drawn for each prompt's metadata and rendered."""
+    scenes = sample_scenes(
+        templates_from_metadata(metadata),
+        torch.arange(len(metadata)),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return (render_batch(scenes, size).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def timing(args: argparse.Namespace) -> None:
@@ -378,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
         "--label-margin", type=float, default=0.02, help="pairs closer than this in --labels are left out"
     )
     parser.add_argument("--real-seed", type=int, default=0, help="seed of SPIN's rendered real scenes")
+    parser.add_argument(
+        "--renderings",
+        action="store_true",
+        help="also judge the world's renderings of the judging prompts against the base (no training)",
+    )
     parser.add_argument("--reference-every", type=int, default=1, help="online DPO's reference refresh")
     parser.add_argument("--steps", type=int, default=1000, help="DPO steps per run")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -422,10 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     panel = RaterPanel()
-    prompts = [m["prompt"] for m in load_shapeseval()]
+    metadata = load_shapeseval()
     if args.eval_prompts:
-        prompts = prompts[: args.eval_prompts]
-    prompts = prompts[:: args.eval_stride]
+        metadata = metadata[: args.eval_prompts]
+    metadata = metadata[:: args.eval_stride]
+    prompts = [m["prompt"] for m in metadata]
     results: dict = {"args": vars(args), "runs": [], "seed_summary": []}
     for spec in args.models:
         base = load_model(spec, device=args.device)
@@ -435,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         base_s = time.perf_counter() - started
 
         evaluate = evaluator(args, spec, sampler, prompts, panel, base_images, base_s, results, out)
+        if args.renderings:
+            rendered = renderings(metadata, base_images.shape[-1], seed=args.real_seed)
+            row = {"model": spec, "method": "world renderings (no training)", "pairs": 0}
+            results["runs"].append({**row, **judge(panel, rendered, base_images, prompts)})
+            print(f"{spec} world renderings: win rate {results['runs'][-1]['win_rate']:.3f}", flush=True)
 
         if args.pairs:
             offline(args, spec, base, out, evaluate, panel)

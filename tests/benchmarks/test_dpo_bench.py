@@ -110,3 +110,24 @@ def test_seeds_and_a_set_seed_are_refused_together(tmp_path, capsys):
     with pytest.raises(SystemExit):
         module.main(["--seeds", "0,1", "--set", "runtime.seed=3", "--out", str(tmp_path)])
     assert "give the training seeds one way" in capsys.readouterr().err
+
+
+def test_renderings_are_faithful_images_of_each_judging_prompt_and_a_row_of_their_own(tmp_path):
+    from diffalign.world.shapeseval import load_shapeseval
+
+    module = load_benchmark("dpo")
+    metadata = load_shapeseval()[::25]
+    images = module.renderings(metadata, 32, seed=3)
+    assert images.dtype == torch.uint8 and images.shape == (len(metadata), 3, 32, 32)
+    features = RaterPanel().features(images, [m["prompt"] for m in metadata])
+    assert bool(features.correct.all())  # every rendering holds its prompt's clauses
+    assert torch.equal(images, module.renderings(metadata, 32, seed=3))
+    assert not torch.equal(images, module.renderings(metadata, 32, seed=4))
+
+    out = tmp_path / "bench"
+    module.main(
+        ["--models", "base", "--pairs", "0", "--renderings", "--eval-prompts", "6", "--out", str(out)]
+    )
+    (row,) = json.loads((out / "results.json").read_text())["runs"]
+    assert row["method"] == "world renderings (no training)" and row["accuracy_tuned"] == 1.0
+    assert 0.0 <= row["ci95"][0] <= row["win_rate"] <= row["ci95"][1] <= 1.0
