@@ -1,6 +1,7 @@
 """End-to-end tests of the command line (typer's CliRunner, in-process)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +71,22 @@ def test_score_resizes_other_sizes_and_reports_wrong_images(tmp_path):
     assert results["failure_modes"][tag]["failed"] == 1
     assert set(results["failure_modes"][tag]["modes"]) == {"missing"}
     assert "missing" in result.output
+
+
+def test_score_reads_jpeg_and_webp_samples_of_other_generators(tmp_path):
+    lines = load_shapeseval()[:: len(load_shapeseval()) // 12][:12]
+    folder = _ground_truth_folder(tmp_path / "mixed", lines, size=96)
+    pngs = sorted(folder.glob("*/samples/0000.png"))
+    for k, png in enumerate(pngs):  # re-encode, alternating formats and extension case
+        suffix = (".jpg", ".JPEG", ".webp")[k % 3]
+        Image.open(png).save(png.with_suffix(suffix), quality=90)
+        png.unlink()
+    result = _invoke("shapeseval", "score", folder, "--out", tmp_path / "r.json", "--bootstrap", 100)
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["n_images"] == len(lines)
+    assert {Path(r["file"]).suffix for r in results["images"]} == {".jpg", ".JPEG", ".webp"}
+    assert results["overall"]["score"] >= 0.99
 
 
 @pytest.mark.parametrize(
@@ -239,3 +256,21 @@ def test_main_leaves_the_process_group_a_command_started(monkeypatch):
         cli.main()
     assert exit_info.value.code == 0
     assert not dist.is_initialized()
+
+
+def test_eval_with_a_reward_model_folder_on_the_default_device(tmp_path):
+    """`--reward RM_DIR` and `--judge RM_DIR` with `--device auto` (the default) load the reward model on
+    the resolved device (a reward folder used to receive the string "auto" and fail in torch)."""
+    from diffalign.rewards.learned import RewardModelConfig, build_reward_model
+
+    subset = tmp_path / "subset.jsonl"
+    lines = load_shapeseval()[::100]
+    subset.write_text(to_jsonl(lines))
+    build_reward_model([m["prompt"] for m in lines], RewardModelConfig(), seed=0).save(tmp_path / "rm")
+    out = tmp_path / "eval"
+    args = ["eval", "--out", out, "--samples-per-prompt", 1, "--steps", 2, "--prompts", subset]
+    result = _invoke(*args, "--reward", tmp_path / "rm", "--baseline", "base", "--judge", tmp_path / "rm")
+    assert result.exit_code == 0, result.output
+    suite = json.loads((out / "results.json").read_text())["suite"]
+    assert np.isfinite(suite["rewards"][str(tmp_path / "rm")]["mean"])
+    assert suite["win_rate"]["win_rate"] == 0.5  # the model against itself, judged by the reward model

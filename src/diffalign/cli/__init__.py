@@ -14,6 +14,7 @@ from rich.table import Table
 from diffalign.cli.common import console
 from diffalign.cli.common import fail as _fail
 from diffalign.cli.common import load_model_arg as _load
+from diffalign.cli.common import resolve_device
 from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 
 app = typer.Typer(
@@ -322,6 +323,7 @@ def _run_suite(
 
     lines = metadata if metadata is not None else load_shapeseval()
     prompts = [line["prompt"] for line in lines for _ in range(per_prompt)]
+    device = resolve_device(device)  # rewards and models load on a real device, never "auto"
     judge_reward, group = None, None
     try:
         if judge == "panel" or judge.startswith("panel:"):

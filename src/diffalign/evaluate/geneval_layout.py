@@ -3,7 +3,7 @@
 Layout (GenEval's `generation/diffusers_generate.py`)::
 
     DIR/00000/metadata.jsonl      the prompt's metadata line
-    DIR/00000/samples/0000.png    its samples
+    DIR/00000/samples/0000.png    its samples (also .jpg, .jpeg or .webp)
     DIR/00001/...
 
 `score_folder` reads such a folder (from diffalign or any other generator), scores every image with
@@ -31,7 +31,8 @@ from diffalign.world.grammar import GrammarError, validate_metadata
 from diffalign.world.palette import CATEGORIES, DEFAULT_CANVAS_SIZE
 
 _PROMPT_DIR = re.compile(r"\d+")
-_SAMPLE = re.compile(r"\d+\.png")
+#: GenEval writes `samples/NNNN.png`; other generators write JPEG or WebP, read the same way.
+_SAMPLE = re.compile(r"\d+\.(png|jpe?g|webp)", re.IGNORECASE)
 
 
 class LayoutError(ValueError):
@@ -86,7 +87,9 @@ def read_folder(root: str | Path) -> list[FolderEntry]:
             f"{root}: no prompt folders (expected DIR/00000/metadata.jsonl and DIR/00000/samples/0000.png)"
         )
     if not any(e.images for e in entries):
-        raise LayoutError(f"{root}: no images found under */samples/*.png; nothing to score")
+        raise LayoutError(
+            f"{root}: no images found under */samples/ (NNNN.png, .jpg, .jpeg or .webp); nothing to score"
+        )
     return entries
 
 
