@@ -178,3 +178,23 @@ def test_relations_cover_all_four_directions():
         meta = next(m for m in all_metadata("position") if m["include"][1]["position"][0] == rel)
         image = _rendered([meta], seed=3)[0]
         assert score_image(image, meta).correct
+
+
+def test_load_image_reads_16_bit_grey_and_exif_rotation_as_a_viewer_shows_them(tmp_path):
+    ramp = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)  # 0 .. 64,491
+    grey16 = tmp_path / "grey16.png"
+    Image.fromarray(ramp).save(grey16)
+    assert Image.open(grey16).mode.startswith("I")
+    loaded = load_image(grey16)
+    assert loaded.shape == (48, 64, 3)
+    assert np.allclose(loaded[..., 0], np.rint(ramp / 257.0) / 255.0)  # scaled to 8 bits, not clipped
+
+    scene = Scene((SceneObject("square", "orange", 0.25, 0.5, 0.15),))
+    upright = render_scene(scene, 32)  # the square in the left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to display"
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # stored turned the other way
+    rotated = tmp_path / "rotated.jpg"
+    stored.save(rotated, exif=exif, quality=95)
+    shown = load_image(rotated)
+    assert np.abs(shown - upright / 255.0).mean() < 0.02  # the picture as displayed, not as stored

@@ -84,8 +84,16 @@ def import_cmd(
         fail(f"--batch-size must be at least 1, got {batch_size}")
     try:
         items = read_format(fmt, path, source=source, images_dir=images, batch_size=batch_size)
+        # Read the first row before the store is opened: data that is not there creates no store.
+        items = itertools.chain([next(items)], items)
+    except StopIteration:
+        items = iter(())
+    except FileNotFoundError as err:
+        fail(f"{err} (nothing was imported)")
     except ValueError as err:
         fail(str(err))
+    except OSError as err:
+        fail(f"cannot read {path}: {err} (nothing was imported)")
     total = count_rows(fmt, path)
     if limit is not None:
         items = itertools.islice(items, limit)

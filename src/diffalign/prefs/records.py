@@ -67,9 +67,9 @@ class NewComparison:
             return f"choice {self.choice!r} cannot name a chosen image ({self.chosen})"
         if self.image_meta is not None and len(self.image_meta) != len(self.images):
             return f"{len(self.images)} images but {len(self.image_meta)} image_meta entries"
-        try:
-            json.dumps(self.meta)
-            json.dumps(self.image_meta)
+        try:  # strict JSON: NaN and Infinity are not JSON (PostgreSQL refuses them, so do other readers)
+            json.dumps(self.meta, allow_nan=False)
+            json.dumps(self.image_meta, allow_nan=False)
         except (TypeError, ValueError) as err:
             return f"meta is not JSON: {err}"
         return None

@@ -38,6 +38,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, func, insert, s
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
+from diffalign.images import displayed_rgb
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.records import (
     CHOICE_IMAGE,
@@ -61,6 +62,10 @@ from diffalign.prefs.schema import Image as ImageRow
 from diffalign.prefs.stored_pairs import StoredPairs
 
 _EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+# A multi-picture JPEG (MPO: phones, stereo cameras) is a JPEG file whose first picture every JPEG reader
+# shows; PIL names its format MPO. It is stored, like any JPEG, as the bytes it is.
+_SAME_FORMAT = {"MPO": "JPEG"}
+_ORIENTATION = 0x0112  # the EXIF tag; values 5 to 8 turn the picture a quarter, swapping width and height
 _IMAGE_BATCH = 500  # comparisons read per page by `comparisons()`
 
 
@@ -123,10 +128,15 @@ def _inspect_image(data: bytes) -> tuple[str, int, int]:
             im.load()  # decodes the pixels: catches truncated and corrupt files, not only bad headers
             fmt = im.format or "UNKNOWN"
             width, height = im.size
+            if im.getexif().get(_ORIENTATION) in (5, 6, 7, 8):
+                width, height = height, width  # the size it is shown at (and `load_image` returns)
     except UnidentifiedImageError as err:
         raise ValueError("not an image file PIL can read (unknown or corrupt header)") from err
+    except PILImage.DecompressionBombError as err:
+        raise ValueError(f"image is too large to decode safely: {err}") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"image does not decode: {err}") from err
+    fmt = _SAME_FORMAT.get(fmt, fmt)
     if fmt not in _EXTENSIONS:
         raise ValueError(f"image format {fmt} is not stored (use one of {sorted(_EXTENSIONS)})")
     return fmt, width, height
@@ -580,9 +590,10 @@ class PreferenceStore:
         return data
 
     def load_image(self, sha256: str, size: int | None = None) -> np.ndarray:
-        """An image as uint8 [H, W, 3] RGB, resized to size x size (bicubic) when asked."""
+        """An image as uint8 [H, W, 3] RGB, as a viewer shows it (`displayed_rgb`), resized to
+        size x size (bicubic) when asked."""
         with PILImage.open(io.BytesIO(self.image_bytes(sha256))) as im:
-            rgb = im.convert("RGB")
+            rgb = displayed_rgb(im)
             if size is not None and rgb.size != (size, size):
                 rgb = rgb.resize((size, size), PILImage.Resampling.BICUBIC)
             return np.asarray(rgb, dtype=np.uint8).copy()

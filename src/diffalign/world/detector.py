@@ -34,9 +34,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from scipy import ndimage
 
+from diffalign.images import displayed_rgb
 from diffalign.world.palette import BACKGROUND_RGB, COLORS, SHAPES, palette_array
 
 
@@ -93,7 +94,8 @@ class DetectedObject:
 def load_image(source: str | Path | Image.Image | np.ndarray, size: int | None = None) -> np.ndarray:
     """Any image (path, PIL image, uint8 or float array HWC or CHW, torch tensor) -> float RGB [H,W,3].
 
-    Transparency is composited over white. With `size`, the image is resized to size x size with a
+    Shown as a viewer shows it (`diffalign.images.displayed_rgb`: EXIF orientation, 16-bit grey
+    scaled, transparency composited over white). With `size`, the image is resized to size x size with a
     box filter (area averaging, which keeps colours and anti-aliases edges). Raises ValueError naming
     the file when it cannot be read.
     """
@@ -101,16 +103,12 @@ def load_image(source: str | Path | Image.Image | np.ndarray, size: int | None =
         try:
             with Image.open(source) as im:
                 im.load()
-                image = ImageOps.exif_transpose(im)
+                image = displayed_rgb(im)
         except Exception as err:  # PIL raises many types for bad files
             raise ValueError(f"cannot read image {source}: {err}") from None
         source = image
     if isinstance(source, Image.Image):
-        if source.mode in ("RGBA", "LA", "PA") or (source.mode == "P" and "transparency" in source.info):
-            rgba = source.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (*BACKGROUND_RGB, 255))
-            source = Image.alpha_composite(white, rgba)
-        pil = source.convert("RGB")
+        pil = displayed_rgb(source)  # EXIF orientation, 16-bit grey, transparency over the white background
         if size is not None and pil.size != (size, size):
             pil = pil.resize((size, size), Image.Resampling.BOX)
         return np.asarray(pil, dtype=np.float64) / 255.0

@@ -49,6 +49,8 @@ def image_problem(data: bytes | None) -> str | None:
             im.verify()
     except UnidentifiedImageError:
         return f"image does not decode: not a known image format ({len(data)} bytes starting {data[:8]!r})"
+    except Image.DecompressionBombError as err:
+        return f"image is too large to decode safely: {err}"
     except (OSError, SyntaxError, ValueError) as err:
         return f"image does not decode: {err}"
     return None

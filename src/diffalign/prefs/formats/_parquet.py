@@ -81,8 +81,24 @@ def iter_parquet_rows(
             row = 0
             try:
                 for batch in reader.iter_batches(batch_size=batch_size, columns=columns):
-                    for values in batch.to_pylist():
+                    for values in _microsecond_times(batch).to_pylist():
                         yield f"{file.name} row {row}", values
                         row += 1
-            except (OSError, pa.ArrowException) as err:
+            except (OSError, ValueError, pa.ArrowException) as err:
                 yield BadRow(f"{file.name} row {row}", f"parquet data does not read: {err}")
+
+
+def _microsecond_times(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """`batch` with nanosecond timestamps (Pick-a-Pic's `created_at`) cut to microseconds, Python's
+    resolution: without this, `to_pylist` fails on a time with nanoseconds unless pandas is installed,
+    and gives pandas Timestamps when it is."""
+    if not any(pa.types.is_timestamp(f.type) and f.type.unit == "ns" for f in batch.schema):
+        return batch
+    fields, columns = [], []
+    for field, column in zip(batch.schema, batch.columns):
+        if pa.types.is_timestamp(field.type) and field.type.unit == "ns":
+            field = field.with_type(pa.timestamp("us", tz=field.type.tz))
+            column = column.cast(field.type, safe=False)
+        fields.append(field)
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, schema=pa.schema(fields, metadata=batch.schema.metadata))

@@ -129,6 +129,10 @@ class _GroupWriter:
 
 def _write_parquet(out: Path, schema: pa.Schema, rows: Iterator[tuple[dict, int]]) -> int:
     """Write (row, image bytes) pairs to `out` atomically; returns the row count."""
+    if out.is_dir():
+        raise ExportError(
+            f"{out} is a folder; this export writes one parquet file, such as {out / 'prefs.parquet'}"
+        )
     n = 0
     with atomic_path(out) as tmp:
         writer = _GroupWriter(tmp, schema)

@@ -8,7 +8,8 @@ test.json: [{"prompt", "image_path": [str, ...], "rank": [int, ...],
 images (1 = best). Each annotator's ranking is expanded into every pair of images, a two-image
 comparison per pair (the better-ranked image chosen, equal ranks a tie), rater `hpdv2:<user_hash>`:
 that keeps the whole ranking, in the store's own terms, and is how HPDv2 scores pairwise accuracy.
-An entry without raw_annotations expands its aggregate `rank` the same way with no rater.
+An entry without raw_annotations (or with an empty list) expands its aggregate `rank` the same way with
+no rater.
 
 The JSON is parsed one entry at a time (`iter_json_array`), never whole; images are read per entry.
 """
@@ -26,21 +27,40 @@ from diffalign.prefs.records import CHOICE_IMAGE, CHOICE_TIE, BadRow, NewCompari
 SOURCE = "hpdv2"
 _CHUNK = 1 << 20
 _WS = re.compile(r"\s*")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that did not decode, under errors="surrogateescape"
+
+
+class JSONArrayError(ValueError):
+    """The text of a JSON array file is not a JSON array from `where` on (the rest is not read)."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(f"{where}: {reason}")
 
 
 def iter_json_array(path: Path, chunk_size: int = _CHUNK) -> Iterator[object]:
-    """The elements of a JSON array file, decoded one at a time from chunks of the file.
+    """The elements of a JSON array file (UTF-8, with or without a byte order mark), decoded one at a
+    time from chunks of the file.
 
-    Raises ValueError naming the entry when the text is not a JSON array.
+    Raises JSONArrayError (a ValueError) naming the entry when the text is not a JSON array.
     """
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
+    index = 0
+    # A byte that is not UTF-8 becomes a lone surrogate, so the entries before it are still read.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         buf, pos, eof = "", 0, False
 
         def more() -> None:
             nonlocal buf, pos, eof
             chunk = f.read(chunk_size)
             buf, pos, eof = buf[pos:] + chunk, 0, not chunk
+
+        def check_utf8(start: int, end: int) -> None:
+            invalid = _NOT_UTF8.search(buf, start, end)
+            if invalid is not None:
+                byte = ord(invalid.group()) - 0xDC00
+                raise JSONArrayError(f"{path.name} entry {index}", f"not UTF-8 text (byte {byte:#04x})")
 
         def skip_ws() -> bool:
             """Move past whitespace; False at the end of the file."""
@@ -53,15 +73,16 @@ def iter_json_array(path: Path, chunk_size: int = _CHUNK) -> Iterator[object]:
                     return False
                 more()
 
-        if not skip_ws() or buf[pos] != "[":
-            raise ValueError(f"{path.name}: not a JSON array (it must start with '[')")
+        if not skip_ws():
+            raise JSONArrayError(path.name, "the file is empty (expected a JSON array)")
+        if buf[pos] != "[":
+            raise JSONArrayError(path.name, f"not a JSON array (it must start with '[', not {buf[pos]!r})")
         pos += 1
-        index = 0
         if skip_ws() and buf[pos] == "]":
             return
         while True:
             if not skip_ws():
-                raise ValueError(f"{path.name} entry {index}: the file ends inside the array")
+                raise JSONArrayError(f"{path.name} entry {index}", "the file ends inside the array")
             try:
                 value, end = decoder.raw_decode(buf, pos)
                 if end == len(buf) and not eof:
@@ -70,18 +91,22 @@ def iter_json_array(path: Path, chunk_size: int = _CHUNK) -> Iterator[object]:
                 if not eof:
                     more()
                     continue
-                raise ValueError(f"{path.name} entry {index}: not valid JSON ({err.msg})") from err
+                check_utf8(pos, err.pos + 1)
+                raise JSONArrayError(f"{path.name} entry {index}", f"not valid JSON ({err.msg})") from err
+            check_utf8(pos, end)
             yield value
             index += 1
             pos = end
             if not skip_ws():
-                raise ValueError(f"{path.name} entry {index}: the file ends inside the array")
+                raise JSONArrayError(f"{path.name} entry {index}", "the file ends inside the array")
             if buf[pos] == ",":
                 pos += 1
             elif buf[pos] == "]":
                 return
             else:
-                raise ValueError(f"{path.name} entry {index}: expected ',' or ']' after entry {index - 1}")
+                raise JSONArrayError(
+                    f"{path.name} entry {index}", f"expected ',' or ']' after entry {index - 1}"
+                )
 
 
 def read_hpdv2(
@@ -106,8 +131,8 @@ def read_hpdv2(
             entry = next(entries)
         except StopIteration:
             return
-        except ValueError as err:  # the rest of the file cannot be parsed
-            yield BadRow(where, str(err))
+        except JSONArrayError as err:  # the rest of the file cannot be parsed
+            yield BadRow(err.where, err.reason)
             return
         if not isinstance(entry, dict):
             yield BadRow(where, f"an entry must be a JSON object, got {type(entry).__name__}")
@@ -189,7 +214,7 @@ def _test(where: str, entry: dict, base: Path, source: str) -> Iterator[NewCompa
         return
     annotations = entry.get("raw_annotations")
     rankings: list[tuple[str | None, list[int], str]] = []
-    if annotations is None:
+    if annotations is None or annotations == []:  # no annotator's ranking: the aggregate one
         rank = _int_list(entry.get("rank"), len(paths), "rank")
         if isinstance(rank, str):
             yield BadRow(where, rank)

@@ -38,7 +38,13 @@ def read_imagerewarddb(
         for column in ("img_better", "img_worse"):
             data = image_payload(row[column])
             if data is None:
-                yield BadRow(where, f"{column} holds no image bytes")
+                cell = row[column]
+                only = (
+                    f" (only the path {cell['path']!r})"
+                    if isinstance(cell, dict) and cell.get("path")
+                    else ""
+                )
+                yield BadRow(where, f"{column} holds no image bytes{only}; the images must be in the parquet")
                 break
             images.append(data)
             cell = row[column]

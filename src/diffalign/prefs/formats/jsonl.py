@@ -4,12 +4,14 @@ A line: {"prompt": str, "images": [path, ...], "choice": "image" | "tie" | "skip
 "rater": str | null, "rater_group": str | null, "source": str, "key": str | null,
 "created_at": ISO 8601 | null, "meta": {...}, "image_meta": [{...}, ...] | null}. Only prompt, images
 and choice are required. Image paths are relative to the file's folder (or `images_dir`). Blank lines
-are ignored. `export.py` writes this format: `comparisons.jsonl` and `images/<sha256>.<ext>`.
+are ignored. The file is UTF-8 (a byte order mark is allowed), with any line endings. `export.py`
+writes this format: `comparisons.jsonl` and `images/<sha256>.<ext>`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from diffalign.prefs.records import CHOICES, BadRow, NewComparison
 DEFAULT_SOURCE = "local"
 FILE_NAME = "comparisons.jsonl"  # what a folder holds (the exporter's layout)
 _OPTIONAL_TEXT = ("rater", "rater_group", "source", "key")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that did not decode, under errors="surrogateescape"
 
 
 def read_jsonl(
@@ -37,11 +40,18 @@ def read_jsonl(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     base = Path(images_dir) if images_dir is not None else path.parent
-    with open(path, encoding="utf-8") as f:
+    # UTF-8 with or without a byte order mark; a byte that is not UTF-8 becomes a lone surrogate, so the
+    # line holding it is a bad row of its own instead of an error that stops the whole file.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path.name} line {number}"
+            invalid = _NOT_UTF8.search(line)
+            if invalid is not None:
+                byte = ord(invalid.group()) - 0xDC00
+                yield BadRow(where, f"not UTF-8 text (byte {byte:#04x} at column {invalid.start() + 1})")
+                continue
             try:
                 yield _comparison(where, json.loads(line), base, source)
             except json.JSONDecodeError as err:

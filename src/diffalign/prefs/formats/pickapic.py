@@ -9,6 +9,7 @@ num_example_per_prompt, plus the `diffalign_*` columns our own exporter adds (se
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def _comparison(where: str, row: dict, source: str | None) -> NewComparison | Ba
             if row.get(column) not in (None, ""):
                 entry[name] = _text(row[column])
         image_meta.append(entry)
-    meta = {name: _jsonable(row[name]) for name in _META_COLUMNS if row.get(name) is not None}
+    meta = {name: _jsonable(row[name]) for name in _META_COLUMNS if not _missing(row.get(name))}
 
     key = f"pickapic:{ranking}" if ranking else None
     rater = f"pickapic:{user}" if user else None
@@ -138,6 +139,10 @@ def _comparison(where: str, row: dict, source: str | None) -> NewComparison | Ba
             image_meta = json.loads(row["diffalign_image_meta"])
     if source is None:
         source = row.get("diffalign_source") or SOURCE
+    try:
+        created_at = to_datetime(row.get("created_at"))
+    except ValueError as err:
+        return BadRow(where, f"created_at is not a time: {err}")
     return checked(
         NewComparison(
             prompt=prompt,
@@ -148,12 +153,17 @@ def _comparison(where: str, row: dict, source: str | None) -> NewComparison | Ba
             rater_group=group,
             source=source,
             key=key,
-            created_at=to_datetime(row.get("created_at")),
+            created_at=created_at,
             meta=meta,
             image_meta=image_meta,
             where=where,
         )
     )
+
+
+def _missing(value: object) -> bool:
+    """None, or a float NaN (how pandas writes a missing value into a numeric column)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _jsonable(value: object) -> object:
