@@ -188,3 +188,111 @@ def test_relative_path_and_windows_drive(tmp_path, monkeypatch):
     (tmp_path / "r.py").write_text(textwrap.dedent(REWARD_FILE))
     assert load_callable_reward("./r.py:brightness").name == "brightness"
     assert _split(r"C:\work\r.py:brightness") == (r"C:\work\r.py", "brightness")  # the last colon splits
+
+
+OUTPUTS_FILE = """
+import numpy as np
+import torch
+
+
+def half(images, prompts):
+    return images.mean(dim=(1, 2, 3)).half()
+
+
+def double(images, prompts):
+    return images.mean(dim=(1, 2, 3)).double()
+
+
+def one_number(images, prompts):
+    return 0.25
+
+
+def tensors(images, prompts):
+    return [image.mean() for image in images]
+
+
+tensors.differentiable = True
+
+
+def three(images, prompts):
+    return torch.zeros(3)
+
+
+def nan_at_2(images, prompts):
+    out = np.zeros(len(prompts))
+    out[2] = np.nan
+    return out
+
+
+def complex_values(images, prompts):
+    return torch.zeros(len(prompts), dtype=torch.complex64)
+
+
+def words(images, prompts):
+    return ["0.5"] * len(prompts)
+
+
+def images_only(images):
+    return images.mean(dim=(1, 2, 3))
+
+
+def keyword_prompts(images, *, prompts):
+    return images.mean(dim=(1, 2, 3))
+
+
+def fails(images, prompts):
+    raise KeyError("no score for this image")
+"""
+
+
+@pytest.fixture
+def outputs_file(tmp_path):
+    path = tmp_path / "outputs.py"
+    path.write_text(OUTPUTS_FILE)
+    return path
+
+
+def test_outputs_become_float32_and_keep_gradients(outputs_file):
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    prompts = ["a", "b", "c", "d"]
+    for name in ("half", "double"):
+        out = load_callable_reward(f"{outputs_file}:{name}")(images, prompts)
+        assert out.dtype == torch.float32 and out.shape == (4,), name
+    one = load_callable_reward(f"{outputs_file}:one_number")(images[:1], prompts[:1])  # a batch of one
+    assert one.dtype == torch.float32 and one.tolist() == [0.25]
+    leaf = images.clone().requires_grad_(True)
+    out = load_callable_reward(f"{outputs_file}:tensors")(leaf, prompts)  # a list of 0-d tensors
+    assert torch.allclose(out, images.mean(dim=(1, 2, 3)))
+    out.sum().backward()
+    assert leaf.grad is not None and torch.allclose(leaf.grad, torch.full_like(leaf, 1 / (3 * 8 * 8)))
+
+
+def test_bad_outputs_say_what_is_wrong_and_name_the_spec(outputs_file):
+    images, prompts = torch.rand(4, 3, 8, 8), ["a", "b", "c", "d"]
+    cases = {
+        "three": r"returned 3 values for 4 images",
+        "one_number": r"returned a single number for 4 images",
+        "nan_at_2": r"NaN for image 2\b",
+        "complex_values": r"complex",
+        "words": r"strings, not numbers",
+    }
+    for name, message in cases.items():
+        with pytest.raises(RewardOutputError, match=message) as info:
+            load_callable_reward(f"{outputs_file}:{name}")(images, prompts)
+        assert f"{outputs_file}:{name}" in str(info.value), name
+
+
+def test_images_only_function_and_a_signature_that_fits_nothing(outputs_file):
+    images = torch.rand(2, 3, 8, 8)
+    reward = load_callable_reward(f"{outputs_file}:images_only")
+    assert torch.allclose(reward(images, ["a", "b"]), images.mean(dim=(1, 2, 3)))
+    with pytest.raises(TypeError, match=r"keyword_prompts.*cannot be called as \(images, prompts\)"):
+        load_callable_reward(f"{outputs_file}:keyword_prompts")  # refused when loaded, not when first called
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
+def test_an_exception_in_the_reward_says_which_reward_raised_it(outputs_file):
+    reward = load_callable_reward(f"{outputs_file}:fails")
+    with pytest.raises(KeyError, match="no score") as info:
+        reward(torch.rand(2, 3, 8, 8), ["a", "b"])
+    assert any(f"{outputs_file}:fails" in note for note in info.value.__notes__)

@@ -533,3 +533,44 @@ def test_missing_transformers_says_how_to_install(monkeypatch, clip_dir):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(MissingRewardPackageError, match="pip install 'transformers"):
         CLIPScoreReward.load(clip_dir)
+
+
+# --- damaged or wrong-kind weights -------------------------------------------------------------------------
+
+
+def test_a_folder_of_another_architecture_is_not_loaded_as_clip(tmp_path):
+    """transformers loads a BERT folder into a CLIPModel with random weights and a warning; refuse it."""
+    tokenizer, _ = _tokenizer()
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+    )
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(RewardWeightsError, match=r"holds a 'bert' model.*not a CLIP model"):
+        load_external_reward("clip", tmp_path)
+
+
+def test_clip_weights_lacking_tensors_or_corrupt_are_refused(clip_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"
+    shutil.copytree(clip_dir, partial)
+    state = load_file(partial / "model.safetensors")
+    save_file(
+        {k: v for k, v in state.items() if not k.startswith("visual_projection")},
+        partial / "model.safetensors",
+    )
+    with pytest.raises(RewardWeightsError, match=r"lack 1 of CLIP's tensors.*visual_projection"):
+        CLIPScoreReward.load(partial)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(clip_dir, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RewardWeightsError, match=r"corrupt.*SafetensorError"):
+        CLIPScoreReward.load(corrupt)
+
+
+def test_an_aesthetic_head_that_is_no_checkpoint_names_the_file(tmp_path):
+    for name in ("head.pth", "head.safetensors"):
+        (tmp_path / name).write_bytes(b"this is not a checkpoint")
+        with pytest.raises(RewardWeightsError, match=rf"{name} is not a readable \.pth/\.safetensors"):
+            load_aesthetic_head(tmp_path / name)

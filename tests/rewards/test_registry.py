@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,68 @@ def test_external_name_without_weights_is_a_clear_error(tmp_path: Path, monkeypa
 def test_unknown_specs_name_the_forms(spec: str) -> None:
     with pytest.raises(RewardSpecError, match="--reward"):
         load_reward(spec)
+
+
+def test_callable_spec_mistakes_are_reward_spec_errors(tmp_path: Path) -> None:
+    """The CLI commands report a RewardSpecError (a ValueError) as an error line, not a traceback."""
+    file = tmp_path / "scores.py"
+    file.write_text("LIMIT = 3\n\ndef score(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n")
+    with pytest.raises(RewardSpecError, match=r"has no attribute 'scor'; callables: score"):
+        load_reward(f"{file}:scor")
+    with pytest.raises(RewardSpecError, match="not a callable"):
+        load_reward(f"{file}:LIMIT")
+    with pytest.raises(RewardSpecError, match=r"getcwd\(\) cannot be called as \(images, prompts\)"):
+        load_reward("os:getcwd")
+    with pytest.raises(
+        RewardSpecError, match=re.escape(f"{file}:FUNCTION")
+    ):  # a file without the function's name
+        load_reward(str(file))
+
+
+@pytest.mark.parametrize(
+    ("spec", "suggestion"),
+    [
+        ("clipp", "clip"),
+        ("shapes:faithfulnes", "shapes:faithfulness"),
+        ("SHAPES:faithfulness", "shapes:faithfulness"),
+        ("gold-qualty", "gold-quality"),
+        ("penalized:runs/ensemble", "penalised:runs/ensemble"),
+    ],
+)
+def test_typos_get_a_suggestion(spec: str, suggestion: str) -> None:
+    with pytest.raises(RewardSpecError, match=f"did you mean '{suggestion}'"):
+        load_reward(spec)
+
+
+def test_external_aliases_and_spaces_around_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no-clip-here"
+    for spec in (f"clipscore={missing}", f"clip = {missing}"):
+        with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):  # reaches the CLIP loader
+            load_reward(spec)
+
+
+def _learned(folder: Path) -> Path:
+    from diffalign.rewards.learned import build_reward_model
+
+    return build_reward_model(["a red circle"]).save(folder)
+
+
+def test_damaged_reward_model_folder_names_it(tmp_path: Path) -> None:
+    corrupt = _learned(tmp_path / "corrupt")
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(
+        RewardSpecError, match=re.escape(str(corrupt)) + " is not a readable reward-model folder.*Safetensor"
+    ):
+        load_reward(str(corrupt))
+    not_object = _learned(tmp_path / "config-list")
+    (not_object / "config.json").write_text("[]")
+    with pytest.raises(RewardSpecError, match="config-list is not a readable reward-model folder"):
+        load_reward(str(not_object))
+
+
+def test_penalised_needs_an_ensemble_folder(tmp_path: Path) -> None:
+    with pytest.raises(RewardSpecError, match="no folder given"):
+        load_reward("penalised:")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(RewardSpecError, match="not a reward ensemble folder"):
+        load_reward(f"penalised:{tmp_path / 'plain'}")

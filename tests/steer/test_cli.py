@@ -61,6 +61,10 @@ def test_steer_errors_name_the_problem(model_dir, tmp_path):
     assert result.exit_code == 2 and "particles" in result.output
     result = _steer("search", *base, "--reward", "shapes:faithfulness", "--eta", "1")
     assert result.exit_code == 2 and "deterministic sampler" in result.output
+    missing = tmp_path / "no-ensemble"
+    result = _steer("bon", *base, "--reward", f"penalised:{missing}")
+    assert result.exit_code == 2 and "is not a folder" in result.output
+    assert " ".join(result.output.split()).count(f"--reward 'penalised:{missing}'") == 1  # named once
 
 
 def test_eval_with_a_steered_sampler(model_dir, tmp_path):

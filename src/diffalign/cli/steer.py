@@ -78,7 +78,8 @@ def load_reward_arg(spec: str, device: str):
     try:
         return load_reward(spec, device=resolve_device(device))
     except (RewardSpecError, FileNotFoundError, ValueError, ImportError) as err:
-        fail(f"--reward {spec!r}: {err}")
+        message = str(err)  # the registry's own errors already name the spec
+        fail(message if repr(spec) in message else f"--reward {spec!r}: {message}")
 
 
 def _prompts(prompt: list[str] | None, prompts_file: Path | None) -> list[str]:

@@ -2,15 +2,18 @@
 
 `name` may be dotted (`module:obj.method`) and may point at
 
-* a function or any callable object `(images [B,3,H,W] in [0,1], prompts: list[str]) -> B numbers`;
+* a function or any callable object `(images [B,3,H,W] in [0,1], prompts: list[str]) -> B numbers`, or
+  `(images) -> B numbers` for a reward that ignores the prompts (told apart by the signature, checked when
+  the spec is loaded);
 * a class, which is instantiated with no arguments (so its `__init__` can load a model once) and must give a
   callable instance.
 
 The result is wrapped with `as_reward` into a `FunctionReward`, so inputs are validated and the output is
-checked by `check_output` (one finite number per image, moved to the images' device). A
-`differentiable = True` attribute (on the function, object or class) marks it differentiable; a `name`
-attribute names it, else the attribute's name does. A file is imported by path under a unique module name, so
-two files called `reward.py` in different folders do not clash; its folder is not added to `sys.path`.
+checked by `check_output` (one finite number per image, as float32 on the images' device; errors name the
+spec). A `differentiable = True` attribute (on the function, object or class) marks it differentiable; a
+`name` attribute names it, else the attribute's name does. A file is imported by path under a unique module
+name, so two files called `reward.py` in different folders do not clash; its folder is not added to
+`sys.path`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from diffalign.rewards.protocol import Reward, as_reward
+from diffalign.rewards.protocol import Reward, as_reward, call_style
 
 SPEC_FORMAT = "'path/to/file.py:function' or 'package.module:function'"
 
@@ -115,6 +118,10 @@ def load_callable_reward(spec: str, name: str | None = None, differentiable: boo
             raise TypeError(
                 f"reward spec {spec!r}: class {attr!r} is instantiated with no arguments, which failed: {err}"
             ) from err
+        except Exception as err:
+            if hasattr(err, "add_note"):  # Python 3.11+
+                err.add_note(f"raised while building the reward {spec!r} (class {attr!r}, no arguments)")
+            raise
     if not callable(obj):
         raise TypeError(
             f"reward spec {spec!r}: {attr!r} is a {type(obj).__name__}, "
@@ -123,5 +130,9 @@ def load_callable_reward(spec: str, name: str | None = None, differentiable: boo
     label = name or getattr(obj, "name", None) or attr.rsplit(".", 1)[-1]
     diff = differentiable if differentiable is not None else bool(getattr(obj, "differentiable", False))
     # Always wrap (explicit name/differentiable), so even an object that already satisfies the Reward protocol
-    # has its inputs and outputs checked.
-    return as_reward(obj, name=str(label), differentiable=diff)
+    # has its inputs and outputs checked; its signature is checked now, not at the first call.
+    try:
+        call_style(obj)
+    except TypeError as err:
+        raise TypeError(f"reward spec {spec!r}: {err}") from None
+    return as_reward(obj, name=str(label), differentiable=diff, source=spec)

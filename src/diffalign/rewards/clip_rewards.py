@@ -61,13 +61,51 @@ def clip_preprocess(images: Tensor, size: int, mean: Sequence[float], std: Seque
     return (x - mean_t) / std_t
 
 
+def _load_clip_model(transformers: Any, folder: Path, what: str) -> nn.Module:
+    """`CLIPModel.from_pretrained(folder)`, refusing what is not a complete CLIP checkpoint.
+
+    transformers would load another architecture's folder (a BERT, a ViT) into a CLIPModel with freshly
+    initialised weights and only a warning; a reward from random weights is refused here instead, as are
+    damaged files. Raises `RewardWeightsError` naming the folder.
+    """
+    config = _read_json(folder / "config.json", what)
+    model_type = config.get("model_type", "clip") if isinstance(config, dict) else None
+    if model_type != "clip":
+        raise RewardWeightsError(
+            f"{what}: {folder} holds a {model_type!r} model (model_type in config.json), not a CLIP model "
+            "(model_type 'clip')"
+        )
+    try:
+        model, info = transformers.CLIPModel.from_pretrained(
+            folder, local_files_only=True, output_loading_info=True
+        )
+    except Exception as err:  # corrupt safetensors (SafetensorError), size mismatches (RuntimeError), ...
+        raise RewardWeightsError(
+            f"{what}: cannot load a CLIP model from {folder} ({type(err).__name__}: {err})"
+        ) from err
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:
+        raise RewardWeightsError(
+            f"{what}: the weights in {folder} lack {len(missing)} of CLIP's tensors (e.g. {missing[:3]}); "
+            "it is not a complete CLIP checkpoint, and missing weights would be random"
+        )
+    return model
+
+
+def _read_json(file: Path, what: str) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RewardWeightsError(f"{what}: {file} is not readable JSON ({err})") from err
+
+
 def read_normalisation(folder: Path) -> tuple[tuple[float, ...], tuple[float, ...], str]:
     """(mean, std, where from): `image_mean`/`image_std` of the folder's preprocessor_config.json when it has
     them, else OpenAI CLIP's constants (`OPENAI_CLIP_MEAN`/`OPENAI_CLIP_STD`), reported as the third item."""
     config = folder / "preprocessor_config.json"
     if config.is_file():
-        data = json.loads(config.read_text())
-        if "image_mean" in data and "image_std" in data:
+        data = _read_json(config, "the CLIP preprocessor config")
+        if isinstance(data, dict) and "image_mean" in data and "image_std" in data:
             return tuple(map(float, data["image_mean"])), tuple(map(float, data["image_std"])), str(config)
     return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, "openai-clip-defaults"
 
@@ -122,8 +160,15 @@ class CLIPEmbedder(nn.Module):
         proc_folder = resolve_folder(
             processor if processor is not None else source, what=f"{what} tokenizer", files=[_TOKENIZER_FILES]
         )
-        model = transformers.CLIPModel.from_pretrained(folder, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(proc_folder, local_files_only=True)
+        model = _load_clip_model(transformers, folder, what)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(proc_folder, local_files_only=True)
+        except (
+            Exception
+        ) as err:  # a damaged tokenizer file fails in many ways (tokenizers raises plain Exception)
+            raise RewardWeightsError(
+                f"{what}: cannot load the tokenizer from {proc_folder} ({type(err).__name__}: {err})"
+            ) from err
         mean, std, where = read_normalisation(proc_folder)
         torch_dtype = parse_dtype(dtype)
         model = model.to(device=torch.device(device), dtype=torch_dtype) if torch_dtype else model.to(device)
@@ -280,12 +325,18 @@ def load_aesthetic_head(path: str | os.PathLike[str]) -> AestheticHead:
     `layers.N.weight/bias` (a bare `N.*` state dict is accepted too). The input size is read from
     `layers.0.weight`. Raises `RewardWeightsError` naming the file when it does not fit."""
     file = resolve_file(path, what="reward 'aesthetic' head", names=["sac+logos+ava1-l14-linearMSE.pth"])
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(file))
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+            state = load_file(str(file))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a checkpoint: UnpicklingError, SafetensorError, RuntimeError, EOFError...
+        raise RewardWeightsError(
+            f"{file} is not a readable .pth/.safetensors checkpoint of the aesthetic MLP head "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise RewardWeightsError(f"{file} is not a state dict of tensors (the aesthetic MLP head)")
     state = {k if k.startswith("layers.") else f"layers.{k}": v for k, v in state.items()}

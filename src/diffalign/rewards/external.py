@@ -4,7 +4,8 @@ The models themselves live in `clip_rewards` (CLIP score, PickScore, LAION aesth
 `transformers`) and `package_rewards` (ImageReward, HPSv2; black boxes behind their pip packages). This module
 holds what they share:
 
-* `RewardWeightsError`: the one error raised when weights are not on this machine. Nothing here downloads:
+* `RewardWeightsError`: the one error raised when weights are not on this machine (or are damaged or of
+  another model type). Nothing here downloads:
   a source is a local folder/file, or a Hugging Face Hub id resolved **only from the local cache**
   (`local_files_only=True`); the message names the source, the files looked for, the cache folder and how to
   get the files on a machine with network.
@@ -53,7 +54,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?
 
 
 class RewardWeightsError(FileNotFoundError):
-    """The weights of an external reward model are not on this machine (nothing is ever downloaded)."""
+    """The weights of an external reward model are not on this machine (nothing is ever downloaded), or the
+    files found are not usable weights of that model (damaged, or another architecture's)."""
 
 
 class MissingRewardPackageError(ImportError):
@@ -194,6 +196,17 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}") from None
 
 
+_ALIASES = {"clipscore": "clip", "laionaesthetic": "aesthetic", "hps": "hpsv2", "hpsv21": "hpsv2"}
+
+
+def external_name(name: str) -> str | None:
+    """The external reward `name` refers to (case, '-' and '_' ignored; aliases such as 'clipscore', 'hps',
+    'laion-aesthetic' accepted), or None."""
+    key = name.strip().lower().replace("-", "").replace("_", "")
+    key = _ALIASES.get(key, key)
+    return key if key in EXTERNAL_REWARDS else None
+
+
 def load_external_reward(
     name: str,
     path: str | os.PathLike[str] | None = None,
@@ -217,10 +230,8 @@ def load_external_reward(
         "imagereward": package_rewards.ImageRewardReward.load,
         "hpsv2": package_rewards.HPSv2Reward.load,
     }
-    key = name.lower().replace("-", "").replace("_", "")
-    aliases = {"clipscore": "clip", "laionaesthetic": "aesthetic", "hps": "hpsv2", "hpsv21": "hpsv2"}
-    key = aliases.get(key, key)
-    if key not in loaders:
+    key = external_name(name)
+    if key is None:
         raise ValueError(f"unknown external reward {name!r}; choose one of {', '.join(EXTERNAL_REWARDS)}")
     if path is None and key == "aesthetic":
         raise RewardWeightsError(

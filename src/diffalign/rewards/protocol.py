@@ -1,17 +1,19 @@
 """The Reward protocol: a callable `(images, prompts) -> Tensor[B]` with a name and a differentiable flag.
 
 Images are float tensors `[B, 3, H, W]` in [0, 1] (what `DiffusionModel.decode` returns); prompts are a
-list of B strings; the result is a float tensor of B rewards on the images' device. A reward that is
+list of B strings; the result is a float32 tensor of B rewards on the images' device. A reward that is
 `differentiable` lets gradients flow from its output back to `images` (reward backpropagation and
 reward guidance need that); any other reward is a black box and methods that need gradients refuse it.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,55 +45,145 @@ def check_images(images: Tensor, prompts: Sequence[str], name: str) -> None:
         raise ValueError(f"reward {name!r}: {images.shape[0]} images but {len(prompts)} prompts")
 
 
-def check_output(output: object, batch: int, name: str, *, allow_nonfinite: bool = False) -> Tensor:
-    """Turn a reward's raw output into a float tensor of shape [batch], or say exactly what is wrong."""
-    if not isinstance(output, Tensor):
+def _label(name: str, source: str | None) -> str:
+    return f"reward {name!r}" + (f" ({source})" if source else "")
+
+
+def _as_tensor(output: object, label: str) -> Tensor:
+    """A reward's raw output as a tensor; a list of tensors is stacked, which keeps their gradients."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (str, bytes)) or (isinstance(output, np.ndarray) and output.dtype.kind in "USV"):
+        kind = output.dtype if isinstance(output, np.ndarray) else type(output).__name__
+        raise RewardOutputError(f"{label} returned {kind} values, not numbers")
+    if isinstance(output, (list, tuple)) and output and all(isinstance(v, Tensor) for v in output):
+        if any(v.numel() != 1 for v in output):
+            shapes = sorted({tuple(v.shape) for v in output if v.numel() != 1})
+            raise RewardOutputError(f"{label} returned a list of tensors of shapes {shapes}, not numbers")
         try:
-            output = torch.as_tensor(output, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise RewardOutputError(
-                f"reward {name!r} returned {type(output).__name__}, not numbers: {err}"
-            ) from err
+            return torch.stack([v.reshape(()) for v in output])
+        except RuntimeError as err:  # mixed devices or dtypes
+            raise RewardOutputError(f"{label} returned tensors that cannot be stacked: {err}") from err
+    if isinstance(output, (list, tuple)) and any(isinstance(v, (str, bytes)) for v in output):
+        raise RewardOutputError(f"{label} returned {type(output).__name__} of strings, not numbers")
+    try:
+        return torch.as_tensor(output, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise RewardOutputError(f"{label} returned {type(output).__name__}, not numbers: {err}") from err
+
+
+def check_output(
+    output: object, batch: int, name: str, *, allow_nonfinite: bool = False, source: str | None = None
+) -> Tensor:
+    """Turn a reward's raw output into a float32 tensor of shape [batch], or say exactly what is wrong.
+
+    Accepted: a tensor, numpy array, list or tuple of numbers (or of one-element tensors, stacked so their
+    gradients survive) of shape [batch] or [batch, 1]; a single number when `batch` is 1. Integers and
+    booleans are converted, other float dtypes (half, bfloat16, float64) are cast to float32; complex
+    numbers and strings are refused. `source` (e.g. `file.py:function`) is named in the errors.
+    """
+    label = _label(name, source)
+    output = _as_tensor(output, label)
+    if output.is_complex():
+        raise RewardOutputError(f"{label} returned complex numbers ({output.dtype}); rewards must be real")
+    if output.ndim == 0 and batch == 1:
+        output = output.reshape(1)
     if output.ndim == 2 and output.shape[1] == 1:
         output = output[:, 0]
     if output.ndim != 1 or output.shape[0] != batch:
+        images = f"{batch} image{'s' if batch != 1 else ''}"
+        if output.ndim == 0:
+            got = "a single number"
+        elif output.ndim == 1:
+            got = f"{output.shape[0]} value{'s' if output.shape[0] != 1 else ''}"
+        else:
+            got = f"shape {tuple(output.shape)}"
         raise RewardOutputError(
-            f"reward {name!r} must return one number per image (shape [{batch}]), got {tuple(output.shape)}"
+            f"{label} returned {got} for {images}; it must return one number per image "
+            f"(shape [{batch}] or [{batch}, 1])"
         )
-    if not output.is_floating_point():
+    if output.dtype != torch.float32:
         output = output.float()
-    if not allow_nonfinite and not bool(torch.isfinite(output.detach()).all()):
-        bad = (~torch.isfinite(output.detach())).nonzero().flatten().tolist()
-        raise RewardOutputError(f"reward {name!r} returned non-finite values for images {bad[:10]}")
+    if not allow_nonfinite:
+        values = output.detach()
+        if not bool(torch.isfinite(values).all()):
+            parts = []
+            for what, mask in (("NaN", torch.isnan(values)), ("inf", torch.isinf(values))):
+                index = mask.nonzero().flatten().tolist()
+                if len(index) == 1:
+                    parts.append(f"{what} for image {index[0]}")
+                elif index:
+                    more = f" and {len(index) - 10} more" if len(index) > 10 else ""
+                    parts.append(f"{what} for images {index[:10]}{more}")
+            raise RewardOutputError(
+                f"{label} returned non-finite values: {'; '.join(parts)} (of {batch}, counted from 0)"
+            )
     return output
+
+
+def call_style(fn: object) -> str:
+    """How a reward callable takes its inputs: 'images, prompts' (the protocol) or 'images' (it ignores the
+    prompts). Raises TypeError when its signature accepts neither; an unknown signature counts as the
+    protocol."""
+    try:
+        signature = inspect.signature(fn)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "images, prompts"
+    for style, args in (("images, prompts", (None, None)), ("images", (None,))):
+        try:
+            signature.bind(*args)
+        except TypeError:
+            continue
+        return style
+    raise TypeError(
+        f"{getattr(fn, '__qualname__', type(fn).__name__)}{signature} cannot be called as "
+        "(images, prompts); a reward takes the images [B, 3, H, W] and the list of B prompts, "
+        "or the images only"
+    )
 
 
 @dataclass
 class FunctionReward:
-    """A plain function `(images, prompts) -> rewards` wrapped as a Reward, with its output checked."""
+    """A plain function `(images, prompts) -> rewards` (or `(images) -> rewards`) wrapped as a Reward, with
+    its output checked. `source` (e.g. `file.py:function`) is named in errors."""
 
-    fn: Callable[[Tensor, Sequence[str]], object]
+    fn: Callable[..., object]
     name: str
     differentiable: bool = False
+    source: str | None = None
+    takes_prompts: bool = True
 
     def __call__(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
         check_images(images, prompts, self.name)
-        out = check_output(self.fn(images, list(prompts)), images.shape[0], self.name)
-        return out.to(images.device)
+        try:
+            raw = self.fn(images, list(prompts)) if self.takes_prompts else self.fn(images)
+        except Exception as err:
+            if hasattr(err, "add_note"):  # Python 3.11+: the traceback says which reward failed
+                err.add_note(f"raised by {_label(self.name, self.source)} on {images.shape[0]} images")
+            raise
+        return check_output(raw, images.shape[0], self.name, source=self.source).to(images.device)
 
 
-def as_reward(obj: object, name: str | None = None, differentiable: bool | None = None) -> Reward:
+def as_reward(
+    obj: object, name: str | None = None, differentiable: bool | None = None, source: str | None = None
+) -> Reward:
     """Return `obj` if it already is a Reward, else wrap a callable.
 
     A callable may declare `differentiable = True` as an attribute; otherwise it is treated as a black box.
+    It is called as `obj(images, prompts)`, or as `obj(images)` when its signature takes one argument only;
+    a signature that fits neither is refused here (TypeError), not at the first call.
     """
-    if isinstance(obj, Reward) and name is None and differentiable is None:
+    if isinstance(obj, Reward) and name is None and differentiable is None and source is None:
         return obj
     if not callable(obj):
         raise TypeError(f"a reward must be callable as (images, prompts) -> Tensor[B], got {obj!r}")
     label = name or getattr(obj, "name", None) or getattr(obj, "__name__", type(obj).__name__)
     diff = differentiable if differentiable is not None else bool(getattr(obj, "differentiable", False))
-    return FunctionReward(obj, str(label), diff)  # type: ignore[arg-type]
+    try:
+        style = call_style(obj)
+    except TypeError as err:
+        raise TypeError(f"{_label(str(label), source)}: {err}") from None
+    return FunctionReward(obj, str(label), diff, source, takes_prompts=style == "images, prompts")
 
 
 def require_differentiable(reward: Reward, method: str) -> None:
