@@ -190,3 +190,36 @@ def test_progressive_sde_window_moves_one_step_per_epoch(tmp_path, eps_model_dir
     lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [line["sde_window_start"] for line in lines] == [0, 1, 2]
     assert all(line["first_step_log_ratio"] < 1e-5 for line in lines)
+
+
+@pytest.mark.parametrize(
+    "which, sampler",
+    [
+        ("eps_model_dir", dict(sampler="ddim", eta=1.0)),
+        ("eps_model_dir", dict(sampler="ddpm")),
+        ("flow_model_dir", dict(sampler="flow_sde", noise_level=0.7)),
+    ],
+)
+def test_the_steps_trained_per_sample_are_known_before_sampling(request, which, sampler):
+    """The trainer refuses an indivisible batch before sampling from `trained_steps_per_sample`; it must
+    count what `training_pairs` then takes from the sampled trajectories' stochastic steps."""
+    from diffalign.diffusion.sampling import SamplerConfig, sample
+
+    model = load_model(str(request.getfixturevalue(which)))
+    base = SamplerConfig(num_steps=5, guidance_scale=1.0, **sampler)
+    for window in (0, 2):
+        epoch = rollout_module.epoch_sampler(base, window, None, seed=0, epoch=3)
+        stochastic = int(sample(model, ["a circle"], config=epoch, seeds=[0]).stochastic.sum())
+        for fraction in (0.2, 0.5, 1.0):
+            expected = max(1, round(fraction * stochastic))
+            assert rollout_module.trained_steps_per_sample(base, window, fraction) == expected
+
+
+def test_an_indivisible_batch_is_refused_before_the_run_begins(tmp_path, eps_model_dir, monkeypatch):
+    sampled = []
+    monkeypatch.setattr(pg_module, "sample_local", lambda *a, **k: sampled.append(1))
+    # 4 prompts x 2 samples x round(0.5 * 3) = 16 (sample, step) pairs; batches of 6 do not divide them
+    cfg = pg_config(eps_model_dir, num_steps=4, timestep_fraction=0.5, train_batch_size=6)
+    with pytest.raises(ValueError, match=r"trains 16 \(sample, step\) pairs.*6 pairs"):
+        train_pg(cfg, tmp_path / "run", reward=Redness())
+    assert not sampled and not (tmp_path / "run" / "config.json").exists()

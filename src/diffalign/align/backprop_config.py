@@ -163,6 +163,9 @@ class BackpropConfig:
             "grad_clip",
             "pretrain_weight",
             "kl_weight",
+            "lora_alpha",
+            "eta",
+            "noise_level",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -171,7 +171,18 @@ class DPOConfig:
         for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "checkpoint_every", "lora_rank"):
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in (
+            "warmup_steps",
+            "checkpoint_every",
+            "lora_rank",
+            "lora_alpha",
+            "weight_decay",
+            "grad_clip",
+            "kto_lambda_desirable",
+            "kto_lambda_undesirable",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:

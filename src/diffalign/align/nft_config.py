@@ -132,7 +132,17 @@ class NFTConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "grid_every", "lora_rank", "weight_decay", "grad_clip", "kl_beta"):
+        for name in (
+            "checkpoint_every",
+            "grid_every",
+            "lora_rank",
+            "lora_alpha",
+            "weight_decay",
+            "grad_clip",
+            "kl_beta",
+            "eta",
+            "noise_level",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.samples_per_prompt < 2:

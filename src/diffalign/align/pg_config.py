@@ -173,7 +173,17 @@ class PGConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "grid_every", "lora_rank", "adv_clip", "weight_decay", "grad_clip"):
+        for name in (
+            "checkpoint_every",
+            "grid_every",
+            "lora_rank",
+            "lora_alpha",
+            "adv_clip",
+            "weight_decay",
+            "grad_clip",
+            "eta",
+            "noise_level",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.method == "grpo" and self.samples_per_prompt < 2:

@@ -138,6 +138,15 @@ def sample_local(
     return torch.cat(latents), torch.cat(log_probs), torch.cat(images), traj.timesteps, traj.stochastic
 
 
+def trained_steps_per_sample(sampler: SamplerConfig, window_size: int, fraction: float) -> int:
+    """How many steps of each sample an inner epoch trains on (`training_pairs`), known before sampling:
+    a `fraction` (at least one) of the stochastic steps, which are the SDE window's `window_size` steps
+    or, without a window, every step the sampler can make stochastic (`stochastic_range`)."""
+    low, high = stochastic_range(sampler)
+    stochastic = window_size if window_size else high - low
+    return max(1, round(fraction * stochastic))
+
+
 def training_pairs(
     rollout: Rollout, fraction: float, seed: int, epoch: int, inner: int
 ) -> tuple[Tensor, Tensor]:

@@ -65,6 +65,7 @@ from diffalign.align.pg_rollout import (
     group_initial_noise,
     pair_steps,
     sample_local,
+    trained_steps_per_sample,
     training_pairs,
 )
 from diffalign.align.policy_setup import policy_for
@@ -145,6 +146,15 @@ def _micro_loss(
     return loss, values.float(), (new.log_prob - old).detach()
 
 
+def _indivisible(pairs: int, pair_global: int, train_batch_size: int, num_processes: int) -> str:
+    accumulation = pair_global // (train_batch_size * num_processes)
+    return (
+        f"an epoch trains {pairs} (sample, step) pairs, which an optimiser step of {pair_global} pairs "
+        f"(train_batch_size {train_batch_size} x {num_processes} processes x {accumulation} accumulation) "
+        "does not divide"
+    )
+
+
 def train_pg(
     config: PGConfig,
     run_dir: str | Path,
@@ -206,6 +216,11 @@ def train_pg(
             f"{num_processes} processes"
         )
     pair_global = config.train_batch_size * num_processes * accumulation
+    epoch_pairs = per_epoch * trained_steps_per_sample(
+        base_sampler, config.sde_window_size, config.timestep_fraction
+    )
+    if epoch_pairs % pair_global:  # refused before the run folder is begun or anything is sampled
+        raise ValueError(_indivisible(epoch_pairs, pair_global, config.train_batch_size, num_processes))
     record = {
         "trainer": config.method,
         "config": to_dict(config),
@@ -302,9 +317,7 @@ def train_pg(
                 rows, cols = training_pairs(rollout, config.timestep_fraction, seed, epoch, inner)
                 if len(rows) % pair_global:
                     raise ValueError(
-                        f"an epoch trains {len(rows)} (sample, step) pairs, which an optimiser step of "
-                        f"{pair_global} pairs (train_batch_size {config.train_batch_size} x {num_processes} "
-                        f"processes x {accumulation} accumulation) does not divide"
+                        _indivisible(len(rows), pair_global, config.train_batch_size, num_processes)
                     )
                 for opt_step in range(len(rows) // pair_global):
                     for micro in range(accumulation):

@@ -49,12 +49,12 @@ StreamOpt = Annotated[
 
 def load_command_config(cls, config_file: Path | None, overrides: list[str] | None, options: dict):
     """The config `cls` from the YAML file, the key=value overrides, then the command's options
-    ({dotted key: value}; None values are left out): a bad key or value exits with its message."""
+    ({dotted key: value}, taken as given, not parsed as YAML; None values are left out): a bad key or
+    value exits with its message."""
     from diffalign.align.config_io import ConfigError, load_config
 
-    extra = [f"{key}={value}" for key, value in options.items() if value is not None]
     try:
-        return load_config(cls, config_file, [*(overrides or []), *extra])
+        return load_config(cls, config_file, overrides or [], options)
     except ConfigError as err:
         fail(str(err))
 
@@ -102,7 +102,7 @@ def _run(
         f"run folder {out}"
     )
     try:
-        with measured(out, config.runtime.device):
+        with measured(out, config.runtime.device), discard_unstarted_run(out):
             train_dpo(
                 config,
                 pairs,
@@ -152,6 +152,31 @@ def measured(out: Path, device: str):
             add_run_costs(out, meter.cost, rewards_counted=False, processes=processes, rank=rank)
 
 
+@contextmanager
+def discard_unstarted_run(out: Path):
+    """Remove the run folder `out` when the training call inside fails with a bad-input error
+    (ValueError, FileNotFoundError: a config that cannot run, found only once the run had begun) and
+    the folder is one this call created that holds no checkpoint, metrics line or model yet: such a
+    folder could neither be resumed nor reused (a fresh run refuses a folder holding a run). Only the
+    main process (`RANK` 0) removes it; a folder that existed before is always kept."""
+    import os
+    import shutil
+
+    from diffalign.align.run_dir import RunDir
+
+    existed = out.exists()
+    try:
+        yield
+    except (ValueError, FileNotFoundError):
+        run = RunDir(out)
+        metrics = run.metrics_path.is_file() and run.metrics_path.stat().st_size > 0
+        written = run.latest_checkpoint() is not None or metrics or run.model_dir.exists()
+        if not existed and out.is_dir() and not written and os.environ.get("RANK", "0") == "0":
+            shutil.rmtree(out, ignore_errors=True)
+            console.print(f"removed the run folder {out} that this command had begun (nothing trained yet)")
+        raise
+
+
 def reward_trainer_config(cls, method: str, overrides, model, reward, prompts, config_file, device):
     """The config of a reward trainer (RL, reward backprop) from its command's options."""
     options = {
@@ -182,7 +207,7 @@ def run_reward_trainer(
     from diffalign.rewards.registry import RewardSpecError
 
     try:
-        with measured(out, device):
+        with measured(out, device), discard_unstarted_run(out):
             train()
     except reward_errors as err:
         fail(f"--reward: {err}")
@@ -298,7 +323,7 @@ def _finish_rounds(train, out: Path, device: str) -> None:
     from diffalign.rewards.registry import RewardSpecError
 
     try:
-        with measured(out, device):
+        with measured(out, device), discard_unstarted_run(out):
             train()
     except (PreferenceDataError, RunDirError, NonFiniteError, StoreError, RewardSpecError, ValueError) as err:
         fail(f"{err}")
