@@ -238,8 +238,11 @@ def test_eval_metric_suite(tmp_path):
     assert abs(suite["kl"]["kl"]) < 1e-6
     assert 0.0 <= suite["rewards"]["shapes:faithfulness"]["mean"] <= 1.0
     assert {"diversity", "fid"} <= set(suite)
-    bad = runner.invoke(app, [str(a) for a in args] + ["--reward", "nonsense:thing"])
+    bad_out = tmp_path / "bad"
+    bad_args = [str(a) for a in args[:4]] + [str(bad_out)] + [str(a) for a in args[5:]]
+    bad = runner.invoke(app, [*bad_args, "--reward", "nonsense:thing"])
     assert bad.exit_code == 2 and "nonsense" in bad.output
+    assert not list(bad_out.glob("*/samples/*.png"))  # refused before anything was sampled
 
 
 def test_main_leaves_the_process_group_a_command_started(monkeypatch):

@@ -11,10 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from diffalign.cli.common import console
+from diffalign.cli.common import console, resolve_device
 from diffalign.cli.common import fail as _fail
 from diffalign.cli.common import load_model_arg as _load
-from diffalign.cli.common import resolve_device
 from diffalign.guidance import DEFAULT_GUIDANCE_SCALE
 
 app = typer.Typer(
@@ -271,6 +270,8 @@ def eval_cmd(
     m = _load(model, device)
     config = _sampler_config(sampler, steps, guidance, eta, noise_level, m)
     metadata = _metadata(prompts)
+    # the suite's rewards and models are loaded before sampling, so a bad one fails at once
+    measures = _suite_measures(device, reward, baseline, judge, kl_base)
     from diffalign.cli.steer import eval_sample_fn
 
     sample_fn = eval_sample_fn(steer, steer_reward, budget_nfe, steer_set, config, seed, device)
@@ -295,34 +296,17 @@ def eval_cmd(
     )
     if suite or reward or baseline or kl_base:
         results["suite"] = _run_suite(
-            m,
-            metadata,
-            samples_per_prompt,
-            config,
-            seed,
-            batch_size,
-            device,
-            suite,
-            reward,
-            baseline,
-            judge,
-            kl_base,
+            m, metadata, samples_per_prompt, config, seed, batch_size, suite, measures
         )
         (Path(out) / "results.json").write_text(json.dumps(results, indent=1))
         Console().print(_suite_table(results["suite"], model))
     console.print(f"samples and results.json in {out}")
 
 
-def _run_suite(
-    m, metadata, per_prompt, config, seed, batch_size, device, suite, rewards, baseline, judge, kl_base
-):
-    """`evaluate_suite` on the eval's prompts (one sample per prompt and seed, as ShapesEval draws them)."""
-    from diffalign.evaluate.suite import evaluate_suite
+def _suite_measures(device, rewards, baseline, judge, kl_base) -> dict:
+    """The metric suite's rewards, win-rate judge, baseline and KL base, loaded (bad ones fail here)."""
     from diffalign.rewards.registry import RewardSpecError, load_reward
-    from diffalign.world.shapeseval import load_shapeseval
 
-    lines = metadata if metadata is not None else load_shapeseval()
-    prompts = [line["prompt"] for line in lines for _ in range(per_prompt)]
     device = resolve_device(device)  # rewards and models load on a real device, never "auto"
     judge_reward, group = None, None
     try:
@@ -333,21 +317,33 @@ def _run_suite(
         named = {spec: load_reward(spec, device=device) for spec in (rewards or [])}
     except (RewardSpecError, ImportError, OSError, ValueError) as err:
         _fail(f"--reward/--judge: {err}")
+    return {
+        "rewards": named,
+        "judge": judge_reward,
+        "judge_group": group,
+        "baseline": _load(baseline, device) if baseline else None,
+        "base": _load(kl_base, device) if kl_base else None,
+    }
+
+
+def _run_suite(m, metadata, per_prompt, config, seed, batch_size, suite, measures: dict):
+    """`evaluate_suite` on the eval's prompts (one sample per prompt and seed, as ShapesEval draws them)."""
+    from diffalign.evaluate.suite import evaluate_suite
+    from diffalign.world.shapeseval import load_shapeseval
+
+    lines = metadata if metadata is not None else load_shapeseval()
+    prompts = [line["prompt"] for line in lines for _ in range(per_prompt)]
     try:
         return evaluate_suite(
             m,
             prompts,
             config,
             seeds=[seed + i for i in range(len(prompts))],
-            rewards=named,
-            baseline=_load(baseline, device) if baseline else None,
-            judge=judge_reward,
-            judge_group=group,
             diversity=suite,
             fid=suite,
-            base=_load(kl_base, device) if kl_base else None,
             batch_size=batch_size,
             seed=seed,
+            **measures,
         )
     except ValueError as err:
         _fail(str(err))
