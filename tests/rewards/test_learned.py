@@ -87,6 +87,14 @@ def test_load_errors_name_the_folder_and_file(tmp_path):
     (tmp_path / "rm" / WEIGHTS_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=r"rm'.*has no model\.safetensors"):
         LearnedReward.load(tmp_path / "rm")
+    _model().save(tmp_path / "damaged")
+    (tmp_path / "damaged" / WEIGHTS_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(ValueError, match=r"damaged'.*model\.safetensors is not readable"):
+        LearnedReward.load(tmp_path / "damaged")
+    for text in ("[]", "null"):
+        (tmp_path / "damaged" / CONFIG_FILE).write_text(text)
+        with pytest.raises(ValueError, match=r"damaged'.*bad config\.json.*expected a JSON object"):
+            LearnedReward.load(tmp_path / "damaged")
 
 
 def test_config_checks():

@@ -115,13 +115,11 @@ def _learned(folder: Path) -> Path:
 def test_damaged_reward_model_folder_names_it(tmp_path: Path) -> None:
     corrupt = _learned(tmp_path / "corrupt")
     (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(
-        RewardSpecError, match=re.escape(str(corrupt)) + " is not a readable reward-model folder.*Safetensor"
-    ):
+    with pytest.raises(ValueError, match=re.escape(str(corrupt)) + "'.*model.safetensors is not readable"):
         load_reward(str(corrupt))
     not_object = _learned(tmp_path / "config-list")
     (not_object / "config.json").write_text("[]")
-    with pytest.raises(RewardSpecError, match="config-list is not a readable reward-model folder"):
+    with pytest.raises(ValueError, match=r"config-list'.*bad config\.json.*expected a JSON object"):
         load_reward(str(not_object))
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -353,17 +354,23 @@ class LearnedReward:
                 )
         try:
             meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
             config = RewardModelConfig.from_dict(meta["model"])
             vocab = PromptVocab(json.loads((folder / VOCAB_FILE).read_text(encoding="utf-8")))
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(
                 f"reward model folder {str(folder)!r}: bad {CONFIG_FILE} or {VOCAB_FILE}: {err}"
             ) from err
         net = RewardNet(config, len(vocab))
         try:
             net.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+        except SafetensorError as err:
+            raise ValueError(
+                f"reward model folder {str(folder)!r}: {WEIGHTS_FILE} is not readable: {err}"
+            ) from err
         except (RuntimeError, OSError) as err:
             raise ValueError(
                 f"reward model folder {str(folder)!r}: {WEIGHTS_FILE} does not match {CONFIG_FILE}: {err}"
