@@ -33,7 +33,7 @@ def _open(store: str, store_images: Path | None):
 
 def _token_line(kind: str, token: str) -> None:
     # The token goes to stdout alone (scripts capture it); the note goes to stderr.
-    console.print(f"{kind} token (shown once; only its hash is stored):")
+    console.print(f"{escape(kind)} token (shown once; only its hash is stored):")
     typer.echo(token)
 
 
@@ -152,6 +152,12 @@ def status_cmd(store: StoreOpt = "prefs.db", store_images: StoreImagesOpt = None
     Console().print(table)
 
 
+def default_batch(model: str) -> str:
+    """The batch name when `--batch` is not given: the model, or for a model path over the batch column's
+    100 characters its end (the run's own name), marked with '...'."""
+    return model if len(model) <= 100 else "..." + model[-97:]
+
+
 @app.command("add-tasks")
 def add_tasks_cmd(
     prompts: Annotated[Path, typer.Option(help="Prompts: a text file (one a line) or JSONL with 'prompt'.")],
@@ -166,7 +172,9 @@ def add_tasks_cmd(
     ] = None,
     max_pairs: Annotated[int | None, typer.Option(help="Queue at most this many pairs.")] = None,
     disagreement: Annotated[str, typer.Option(help="variance or vote (active mode).")] = "variance",
-    batch: Annotated[str | None, typer.Option(help="Batch name (default: the model).")] = None,
+    batch: Annotated[
+        str | None, typer.Option(help="Batch name, up to 100 characters (default: the model).")
+    ] = None,
     steps: int = 20,
     guidance: float = DEFAULT_GUIDANCE_SCALE,
     seed: int = 0,
@@ -183,6 +191,9 @@ def add_tasks_cmd(
 
     if raters_per_pair < 1:
         fail(f"--raters-per-pair must be at least 1, got {raters_per_pair}")
+    if batch is not None and not 1 <= len(batch) <= 100:
+        fail(f"--batch must be 1 to 100 characters, got {len(batch)}")  # checked before sampling
+    batch_name = batch if batch is not None else default_batch(model)
     try:
         config = GenerateConfig(
             per_prompt=per_prompt,
@@ -206,7 +217,7 @@ def add_tasks_cmd(
     opened = _open(store, store_images)
     try:
         tasks = make_pair_tasks(m, model, texts, sampler, config, ensemble, log=console.print)
-        added = add_pairs(opened, tasks, raters_per_pair, batch or model)
+        added = add_pairs(opened, tasks, raters_per_pair, batch_name)
     except (UnknownWordError, ImportAborted, ValueError) as err:
         fail(str(err))
     already = len(tasks) - added

@@ -6,6 +6,7 @@ token: none or an unknown one is 401, a rater's token on an admin route or anoth
 """
 
 import html
+import logging
 import secrets
 import tempfile
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
@@ -22,7 +24,10 @@ from starlette.types import ASGIApp
 from diffalign.collect import queue, report, tokens
 from diffalign.collect.limits import BodySizeLimit, RateLimiter
 from diffalign.collect.storage import read_connection
-from diffalign.prefs.store import PreferenceStore
+from diffalign.prefs.store import PreferenceStore, StoreError
+
+_log = logging.getLogger(__name__)
+_MAX_ID = 2**31 - 1  # ids are 32-bit INTEGER columns on PostgreSQL
 
 
 @dataclass
@@ -44,7 +49,8 @@ class VoteIn(BaseModel):
     """A vote: which pair, what was chosen, and the client's idempotency key for this answer."""
 
     model_config = ConfigDict(extra="forbid")
-    assignment_id: int = Field(gt=0)
+    # Strict: "7" or true is not an id (a client sending them has a bug worth hearing about).
+    assignment_id: int = Field(gt=0, le=_MAX_ID, strict=True)
     vote: Literal["left", "right", "tie", "skip"]
     idempotency_key: str = Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")
 
@@ -54,6 +60,20 @@ def _page(name: str, **values: str) -> str:
     for key, value in values.items():
         text = text.replace(f"__{key.upper()}__", value)
     return text
+
+
+def _json_body(request: Request) -> None:
+    """Refuse (415) a body that is not declared as JSON, instead of a 422 that blames its fields."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        shown = f"Content-Type {media!r}" if media else "no Content-Type"
+        raise HTTPException(415, f"send the body as JSON with Content-Type: application/json (got {shown})")
+
+
+def _validation_errors(errors: list[dict]) -> list[dict]:
+    """Pydantic's errors without the offending input: it is the client's own data (up to the body limit),
+    and a NaN or Infinity in it would make the 422 itself fail to encode as JSON."""
+    return [{k: v for k, v in error.items() if k in ("type", "loc", "msg")} for error in errors]
 
 
 def _security_headers(response: Response, nonce: str | None = None) -> None:
@@ -149,7 +169,7 @@ def create_app(store: PreferenceStore, config: ServerConfig | None = None) -> AS
         }
 
     @app.post("/api/vote")
-    def vote(body: VoteIn, who: Rater) -> dict:
+    def vote(body: VoteIn, who: Rater, _: Annotated[None, Depends(_json_body)]) -> dict:
         try:
             status = queue.record_vote(
                 store, who.rater_id, body.assignment_id, body.vote, body.idempotency_key
@@ -181,13 +201,29 @@ def create_app(store: PreferenceStore, config: ServerConfig | None = None) -> AS
 
         folder = Path(tempfile.mkdtemp(prefix="diffalign-export-"))
         out = folder / "collect.parquet"
-        export_format("parquet", store, out, source=queue.SOURCE)
+        try:
+            export_format("parquet", store, out, source=queue.SOURCE)
+        except BaseException:
+            _remove_tree(folder)  # the background task that would remove it only runs after a response
+            raise
         return FileResponse(
             out,
             media_type="application/vnd.apache.parquet",
             filename="collect.parquet",
             background=BackgroundTask(_remove_tree, folder),
         )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_errors(list(err.errors()))}, status_code=422)
+
+    @app.exception_handler(StoreError)
+    async def store_error(_: Request, err: StoreError) -> JSONResponse:
+        # A damaged store (an image file deleted or changed on disk): the server's fault, said plainly,
+        # with the details (paths) in the server's log rather than in the answer.
+        _log.error("collect: %s", err)
+        detail = "the preference store could not serve this (an image file missing or changed on disk?)"
+        return JSONResponse({"detail": f"{detail}; the server log has the details"}, status_code=500)
 
     @app.exception_handler(queue.QueueError)
     async def queue_error(_: Request, err: queue.QueueError) -> JSONResponse:

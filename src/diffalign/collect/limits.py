@@ -76,18 +76,32 @@ class BodySizeLimit:
 class RateLimiter:
     """A token bucket per key: `rate` requests per second on average, bursts of up to `burst`."""
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, max_keys: int = 10_000) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError(f"rate limit needs rate > 0 and burst >= 1, got rate={rate}, burst={burst}")
         self.rate = rate
         self.burst = burst
+        # Every token a request names gets a bucket, unknown ones included (so guessing is limited too);
+        # past `max_keys` buckets the full ones are dropped (a full bucket is the same as none), and under
+        # a flood all but the most recent half, so made-up tokens cannot grow the server's memory unbounded.
+        self.max_keys = max_keys
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last time)
         self._lock = threading.Lock()
+
+    def _prune(self, now: float) -> None:
+        full_after = self.burst / self.rate  # seconds in which an empty bucket refills
+        kept = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
+        if len(kept) >= self.max_keys // 2:  # a flood of fresh keys: keep the most recent half
+            recent = sorted(kept.items(), key=lambda item: item[1][1])[len(kept) - self.max_keys // 2 :]
+            kept = dict(recent)
+        self._buckets = kept
 
     def allow(self, key: str) -> float:
         """0 when the request may go ahead (and takes a token), else seconds to wait before retrying."""
         now = time.monotonic()
         with self._lock:
+            if len(self._buckets) >= self.max_keys and key not in self._buckets:
+                self._prune(now)
             tokens, last = self._buckets.get(key, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - last) * self.rate)
             if tokens >= 1.0:

@@ -7,12 +7,15 @@ point loses no committed vote and half-writes none.
 
 from __future__ import annotations
 
+import json
+import math
+import numbers
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from sqlalchemy import Connection, Row, and_, exists, func, insert, select, update
+from sqlalchemy import Connection, Row, and_, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from diffalign.collect.models import CollectAssignment, CollectTask
@@ -23,6 +26,7 @@ from diffalign.prefs.store import PreferenceStore
 
 SOURCE = "collect"
 VOTES = ("left", "right", "tie", "skip")
+_BATCH_CHARS = 100  # collect_tasks.batch is VARCHAR(100)
 _CANDIDATES = 20  # open tasks looked at per claim (more than enough: a full one is skipped, rarely)
 
 
@@ -83,14 +87,21 @@ def _now() -> datetime:
 def add_pairs(store: PreferenceStore, pairs: Iterable[PairTask], raters_needed: int, batch: str) -> int:
     """Queue pairs, each for `raters_needed` different raters; returns how many were new.
 
-    Images go into the store (content-addressed); a pair already queued in `batch` is not queued again,
-    and a pair of two identical images is refused (there is nothing to choose).
+    Images go into the store (content-addressed); a pair already queued in `batch` (the same prompt and
+    images, in either order) is not queued again, and a pair of two identical images is refused (there is
+    nothing to choose). A pair with a prompt that is not text, a priority that is not a finite number or
+    meta that is not JSON is refused with ValueError before anything is written.
     """
     if raters_needed < 1:
         raise ValueError(f"raters per pair must be at least 1, got {raters_needed}")
+    if not isinstance(batch, str) or not 1 <= len(batch) <= _BATCH_CHARS:
+        raise ValueError(f"batch name must be 1 to {_BATCH_CHARS} characters, got {batch!r}")
     added = 0
     with write_transaction(store) as (conn, writer):
         for n, pair in enumerate(pairs):
+            problem = _pair_problem(pair)
+            if problem:
+                raise ValueError(f"pair {n}: {problem}")
             try:
                 a = writer.image(pair.image_a, pair.image_meta[0])
                 b = writer.image(pair.image_b, pair.image_meta[1])
@@ -99,12 +110,15 @@ def add_pairs(store: PreferenceStore, pairs: Iterable[PairTask], raters_needed: 
             if a == b:
                 raise ValueError(f"pair {n} ({pair.prompt!r}): both images are the same file")
             prompt_id = writer.prompt(pair.prompt)
+            # The same two images in either order are the same pair (the page draws the order anyway).
             existing = conn.execute(
                 select(CollectTask.id).where(
                     CollectTask.batch == batch,
                     CollectTask.prompt_id == prompt_id,
-                    CollectTask.image_a == a,
-                    CollectTask.image_b == b,
+                    or_(
+                        and_(CollectTask.image_a == a, CollectTask.image_b == b),
+                        and_(CollectTask.image_a == b, CollectTask.image_b == a),
+                    ),
                 )
             ).first()
             if existing is not None:
@@ -124,6 +138,27 @@ def add_pairs(store: PreferenceStore, pairs: Iterable[PairTask], raters_needed: 
             )
             added += 1
     return added
+
+
+def _pair_problem(pair: PairTask) -> str | None:
+    """Why a pair cannot be queued (before anything is written), or None. Checked here because a vote
+    copies the prompt and priority into its comparison, which the store refuses when they are not text
+    and finite JSON numbers: a bad pair would otherwise fail every vote on it."""
+    if not isinstance(pair.prompt, str):
+        return f"prompt must be text, got {type(pair.prompt).__name__}"
+    if "\x00" in pair.prompt:
+        return "prompt has a NUL character (PostgreSQL text cannot hold one)"
+    if isinstance(pair.priority, bool) or not isinstance(pair.priority, numbers.Real):
+        return f"priority must be a number, got {pair.priority!r}"
+    if not math.isfinite(pair.priority):
+        return f"priority must be finite, got {pair.priority} (an ensemble's disagreement came out NaN?)"
+    if not isinstance(pair.meta, dict) or len(pair.image_meta) != 2:
+        return "meta must be a dict and image_meta two dicts"
+    try:  # strict JSON, as the store's JSON columns need on PostgreSQL
+        json.dumps([pair.meta, *pair.image_meta], allow_nan=False)
+    except (TypeError, ValueError) as err:
+        return f"meta is not JSON: {err}"
+    return None
 
 
 def _available(rater_id: int):
@@ -194,11 +229,13 @@ def record_vote(
     One transaction writes the comparison (source 'collect', key `collect:<task>:<rater>`, the images in
     display order, so 'left' is chosen index 0) and marks the assignment answered. The same vote sent
     again with the same idempotency key (a double click, a retry after a lost response) is a
-    'duplicate' and writes nothing; a different key for an answered assignment is a conflict.
+    'duplicate' and writes nothing; a different key, or a different vote under the same key, for an
+    answered assignment is a conflict.
 
     Raises:
         NotFoundError: no such assignment. ForbiddenError: it is another rater's.
-        ConflictError: already answered under another key, or the key was used for another assignment.
+        ConflictError: already answered under another key or with another vote, or the key was used for
+            another assignment.
     """
     if vote not in VOTES:
         raise QueueError(f"vote must be one of {VOTES}, got {vote!r}")
@@ -209,18 +246,23 @@ def record_vote(
                 raise NotFoundError(f"no assignment {assignment_id}")
             if assignment.rater_id != rater_id:
                 raise ForbiddenError(f"assignment {assignment_id} is not yours")
+            # The outcome names the task's image, whichever side it was shown on.
+            picked_a = (vote == "left") != assignment.swapped
+            outcome = vote if vote in ("tie", "skip") else ("a" if picked_a else "b")
             if assignment.answered_at is not None:
-                if assignment.idempotency_key == idempotency_key:
-                    return "duplicate"
-                raise ConflictError(f"assignment {assignment_id} is already answered")
+                if assignment.idempotency_key != idempotency_key:
+                    raise ConflictError(f"assignment {assignment_id} is already answered")
+                if assignment.outcome != outcome:
+                    # A retry repeats its vote; another vote under the same key is not a retry.
+                    raise ConflictError(
+                        f"assignment {assignment_id} was already answered with another vote under this key"
+                    )
+                return "duplicate"
             shown = _shown(conn, assignment)
             task = conn.execute(select(CollectTask).where(CollectTask.id == assignment.task_id)).one()
             rater = conn.execute(select(Rater.name, Rater.group).where(Rater.id == rater_id)).one()
             choice = {"tie": CHOICE_TIE, "skip": CHOICE_SKIP}.get(vote, CHOICE_IMAGE)
             chosen = {"left": 0, "right": 1}.get(vote)
-            # The outcome names the task's image, whichever side it was shown on.
-            picked_a = (vote == "left") != assignment.swapped
-            outcome = vote if vote in ("tie", "skip") else ("a" if picked_a else "b")
             key = f"collect:{task.id}:{rater_id}"
             writer.comparison(
                 NewComparison(

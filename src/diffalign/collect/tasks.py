@@ -61,8 +61,13 @@ class GenerateConfig:
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a text file (one a line; blank lines and lines starting with # are ignored) or a
     JSONL file whose objects have a "prompt" field (GenEval's metadata schema)."""
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt. Lines end
+    # at \n (and \r\n) only: `splitlines` would also split at U+2028, U+0085 and other characters that
+    # JSON writers leave unescaped inside strings.
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--prompts {path}: not UTF-8 text ({err})") from err
     except OSError as err:
         raise ValueError(f"--prompts {path}: {err}") from err
     prompts = []
@@ -70,7 +75,7 @@ def read_prompts(path: Path) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if path.suffix == ".jsonl":
+        if path.suffix.lower() == ".jsonl":
             try:
                 record = json.loads(line)
                 prompt = record["prompt"]
@@ -80,6 +85,8 @@ def read_prompts(path: Path) -> list[str]:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"--prompts {path} line {number}: 'prompt' must be non-empty text")
             line = prompt.strip()
+        if "\x00" in line:  # PostgreSQL's text cannot hold it; a NUL in a prompt is a damaged file
+            raise ValueError(f"--prompts {path} line {number}: the prompt has a NUL character")
         prompts.append(line)
     if not prompts:
         raise ValueError(f"--prompts {path}: no prompts in the file")

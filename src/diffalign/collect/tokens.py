@@ -20,7 +20,8 @@ from diffalign.collect.models import ADMIN_TOKEN_KEY
 from diffalign.prefs.schema import Rater, StoreMeta
 
 TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_-]{20,100}$")
-NAME_PATTERN = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")
+NAME_PATTERN = re.compile(r"^[^\x00-\x1f\x7f]{1,200}$")  # raters.name is VARCHAR(200)
+GROUP_PATTERN = re.compile(r"^[^\x00-\x1f\x7f]{1,100}$")  # raters.group is VARCHAR(100)
 
 
 class TokenError(ValueError):
@@ -52,6 +53,10 @@ def add_rater(conn: Connection, name: str, group: str | None = None, rotate: boo
     """
     if not isinstance(name, str) or not NAME_PATTERN.match(name) or name.strip() != name:
         raise TokenError(f"rater name {name!r}: 1 to 200 printable characters, no surrounding spaces")
+    if group is not None and (
+        not isinstance(group, str) or not GROUP_PATTERN.match(group) or group.strip() != group
+    ):
+        raise TokenError(f"rater group {group!r}: 1 to 100 printable characters, no surrounding spaces")
     token = new_token()
     row = conn.execute(select(Rater.id, Rater.token_sha256).where(Rater.name == name)).first()
     if row is None:
