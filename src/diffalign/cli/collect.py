@@ -152,6 +152,23 @@ def status_cmd(store: StoreOpt = "prefs.db", store_images: StoreImagesOpt = None
     Console().print(table)
 
 
+def _active_ensemble(active: Path | None):
+    """The `--active` ensemble (None without the option); a folder that is not one fails clearly."""
+    from diffalign.rewards.ensemble import RewardEnsemble, load_reward_dir
+
+    if active is None:
+        return None
+    if not active.is_dir():
+        fail(f"--active {active}: not a folder (give an ensemble from `diffalign reward train`)")
+    try:
+        ensemble = load_reward_dir(active)
+    except (FileNotFoundError, ValueError) as err:
+        fail(f"--active {active}: {err}")
+    if not isinstance(ensemble, RewardEnsemble) or len(ensemble) < 2:
+        fail(f"--active {active}: active mode needs an ensemble of two or more reward models")
+    return ensemble
+
+
 def default_batch(model: str) -> str:
     """The batch name when `--batch` is not given: the model, or for a model path over the batch column's
     100 characters its end (the run's own name), marked with '...'."""
@@ -187,7 +204,6 @@ def add_tasks_cmd(
     from diffalign.collect.tasks import GenerateConfig, make_pair_tasks, read_prompts
     from diffalign.models.tokenizer import UnknownWordError
     from diffalign.prefs.store import ImportAborted
-    from diffalign.rewards.ensemble import RewardEnsemble, load_reward_dir
 
     if raters_per_pair < 1:
         fail(f"--raters-per-pair must be at least 1, got {raters_per_pair}")
@@ -205,13 +221,7 @@ def add_tasks_cmd(
         texts = read_prompts(prompts)
     except ValueError as err:
         fail(str(err))
-    ensemble = None
-    if active is not None:
-        if not active.is_dir():
-            fail(f"--active {active}: not a folder (give an ensemble from `diffalign reward train`)")
-        ensemble = load_reward_dir(active)
-        if not isinstance(ensemble, RewardEnsemble) or len(ensemble) < 2:
-            fail(f"--active {active}: active mode needs an ensemble of two or more reward models")
+    ensemble = _active_ensemble(active)
     m = _load(model, device)
     sampler = _sampler_config(None, steps, guidance, 0.0, 0.7, m)
     opened = _open(store, store_images)
@@ -219,6 +229,55 @@ def add_tasks_cmd(
         tasks = make_pair_tasks(m, model, texts, sampler, config, ensemble, log=console.print)
         added = add_pairs(opened, tasks, raters_per_pair, batch_name)
     except (UnknownWordError, ImportAborted, ValueError) as err:
+        fail(str(err))
+    already = len(tasks) - added
+    console.print(f"queued {added} new pairs ({already} already queued), {raters_per_pair} raters each")
+
+
+@app.command("add-images")
+def add_images_cmd(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="Images any program made: a GenEval-layout folder (DIR/00000/metadata.jsonl with a "
+            "'prompt', DIR/00000/samples/*.png|jpg|webp) or a JSONL manifest of "
+            '{"prompt": ..., "images": [paths relative to it]}.'
+        ),
+    ],
+    store: StoreOpt = "prefs.db",
+    store_images: StoreImagesOpt = None,
+    raters_per_pair: Annotated[int, typer.Option(help="Different raters who label each pair.")] = 1,
+    active: Annotated[
+        Path | None,
+        typer.Option(help="A reward-model ensemble folder: queue the pairs it disagrees on most, first."),
+    ] = None,
+    max_pairs: Annotated[int | None, typer.Option(help="Queue at most this many pairs.")] = None,
+    disagreement: Annotated[str, typer.Option(help="variance or vote (active mode).")] = "variance",
+    batch: Annotated[
+        str | None, typer.Option(help="Batch name, up to 100 characters (default: the source's path).")
+    ] = None,
+) -> None:
+    """Queue pairs of existing images (every pair of each prompt's images) for labelling."""
+    from diffalign.collect.image_sets import image_set_pair_tasks, read_image_sets
+    from diffalign.collect.queue import add_pairs
+    from diffalign.prefs.store import ImportAborted
+
+    if raters_per_pair < 1:
+        fail(f"--raters-per-pair must be at least 1, got {raters_per_pair}")
+    if batch is not None and not 1 <= len(batch) <= 100:
+        fail(f"--batch must be 1 to 100 characters, got {len(batch)}")
+    ensemble = _active_ensemble(active)
+    try:
+        sets = read_image_sets(source)
+        tasks = image_set_pair_tasks(sets, max_pairs, ensemble, disagreement, log=console.print)
+    except ValueError as err:
+        fail(str(err))
+    opened = _open(store, store_images)
+    try:
+        added = add_pairs(
+            opened, tasks, raters_per_pair, batch if batch is not None else default_batch(str(source))
+        )
+    except (ImportAborted, ValueError) as err:
         fail(str(err))
     already = len(tasks) - added
     console.print(f"queued {added} new pairs ({already} already queued), {raters_per_pair} raters each")
