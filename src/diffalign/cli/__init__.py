@@ -260,6 +260,12 @@ def eval_cmd(
     kl_base: Annotated[
         str | None, typer.Option(help="Report the KL to this model from trajectories (needs --eta > 0).")
     ] = None,
+    panel: Annotated[
+        Path | None,
+        typer.Option(
+            help="The raters of --judge panel[:GROUP]: a panel file (diffalign.panels), not the default."
+        ),
+    ] = None,
 ) -> None:
     """Sample ShapesEval with a model, in GenEval's layout, and score it; with --suite, --reward,
     --baseline or --kl-base, also the metric suite (diversity, FID/KID, rewards, win rate, KL)."""
@@ -271,7 +277,7 @@ def eval_cmd(
     config = _sampler_config(sampler, steps, guidance, eta, noise_level, m)
     metadata = _metadata(prompts)
     # the suite's rewards and models are loaded before sampling, so a bad one fails at once
-    measures = _suite_measures(device, reward, baseline, judge, kl_base)
+    measures = _suite_measures(device, reward, baseline, judge, kl_base, panel)
     from diffalign.cli.steer import eval_sample_fn
 
     sample_fn = eval_sample_fn(steer, steer_reward, budget_nfe, steer_set, config, seed, device)
@@ -303,18 +309,30 @@ def eval_cmd(
     console.print(f"samples and results.json in {out}")
 
 
-def _suite_measures(device, rewards, baseline, judge, kl_base) -> dict:
+def _suite_measures(device, rewards, baseline, judge, kl_base, panel_file=None) -> dict:
     """The metric suite's rewards, win-rate judge, baseline and KL base, loaded (bad ones fail here)."""
+    from diffalign.align.config_io import ConfigError
+    from diffalign.panels import load_panel
     from diffalign.rewards.registry import RewardSpecError, load_reward
 
     device = resolve_device(device)  # rewards and models load on a real device, never "auto"
     judge_reward, group = None, None
+    is_panel = judge == "panel" or judge.startswith("panel:")
+    if panel_file is not None and not is_panel:
+        _fail(f"--panel {panel_file}: it sets the raters of --judge panel[:GROUP], not of --judge {judge}")
     try:
-        if judge == "panel" or judge.startswith("panel:"):
+        if is_panel:
             group = judge.partition(":")[2] or None
+            judge_reward = load_panel(panel_file) if panel_file is not None else None
+            raters = judge_reward.groups if judge_reward is not None else load_panel(None).groups
+            if group is not None and group not in raters:
+                where = f"the panel of {panel_file}" if panel_file is not None else "the default panel"
+                _fail(f"--judge {judge}: {where} has no group {group!r}; its groups: {', '.join(raters)}")
         else:
             judge_reward = load_reward(judge, device=device)
         named = {spec: load_reward(spec, device=device) for spec in (rewards or [])}
+    except ConfigError as err:
+        _fail(f"--panel: {err}")
     except (RewardSpecError, ImportError, OSError, ValueError) as err:
         _fail(f"--reward/--judge: {err}")
     return {

@@ -247,18 +247,30 @@ def simulate_cmd(
     ] = None,
     store_images: StoreImagesOpt = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "auto",
+    panel: Annotated[
+        Path | None,
+        typer.Option(
+            help="A panel file (YAML: groups, tastes, noise; diffalign.panels) instead of the default."
+        ),
+    ] = None,
 ) -> None:
     """Sample pairs from a model and label them with the simulated rater panel of the Shapes world."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+    from diffalign.align.config_io import ConfigError
     from diffalign.cli.common import load_model_arg
     from diffalign.diffusion.sampling import SamplerConfig
+    from diffalign.panels import load_panel
     from diffalign.prefs.simulate import simulate_preferences
     from diffalign.world.grammar import GrammarError
     from diffalign.world.shapeseval import load_shapeseval
 
     if pairs < 1:
         fail(f"--pairs must be at least 1, got {pairs}")
+    try:
+        raters = load_panel(panel)
+    except ConfigError as err:
+        fail(f"--panel: {err}")
     prompt_list = None
     if prompts is not None:
         try:
@@ -298,6 +310,7 @@ def simulate_cmd(
                 batch_size=batch_size,
                 progress=advance,
                 model_name=model,
+                panel=raters,
             )
         except (ValueError, GrammarError) as err:
             fail(str(err))

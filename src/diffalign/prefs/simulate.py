@@ -14,6 +14,7 @@ them; ``python -m diffalign.prefs.simulate --pairs 240`` prints it (docs/raters.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import time
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from diffalign.diffusion.protocol import DiffusionModel
 from diffalign.diffusion.sampling import SamplerConfig, sample
+from diffalign.panels import panel_fingerprint
 from diffalign.prefs.records import CHOICE_IMAGE, CHOICE_TIE, ImportReport, NewComparison
 from diffalign.world.grammar import all_metadata, parse_prompt
 from diffalign.world.palette import CATEGORIES
@@ -178,8 +180,44 @@ def encode_png(image: Tensor) -> bytes:
     return buf.getvalue()
 
 
-def _existing_keys(store: object, prefix: str) -> set[str]:
-    return {c.key for c in store.comparisons(source=SOURCE) if c.key.startswith(prefix)}  # type: ignore[attr-defined]
+#: What pair i of a run depends on besides its seed, recorded in every comparison's meta: a store that
+#: holds pairs of the same seed made otherwise must not have them taken for this run's.
+RUN_FIELDS: tuple[str, ...] = ("model", "sampler", "panel", "prompts")
+
+
+def _existing_keys(store: object, prefix: str, run: dict) -> set[str]:
+    """The keys of the run's pairs already in `store`; raises ValueError when they were made by another
+    model, sampler, panel or prompt list than `run` (the same seed would otherwise silently reuse them)."""
+    keys = set()
+    for comparison in store.comparisons(source=SOURCE):  # type: ignore[attr-defined]
+        if not comparison.key.startswith(prefix):
+            continue
+        if not keys:
+            meta = comparison.meta or {}
+            differ = [name for name in RUN_FIELDS if name in meta and not _same(meta[name], run[name])]
+            if differ:
+                stored = "; ".join(f"{name} {meta[name]!r}" for name in differ)
+                asked = "; ".join(f"{name} {run[name]!r}" for name in differ)
+                raise ValueError(
+                    f"the store already holds simulated pairs of seed {prefix.split(':')[1]} made with "
+                    f"{stored}; this run asks for {asked}. Use another --seed or another store"
+                )
+        keys.add(comparison.key)
+    return keys
+
+
+def _same(stored: object, asked: object) -> bool:
+    """Whether a stored run field matches this run's. Mappings are compared on the keys both have, so
+    pairs written by an older version (a panel recorded without its fingerprint, a sampler without a
+    field added since) still extend."""
+    if isinstance(stored, dict) and isinstance(asked, dict):
+        return all(_same(stored[k], asked[k]) for k in stored.keys() & asked.keys())
+    return json.dumps(stored, sort_keys=True) == json.dumps(asked, sort_keys=True)
+
+
+def _prompts_fingerprint(prompts: Sequence[str]) -> str:
+    """A short hash of the prompt list pairs are drawn from (order matters: it fixes pair i's prompt)."""
+    return hashlib.sha256(json.dumps(list(prompts)).encode("utf-8")).hexdigest()[:16]
 
 
 def check_share(share: tuple[int, int]) -> None:
@@ -236,14 +274,21 @@ def simulate_preferences(
     all_prompts = pair_prompts(n_pairs, prompts, seed)
     rater_index, uniforms = panel.draw(n_pairs, torch.Generator().manual_seed(seed + 1))
     prefix = f"{SOURCE}:{seed}:"
-    existing = _existing_keys(store, prefix)
+    sampler_meta = json.loads(json.dumps(asdict(config)))  # as stored: tuples become lists
+    panel_meta = {
+        "temperature": panel.config.temperature,
+        "tie_margin": panel.config.tie_margin,
+        "fingerprint": panel_fingerprint(panel),
+    }
+    prompts_meta = None if prompts is None else _prompts_fingerprint(prompts)
+    run = {"model": name, "sampler": sampler_meta, "panel": panel_meta, "prompts": prompts_meta}
+    existing = _existing_keys(store, prefix, run)
     todo = [i for i in mine if f"{prefix}{i}" not in existing]
     report.duplicates = len(mine) - len(todo)
     if not todo:
         report.seconds = time.perf_counter() - started
         return report
     per_call = max(1, batch_size // 2)
-    sampler_meta = asdict(config)
     features_a, features_b = [], []
     correct = 0
     for start in range(0, len(todo), per_call):
@@ -277,7 +322,8 @@ def simulate_preferences(
                 "faithfulness": [float(fa.faithfulness[k]), float(fb.faithfulness[k])],
                 "correct": [bool(fa.correct[k]), bool(fb.correct[k])],
                 "quality": [float(fa.quality[k]), float(fb.quality[k])],
-                "panel": {"temperature": panel.config.temperature, "tie_margin": panel.config.tie_margin},
+                "panel": panel_meta,
+                "prompts": prompts_meta,
             }
             items.append(
                 NewComparison(

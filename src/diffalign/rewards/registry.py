@@ -5,6 +5,8 @@ Accepted forms, tried in this order:
   `gold-utility` (the rater panel's pooled utility), `gold-utility:GROUP` (one rater group's), or the
   same under the `shapes:` prefix: `shapes:faithfulness`, `shapes:faithfulness-partial`,
   `shapes:quality`, `shapes:utility`, `shapes:rater-GROUP`;
+- any of them with `@PANEL_FILE` (`shapes:rater-GROUP@panel.yaml`, `shapes:utility@panel.yaml`): the
+  utilities of a rater panel described in a file (`diffalign.panels`) instead of the default panel's;
 - `shapes:faithfulness-soft`: a differentiable relaxation of the faithfulness grader
   (`rewards.soft_faithfulness`), for the methods that need gradients; not a gold reward;
 - an external reward model by name, from local weights: `clip`, `pickscore`, `aesthetic`,
@@ -49,7 +51,8 @@ class RewardSpecError(ValueError):
 def reward_forms() -> str:
     return (
         "a gold reward (shapes:faithfulness, shapes:faithfulness-partial, shapes:quality, shapes:utility, "
-        "shapes:rater-GROUP), the differentiable shapes:faithfulness-soft, an external model (clip, "
+        "shapes:rater-GROUP, the last three also @PANEL.yaml), the differentiable shapes:faithfulness-soft, "
+        "an external model (clip, "
         "pickscore, aesthetic, imagereward, hpsv2, "
         "optionally NAME=PATH), a reward-model folder, an ensemble folder's uncertainty-penalised reward "
         "(penalised:[K:]DIR), or a callable (file.py:function, module:function)"
@@ -57,16 +60,31 @@ def reward_forms() -> str:
 
 
 def _gold(spec: str) -> Reward:
+    """A gold reward; `NAME@PANEL_FILE` takes the utilities and quality of the panel file's raters
+    (`diffalign.panels`) instead of the default panel's."""
     from diffalign.rewards.gold import gold_rewards
 
-    name = _SHAPES_ALIASES.get(spec, spec)
+    named, at, panel_file = spec.partition("@")
+    name = _SHAPES_ALIASES.get(named, named)
     if name.startswith("shapes:rater-"):
         name = "gold-utility:" + name.removeprefix("shapes:rater-")
-    rewards = gold_rewards()
+    panel = None
+    if at:
+        from diffalign.align.config_io import ConfigError
+        from diffalign.panels import load_panel
+
+        if not panel_file.strip():
+            raise RewardSpecError(f"--reward {spec!r}: no panel file after '@' (give NAME@PANEL.yaml)")
+        try:
+            panel = load_panel(panel_file.strip())
+        except ConfigError as err:
+            raise RewardSpecError(f"--reward {spec!r}: {err}") from err
+    rewards = gold_rewards(panel)
     if name not in rewards:
         known = ", ".join([*sorted(rewards), "shapes:faithfulness-soft"])
+        where = f"the panel of {panel_file.strip()}" if at else "the Shapes world"
         raise RewardSpecError(
-            f"--reward {spec!r}: no such gold reward{_did_you_mean(spec)}; the Shapes world has {known}"
+            f"--reward {spec!r}: no such gold reward{_did_you_mean(named)}; {where} has {known}"
         )
     return rewards[name]
 
