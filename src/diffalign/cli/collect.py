@@ -152,6 +152,16 @@ def status_cmd(store: StoreOpt = "prefs.db", store_images: StoreImagesOpt = None
     Console().print(table)
 
 
+#: Options `add-tasks` and `add-images` share.
+RatersPerPairOpt = Annotated[int, typer.Option(help="Different raters who label each pair.")]
+ActiveOpt = Annotated[
+    Path | None,
+    typer.Option(help="A reward-model ensemble folder: queue the pairs it disagrees on most, first."),
+]
+MaxPairsOpt = Annotated[int | None, typer.Option(help="Queue at most this many pairs.")]
+DisagreementOpt = Annotated[str, typer.Option(help="variance or vote (active mode).")]
+
+
 def _active_ensemble(active: Path | None):
     """The `--active` ensemble (None without the option); a folder that is not one fails clearly."""
     from diffalign.rewards.ensemble import RewardEnsemble, load_reward_dir
@@ -182,13 +192,10 @@ def add_tasks_cmd(
     store: StoreOpt = "prefs.db",
     store_images: StoreImagesOpt = None,
     per_prompt: Annotated[int, typer.Option(help="Images sampled per prompt (all pairs among them).")] = 4,
-    raters_per_pair: Annotated[int, typer.Option(help="Different raters who label each pair.")] = 1,
-    active: Annotated[
-        Path | None,
-        typer.Option(help="A reward-model ensemble folder: queue the pairs it disagrees on most, first."),
-    ] = None,
-    max_pairs: Annotated[int | None, typer.Option(help="Queue at most this many pairs.")] = None,
-    disagreement: Annotated[str, typer.Option(help="variance or vote (active mode).")] = "variance",
+    raters_per_pair: RatersPerPairOpt = 1,
+    active: ActiveOpt = None,
+    max_pairs: MaxPairsOpt = None,
+    disagreement: DisagreementOpt = "variance",
     batch: Annotated[
         str | None, typer.Option(help="Batch name, up to 100 characters (default: the model).")
     ] = None,
@@ -246,13 +253,10 @@ def add_images_cmd(
     ],
     store: StoreOpt = "prefs.db",
     store_images: StoreImagesOpt = None,
-    raters_per_pair: Annotated[int, typer.Option(help="Different raters who label each pair.")] = 1,
-    active: Annotated[
-        Path | None,
-        typer.Option(help="A reward-model ensemble folder: queue the pairs it disagrees on most, first."),
-    ] = None,
-    max_pairs: Annotated[int | None, typer.Option(help="Queue at most this many pairs.")] = None,
-    disagreement: Annotated[str, typer.Option(help="variance or vote (active mode).")] = "variance",
+    raters_per_pair: RatersPerPairOpt = 1,
+    active: ActiveOpt = None,
+    max_pairs: MaxPairsOpt = None,
+    disagreement: DisagreementOpt = "variance",
     batch: Annotated[
         str | None, typer.Option(help="Batch name, up to 100 characters (default: the source's path).")
     ] = None,
