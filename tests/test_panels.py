@@ -138,3 +138,26 @@ def test_eval_judges_the_win_rate_by_a_panel_files_group(tmp_path, tiny_model, p
     assert not (tmp_path / "m").exists()  # refused before sampling
     wrong = runner.invoke(app, [*args, "--out", str(tmp_path / "w"), "--judge", "shapes:utility"])
     assert wrong.exit_code == 2 and "--panel" in wrong.output
+
+
+def test_a_gold_rewards_panel_file_is_part_of_its_fingerprint(panel_file):
+    from diffalign.evaluate.overopt import spec_fingerprint
+
+    spec = f"shapes:utility@{panel_file}"
+    before = spec_fingerprint(spec)
+    assert before is not None and spec_fingerprint("shapes:utility") is None
+    panel_file.write_text(PANEL_YAML.replace("temperature: 0.06", "temperature: 0.05"))
+    assert spec_fingerprint(spec) != before  # an edited panel is another measurement
+
+
+def test_eval_names_a_prompt_the_model_cannot_read_before_sampling(tmp_path, tiny_model):
+    prompts = tmp_path / "geneval.jsonl"
+    lines = load_shapeseval()[:2]
+    lines.append({**lines[0], "prompt": "a photo of a circle"})  # GenEval's wording, not the world's
+    prompts.write_text(to_jsonl(lines))
+    out = tmp_path / "e"
+    args = ["eval", "--model", str(tiny_model), "--prompts", str(prompts), "--out", str(out), "--steps", "2"]
+    result = runner.invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "prompt 3 ('a photo of a circle')" in " ".join(result.output.split())
+    assert not list(out.glob("*/samples/*.png"))

@@ -31,6 +31,10 @@ def test_pairwise_accuracy_skips_ties_and_counts_reward_ties_half():
     assert 0 <= lo <= result["accuracy"] <= hi <= 1
     with pytest.raises(ValueError, match="non-tie"):
         pairwise_accuracy(torch.tensor([1.0]), torch.tensor([0.5]))
+    with pytest.raises(ValueError, match="1 of 3 reward margins are not finite"):
+        pairwise_accuracy(torch.tensor([1.0, float("nan"), 2.0]), torch.tensor([1.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match="2 margins but 3 labels"):
+        pairwise_accuracy(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0, 0.0]))
 
 
 def test_ece_of_calibrated_and_overconfident_predictors():

@@ -278,6 +278,7 @@ def eval_cmd(
     metadata = _metadata(prompts)
     # the suite's rewards and models are loaded before sampling, so a bad one fails at once
     measures = _suite_measures(device, reward, baseline, judge, kl_base, panel)
+    _check_prompts_encode(m, metadata, prompts)
     from diffalign.cli.steer import eval_sample_fn
 
     sample_fn = eval_sample_fn(steer, steer_reward, budget_nfe, steer_set, config, seed, device)
@@ -307,6 +308,28 @@ def eval_cmd(
         (Path(out) / "results.json").write_text(json.dumps(results, indent=1))
         Console().print(_suite_table(results["suite"], model))
     console.print(f"samples and results.json in {out}")
+
+
+def _check_prompts_encode(m, metadata, prompts_file) -> None:
+    """Encode every distinct prompt once before sampling: a word the model's tokenizer does not know (a
+    GenEval "a photo of ..." for a Shapes-world model) is named with its line, not met mid-sampling."""
+    import torch
+
+    from diffalign.models.tokenizer import UnknownWordError
+    from diffalign.world.shapeseval import load_shapeseval
+
+    seen: set[str] = set()
+    for number, line in enumerate(metadata if metadata is not None else load_shapeseval(), start=1):
+        prompt = line["prompt"]
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        try:
+            with torch.no_grad():
+                m.encode_prompts([prompt])
+        except (UnknownWordError, ValueError) as err:
+            where = f"--prompts {prompts_file}, prompt {number}" if prompts_file else f"prompt {number}"
+            _fail(f"{where} ({prompt!r}): {err}")
 
 
 def _suite_measures(device, rewards, baseline, judge, kl_base, panel_file=None) -> dict:

@@ -50,7 +50,7 @@ class ReportRunsError(ValueError):
 
 
 def read_run(run_dir: Path) -> dict:
-    """What a run folder says about itself: method, base model spec, reward spec, costs."""
+    """What a run folder says about itself: method, base model spec, reward spec, costs, training curves."""
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise ReportRunsError(
@@ -60,16 +60,52 @@ def read_run(run_dir: Path) -> dict:
         raise ReportRunsError(f"{run_dir}: the run has no final model/ yet (finish it with --resume first)")
     try:
         record = json.loads(config_file.read_text(encoding="utf-8"))
-        config = record["config"]
-        method = str(record.get("trainer") or config["method"])
-        model = str(config["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ReportRunsError(f"{config_file}: not a diffalign run record ({err})") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReportRunsError(f"{config_file}: not readable JSON ({err})") from err
+    config = record.get("config") if isinstance(record, dict) else None
+    if (
+        not isinstance(config, dict)
+        or not (record.get("trainer") or config.get("method"))
+        or "model" not in config
+    ):
+        raise ReportRunsError(
+            f"{config_file}: not a diffalign run record (an object whose 'config' names the 'method' and "
+            "the 'model')"
+        )
+    method = str(record.get("trainer") or config["method"])
+    model = str(config["model"])
     try:
         costs = read_run_costs(run_dir)  # every process's counts of a multi-process run
+        logged = curves(run_dir)  # read before any model is sampled, so a broken log fails at once
     except ValueError as err:
         raise ReportRunsError(str(err)) from err
-    return {"method": method, "model": model, "reward": config.get("reward"), "costs": costs}
+    return {
+        "method": method,
+        "model": model,
+        "reward": config.get("reward"),
+        "costs": costs,
+        "curves": logged,
+    }
+
+
+def system_names(runs: Sequence[Path]) -> list[str]:
+    """A distinct report name for each run folder: its folder name, or as many of its last path parts
+    as tell it from the base model and the runs before it (always a relative path, as the names become
+    folders under the report's). A folder given twice is refused."""
+    resolved = [Path(r).resolve() for r in runs]
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
+            raise ReportRunsError(f"{runs[i]}: the same run folder is given twice")
+    taken, names = {"base"}, []
+    for path in resolved:
+        parts = path.parts[1:]  # without the root, so a name never makes an absolute path
+        name = next(
+            (n for k in range(1, len(parts) + 1) if (n := "/".join(parts[-k:])) not in taken),
+            f"{'/'.join(parts)}-{len(names) + 1}",  # /base itself beside the base model
+        )
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def report_from_runs(
@@ -90,7 +126,10 @@ def report_from_runs(
     if not runs:
         raise ReportRunsError("diffalign report: give a demo folder or one or more run folders")
     if len(runs) == 1 and (runs[0] / "report.json").is_file():
-        data = json.loads((runs[0] / "report.json").read_text(encoding="utf-8"))
+        try:
+            data = json.loads((runs[0] / "report.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ReportRunsError(f"{runs[0] / 'report.json'}: not readable JSON ({err})") from err
         html = render_report(data, runs[0])
         if out is None:
             return html
@@ -98,6 +137,7 @@ def report_from_runs(
         return Path(shutil.copy2(html, out / "report.html"))
     started = time.perf_counter()
     infos = [read_run(r) for r in runs]
+    names = system_names(runs)
     bases = {info["model"] for info in infos}
     if len(bases) != 1:
         named = ", ".join(f"{r} ({info['model']})" for r, info in zip(runs, infos))
@@ -138,10 +178,7 @@ def report_from_runs(
 
     base_eval = evaluate("base", base)
     systems = [system_record("base", "none", "base", base_eval)]
-    names: set[str] = {"base"}
-    for run_dir, info in zip(runs, infos):
-        name = run_dir.name if run_dir.name not in names else f"{run_dir.parent.name}/{run_dir.name}"
-        names.add(name)
+    for run_dir, info, name in zip(runs, infos, names):
         result = evaluate(name, load_model(str(run_dir), device=dev), base_eval)
         costs = None
         if info["costs"] is not None:
@@ -157,7 +194,7 @@ def report_from_runs(
                 run_dir=str(run_dir),
                 feedback=feedback,
                 costs=costs,
-                curves=curves(run_dir),
+                curves=info["curves"],
                 curve_x="epoch" if paradigm == "policy-gradient RL" else "step",
             )
         )

@@ -35,7 +35,6 @@ from diffalign.align.pg_config import PGConfig
 from diffalign.align.policy_gradient import train_pg
 from diffalign.align.reward_backprop import train_backprop
 from diffalign.align.runtime import RuntimeConfig
-from diffalign.align.tracking import read_metrics
 from diffalign.demo.config import DemoConfig
 from diffalign.demo.evaluation import EvalJudges, SystemEval, eval_metadata, evaluate_system, system_record
 from diffalign.demo.report_html import render_report
@@ -117,9 +116,28 @@ def _network_types(model) -> tuple[type, ...]:
 
 
 def curves_source(run_dir: Path) -> list[dict]:
-    """The run's metrics.jsonl lines (none when it has no log)."""
+    """The run's metrics.jsonl records (none when it has no log). A line that is not a JSON object with
+    a numeric "step" (what every trainer writes) is a ValueError naming the file and the line."""
     path = run_dir / "metrics.jsonl"
-    return read_metrics(path) if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the training log ({err})") from None
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int | float):
+            raise ValueError(f"{path} line {number}: expected a metrics record with a numeric 'step'")
+        records.append(record)
+    return records
 
 
 def curves(run_dir: Path) -> list[dict]:

@@ -220,6 +220,8 @@ COSTS_FILE = "costs.json"
 #: Each further process's own measurement of a multi-process run (`add_run_costs(..., rank=r)`).
 RANK_COSTS_FILE = "costs-rank-{rank}.json"
 SUMMED = ("wall_s", "forward_nfe", "backward_nfe", "reward_queries", "reward_grads")
+#: What every costs file holds (`StageCost`'s fields, as `add_run_costs` writes them).
+COST_FIELDS: tuple[str, ...] = tuple(StageCost.__dataclass_fields__)
 #: The counts a run's processes add up to (each process evaluates and scores its own share).
 PROCESS_SUMMED = ("forward_nfe", "backward_nfe", "reward_queries", "reward_grads")
 
@@ -264,7 +266,8 @@ def read_run_costs(run_dir: str | Path) -> dict | None:
     reward queries and gradients; a count any process left null stays null) and the largest peak
     memory of any process (memory is per device); `processes_counted` says how many processes'
     measurements the counts hold. None when the run has no costs.json. Raises ValueError naming a file
-    that is not readable JSON."""
+    that is not readable JSON, lacks a measurement `add_run_costs` writes, or holds a count that is not
+    a number (or null)."""
     run_dir = Path(run_dir)
     main = run_dir / COSTS_FILE
     if not main.is_file():
@@ -277,6 +280,15 @@ def read_run_costs(run_dir: str | Path) -> dict | None:
             raise ValueError(f"{path}: not a readable costs file ({err})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: not a costs file (a JSON object)")
+        missing = [key for key in COST_FIELDS if key not in data]
+        if missing:
+            raise ValueError(f"{path}: not a costs file, it lacks {', '.join(map(repr, missing))}")
+        for key in (*SUMMED, "peak_memory_mb"):
+            value = data[key]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ValueError(f"{path}: {key!r} must be a number or null, got {value!r}")
+        if not isinstance(data["memory_kind"], str):
+            raise ValueError(f"{path}: 'memory_kind' must be a string, got {data['memory_kind']!r}")
         return data
 
     total = load(main)

@@ -22,10 +22,13 @@ from torch import Tensor
 
 
 def pixel_features(images: Tensor) -> Tensor:
-    """[B, 3, H, W] in [0, 1] -> [B, D] float64 pixels / sqrt(D) (Euclidean distance = RMS distance)."""
+    """[B, 3, H, W] float in [0, 1] (or uint8 in [0, 255], scaled to [0, 1]) -> [B, D] float64 pixels /
+    sqrt(D) (Euclidean distance = RMS distance)."""
     if images.ndim != 4:
         raise ValueError(f"pixel_features needs [B, C, H, W] images, got {tuple(images.shape)}")
     flat = images.detach().double().reshape(images.shape[0], -1)
+    if images.dtype == torch.uint8:
+        flat = flat / 255.0
     return flat / math.sqrt(flat.shape[1])
 
 

@@ -38,8 +38,19 @@ def _check_images(images: Tensor, arg: str) -> None:
         raise ValueError(f"{arg}: expected [B, 3, H, W] images, got {tuple(images.shape)}")
     if images.shape[0] < 2:
         raise ValueError(f"{arg}: FID/KID need at least two images, got {images.shape[0]}")
-    if images.dtype != torch.uint8 and (images.min() < 0 or images.max() > 1):
-        raise ValueError(f"{arg}: float images must lie in [0, 1]")
+    if images.dtype != torch.uint8 and not images.dtype.is_floating_point:
+        raise ValueError(f"{arg}: expected uint8 images or float images in [0, 1], got {images.dtype}")
+    if images.dtype != torch.uint8 and not bool(((images >= 0) & (images <= 1)).all()):
+        raise ValueError(f"{arg}: float images must lie in [0, 1] (NaN is refused too)")
+
+
+def _check_sizes(real: Tensor, fake: Tensor) -> None:
+    """The Shapes features are not scale-invariant: sets of other image sizes are not comparable."""
+    if real.shape[2:] != fake.shape[2:]:
+        raise ValueError(
+            f"real images are {tuple(real.shape[2:])} pixels and fake images {tuple(fake.shape[2:])}; "
+            "FID/KID in the Shapes feature space compare images of one size"
+        )
 
 
 def _feed(metric, images: Tensor, real: bool, batch_size: int) -> None:
@@ -79,6 +90,7 @@ def fid_kid(
 
     _check_images(real, "real")
     _check_images(fake, "fake")
+    _check_sizes(real, fake)
     net = feature_net if feature_net is not None else load_feature_net()
     size = min(real.shape[0], fake.shape[0])
     subset = kid_subset_size if kid_subset_size is not None else min(max(size // 2, 2), 1000)

@@ -195,12 +195,12 @@ def analyse(points: Sequence[OveroptPoint], form: str = "rl") -> dict:
 
     Returns a JSON-ready dict: "points", "form", "fits" ({"gold", "proxy"[, "penalised"]} as
     `GaoFit` dicts, on rewards relative to step 0; empty, with a "fit_note", when there is only one
-    checkpoint besides the base), "gold_peak" (the observed best checkpoint: step,
-    d, gold), "fitted_peak" (d*, R* + base gold, and the first checkpoint at or past d*, or None when the
-    run stops short of it), "stop_step" (the observed best gold step) and, with penalised rewards,
-    "penalised_stop" (the step where the penalised reward peaks and the gold reward there). Every
-    point carries "vs_base" (`paired_changes`: each reward's change from the base model, sample by
-    sample, with its interval), and the gold peak its gold change.
+    checkpoint besides the base or fewer than two with a positive KL estimate), "gold_peak" (the
+    observed best checkpoint: step, d, gold), "fitted_peak" (d*, R* + base gold, and the first
+    checkpoint at or past d*, or None when the run stops short of it), "stop_step" (the observed best
+    gold step) and, with penalised rewards, "penalised_stop" (the step where the penalised reward
+    peaks and the gold reward there). Every point carries "vs_base" (`paired_changes`: each reward's
+    change from the base model, sample by sample, with its interval), and the gold peak its gold change.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -212,7 +212,9 @@ def analyse(points: Sequence[OveroptPoint], form: str = "rl") -> dict:
     gold = np.array([p.gold for p in pts])
     proxy = np.array([p.proxy for p in pts])
     # Gao et al.'s forms have two parameters: with one checkpoint only the paired changes are reported.
-    can_fit = len(pts) >= 3
+    # A checkpoint whose KL estimate is <= 0 sits at d = 0, where every form is 0: it cannot count.
+    moved = int((d > 0).sum())
+    can_fit = len(pts) >= 3 and moved >= 2
     fits = {}
     if can_fit:
         fits = {"gold": fit_gao(d, gold - gold[0], form), "proxy": fit_gao(d, proxy - proxy[0], form)}
@@ -229,8 +231,13 @@ def analyse(points: Sequence[OveroptPoint], form: str = "rl") -> dict:
         },
         "stop_step": steps[best],
     }
-    if not can_fit:
+    if len(pts) < 3:
         out["fit_note"] = "no fit: Gao et al.'s curves need two checkpoints besides the base"
+    elif not can_fit:
+        out["fit_note"] = (
+            f"no fit: Gao et al.'s curves need two checkpoints with a positive KL to the base, "
+            f"{moved} of {len(pts) - 1} have one"
+        )
     fitted = fits.get("gold")
     peak: dict | None = None
     if fitted is not None and fitted.peak_d is not None:
@@ -320,10 +327,12 @@ def spec_fingerprint(spec: str) -> str | None:
     """A fingerprint of the files a model or reward spec names, or None when it names none.
 
     Every ':'-separated part of `spec` that is an existing file or folder counts ("penalised:DIR",
-    "rewards.py:fn", a model folder); a folder by its files' relative paths and contents (size and
-    modification time for files over 64 MiB). Built-in names ("base", "gold-utility") name no file.
+    "rewards.py:fn", a model folder), and what follows an '@' ("shapes:utility@panel.yaml"); a folder
+    by its files' relative paths and contents (size and modification time for files over 64 MiB).
+    Built-in names ("base", "gold-utility") name no file.
     """
-    paths = [Path(part) for part in [spec, *str(spec).split(":")] if part and Path(part).exists()]
+    parts = [spec, *str(spec).split(":"), *str(spec).split("@")[1:]]  # "@": a gold reward's panel file
+    paths = [Path(part) for part in parts if part and Path(part).exists()]
     if not paths:
         return None
     digest = hashlib.sha256()

@@ -7,17 +7,44 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 
+def _check_settings(n_boot: int, level: float, name: str) -> None:
+    if n_boot < 1:
+        raise ValueError(f"{name}: n_boot must be at least 1, got {n_boot}")
+    if not 0 < level < 1:
+        raise ValueError(f"{name}: level must lie strictly between 0 and 1, got {level}")
+
+
+def _values(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
+    """`values` as a 1-d float64 array of finite numbers (a NaN or infinite value is refused)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1:
+        raise ValueError(f"{name}: expected a flat sequence of values, got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"{name} needs at least one value")
+    bad = int((~np.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{name}: {bad} of {x.size} values are NaN or infinite")
+    return x
+
+
+def _interval(means: np.ndarray, level: float) -> tuple[float, float]:
+    alpha = (1 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
 def bootstrap_mean_ci(
     values: Sequence[float] | np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of `values` (resampling values with replacement)."""
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        raise ValueError("bootstrap_mean_ci needs at least one value")
+    """Percentile bootstrap interval of the mean of `values` (resampling values with replacement).
+
+    Raises ValueError for no values, a NaN or infinite value, or settings out of range."""
+    x = _values(values, "bootstrap_mean_ci")
+    _check_settings(n_boot, level, "bootstrap_mean_ci")
+    if np.ptp(x) == 0:  # resampled means of equal values can differ from them in the last bits
+        return float(x[0]), float(x[0])
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    alpha = (1 - level) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    return _interval(means, level)
 
 
 def stratified_bootstrap_ci(
@@ -26,13 +53,14 @@ def stratified_bootstrap_ci(
     """Interval of the mean of the group means (GenEval's overall score), resampling within groups."""
     if not groups:
         raise ValueError("stratified_bootstrap_ci needs at least one group")
+    _check_settings(n_boot, level, "stratified_bootstrap_ci")
     rng = np.random.default_rng(seed)
     per_group = []
-    for values in groups.values():
-        x = np.asarray(values, dtype=np.float64)
-        if x.size == 0:
-            raise ValueError("stratified_bootstrap_ci: a group is empty")
+    for name, values in groups.items():
+        x = _values(values, f"stratified_bootstrap_ci, group {name!r}")
         per_group.append(x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1))
     overall = np.mean(per_group, axis=0)
-    alpha = (1 - level) / 2
-    return float(np.quantile(overall, alpha)), float(np.quantile(overall, 1 - alpha))
+    if all(np.ptp(np.asarray(groups[name], dtype=np.float64)) == 0 for name in groups):
+        point = float(np.mean([np.asarray(v, dtype=np.float64)[0] for v in groups.values()]))
+        return point, point
+    return _interval(overall, level)

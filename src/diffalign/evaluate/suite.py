@@ -38,6 +38,8 @@ from diffalign.world.raters import RaterPanel
 def per_prompt_means(values: Tensor | np.ndarray, prompts: Sequence[str]) -> np.ndarray:
     """The mean of `values` within each distinct prompt (first-appearance order)."""
     x = np.asarray(torch.as_tensor(values).detach().cpu().double().numpy()).reshape(-1)
+    if x.size != len(prompts):
+        raise ValueError(f"per_prompt_means: {x.size} values for {len(prompts)} prompts")
     groups: dict[str, list[float]] = {}
     for prompt, value in zip(prompts, x.tolist()):
         groups.setdefault(prompt, []).append(value)

@@ -85,6 +85,12 @@ def reward_scores(reward_model: Tensor, reward_baseline: Tensor, tie_tolerance: 
         raise ValueError(f"reward_scores: reward shapes {shapes} differ")
     if tie_tolerance < 0:
         raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance}")
+    for name, rewards in (("the model's", reward_model), ("the baseline's", reward_baseline)):
+        bad = int((~torch.isfinite(rewards.detach())).sum())
+        if bad:
+            raise ValueError(
+                f"reward_scores: {bad} of {rewards.numel()} of {name} rewards are NaN or infinite"
+            )
     delta = reward_model.detach().double() - reward_baseline.detach().double()
     scores = (delta > 0).double()
     return torch.where(delta.abs() <= tie_tolerance, torch.full_like(scores, 0.5), scores)

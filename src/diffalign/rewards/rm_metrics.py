@@ -67,6 +67,11 @@ def pairwise_accuracy(
 ) -> dict[str, float | int | list[float]]:
     """Accuracy on the non-tie pairs of `margin` = r_A - r_B, with a bootstrap 95% interval."""
     margin, prob_a = torch.as_tensor(margin).float(), torch.as_tensor(prob_a).float()
+    if margin.shape != prob_a.shape:
+        raise ValueError(f"pairwise accuracy: {margin.numel()} margins but {prob_a.numel()} labels")
+    bad = int((~torch.isfinite(margin)).sum())
+    if bad:  # a NaN margin would count as a wrong pair, silently
+        raise ValueError(f"pairwise accuracy: {bad} of {margin.numel()} reward margins are not finite")
     keep = prob_a != 0.5
     n = int(keep.sum())
     if n == 0:

@@ -25,6 +25,7 @@ from typing import Any
 from diffalign.world.palette import (
     CATEGORIES,
     COLORS,
+    MAX_COUNT,
     NUMBER_WORDS,
     PLURALS,
     RELATIONS,
@@ -214,6 +215,11 @@ def validate_metadata(meta: Any, where: str = "metadata") -> Metadata:
             count = clause.get("count")
             if not isinstance(count, int) or isinstance(count, bool) or count < 1:
                 fail(f"{key}[{i}].count must be a positive integer, got {count!r}")
+            # the world draws at most MAX_COUNT objects of a kind; an exclude clause caps a count at
+            # one more than that (counting's "four" excludes five)
+            most = MAX_COUNT if key == "include" else MAX_COUNT + 1
+            if count > most:
+                fail(f"{key}[{i}].count must be at most {most} (the Shapes world's range), got {count}")
             if "color" in clause and clause["color"] not in COLORS:
                 fail(f"{key}[{i}].color must be one of {', '.join(COLORS)}, got {clause['color']!r}")
             if "position" in clause:
@@ -223,6 +229,7 @@ def validate_metadata(meta: Any, where: str = "metadata") -> Metadata:
                     and len(pos) == 2
                     and pos[0] in RELATIONS
                     and isinstance(pos[1], int)
+                    and not isinstance(pos[1], bool)
                     and 0 <= pos[1] < i
                     and key == "include"
                 )
@@ -246,15 +253,30 @@ def normalize_metadata(meta: Metadata) -> Metadata:
 
 
 def read_metadata_jsonl(lines: Iterable[str], source: str = "<input>") -> list[Metadata]:
-    """Parse GenEval metadata JSONL, validating every line (errors name source and line)."""
+    """Parse GenEval metadata JSONL, validating every line (errors name source and line).
+
+    Every line must also carry a non-empty "prompt" string: the text a model is given. A UTF-8 byte
+    order mark before the first line is skipped; blank lines are skipped.
+    """
     out = []
     for number, line in enumerate(lines, start=1):
+        if number == 1:
+            line = line.removeprefix("\ufeff")
         if not line.strip():
             continue
         where = f"{source} line {number}"
         try:
             meta = json.loads(line)
         except json.JSONDecodeError as err:
-            raise GrammarError(f"{where}: not valid JSON ({err.msg})") from None
-        out.append(normalize_metadata(validate_metadata(meta, where)))
+            hint = "; JSON lines hold one object per line, not an array" if line.lstrip()[:1] == "[" else ""
+            raise GrammarError(f"{where}: not valid JSON ({err.msg}){hint}") from None
+        if isinstance(meta, list):
+            raise GrammarError(
+                f"{where}: a JSON array; the file must be JSON lines, one metadata object per line"
+            )
+        validate_metadata(meta, where)
+        prompt = meta.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise GrammarError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
+        out.append(normalize_metadata(meta))
     return out

@@ -24,7 +24,7 @@ import random
 from importlib import resources
 from pathlib import Path
 
-from diffalign.world.grammar import Metadata, all_metadata, read_metadata_jsonl
+from diffalign.world.grammar import GrammarError, Metadata, all_metadata, read_metadata_jsonl
 
 #: Lines per task: (number of lines, sample without replacement instead of cycling).
 LINES_PER_TASK: dict[str, int] = {
@@ -64,5 +64,10 @@ def shipped_path() -> Path:
 def load_shapeseval(path: str | Path | None = None) -> list[Metadata]:
     """The shipped ShapesEval set (or a metadata JSONL at `path`), validated."""
     path = Path(path) if path is not None else shipped_path()
-    with open(path, encoding="utf-8") as f:
-        return read_metadata_jsonl(f, source=str(path))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise GrammarError(f"{path} line {line}: not UTF-8 text ({err.reason})") from None
+    return read_metadata_jsonl(text.split("\n"), source=str(path))  # CRLF: "\r" is JSON whitespace
