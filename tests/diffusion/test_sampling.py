@@ -42,6 +42,12 @@ def test_config_validation():
         SamplerConfig(noise_level=-1.0)
     with pytest.raises(ValueError, match="timestep_spacing"):
         SamplerConfig(timestep_spacing="linspace")
+    # NaN passes every `< 0` check and made NaN images (a NaN eta even counted as deterministic)
+    for name in ("eta", "noise_level", "guidance_scale"):
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+                SamplerConfig(**{name: value})
+    assert SamplerConfig(guidance_scale=-1.0, eta=2.0).guidance_scale == -1.0  # finite edges stay allowed
     assert SamplerConfig.for_prediction_type("flow").sampler == "flow_sde"
     assert SamplerConfig.for_prediction_type("epsilon", num_steps=3).sampler == "ddim"
 

@@ -106,3 +106,24 @@ def test_too_small_a_budget_is_refused(method):
 
     with pytest.raises(ValueError, match="too small"):
         make_config(method, 5, stochastic("epsilon"))
+
+
+@pytest.mark.parametrize(
+    "method, field", [("bon", "n"), ("search", "num_chains"), ("fk", "num_particles"), ("dno", "iterations")]
+)
+def test_a_budget_and_the_field_it_sizes_are_not_both_accepted(method, field):
+    from diffalign.steer import make_config
+
+    sampler = deterministic("epsilon") if method == "search" else stochastic("epsilon")
+    # DNO used to drop the given iterations silently; the others failed with "multiple values for 'n'"
+    with pytest.raises(ValueError, match=rf"{field}=2 and budget_nfe=400 both set {field}"):
+        make_config(method, 400, sampler, **{field: 2})
+    assert getattr(make_config(method, None, sampler, **{field: 2}), field) == 2
+
+
+def test_svdd_with_one_step_cannot_be_sized_by_a_budget():
+    from diffalign.steer import make_config
+
+    # the message used to say a budget of 2 was too small because it needs at least 2
+    with pytest.raises(ValueError, match="cannot size SVDD with 1 sampling step"):
+        make_config("svdd", 100, stochastic("epsilon", steps=1))

@@ -101,3 +101,21 @@ def test_eval_with_a_steered_sampler(model_dir, tmp_path):
     assert results["n_images"] == 2
     result = runner.invoke(app, [*args, "--steer", "fk", "--steer-reward", "shapes:faithfulness"])
     assert result.exit_code == 2 and "stochastic sampler" in result.output
+
+
+def test_set_values_are_converted_to_the_field_types(model_dir, tmp_path):
+    base = ["--model", str(model_dir), "--prompt", "a square", "--reward", "shapes:faithfulness"]
+    out = tmp_path / "bon"
+    # YAML reads 2e0 as the float 2.0: checked as an integer, but passed on as the float, the run
+    # failed with a TypeError traceback ('float' object cannot be interpreted as an integer)
+    result = _steer("bon", *base, "--set", "n=2e0", "--set", "batch_size=1e0", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["n"] == 2 and isinstance(summary["config"]["n"], int)
+    assert summary["per_prompt"]["reward_calls"] == 2
+
+
+def test_a_budget_and_the_field_it_sizes_are_one_error(model_dir, tmp_path):
+    base = ["--model", str(model_dir), "--prompt", "a square", "--reward", "shapes:faithfulness"]
+    result = _steer("bon", *base, "--budget-nfe", "6", "--set", "n=3", "--out", str(tmp_path / "x"))
+    assert result.exit_code == 2 and "n=3 and budget_nfe=6 both set n" in result.output

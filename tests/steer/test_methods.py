@@ -133,3 +133,15 @@ def test_regularizer_prefers_gaussian_noise():
     assert (regularizer(1.5 * gaussian, permutation, 4) > 10 * reg).all()
     assert (regularizer(gaussian + 0.3, permutation, 4) > 10 * reg).all()
     assert math.isfinite(float(reg.sum()))
+
+
+def test_configs_refuse_a_batch_size_or_resample_stop_that_cannot_work():
+    from diffalign.steer import BestOfNConfig, FKConfig, SearchConfig
+
+    # batch_size 0 failed mid-run with "range() arg 3 must not be zero", -1 with an empty torch.cat
+    for config_cls in (BestOfNConfig, SearchConfig):
+        for size in (0, -1):
+            with pytest.raises(ValueError, match="batch_size must be >= 1"):
+                config_cls(batch_size=size)
+    with pytest.raises(ValueError, match="resample_stop must be None or >= 0"):
+        FKConfig(resample_stop=-1)  # silently meant "never resample"

@@ -59,15 +59,25 @@ def sampler_for(
     return config
 
 
+def checked_options(method: str, options: list[str], **extra: object) -> dict:
+    """`--set key=value` options (and `extra`) checked against the method's config and converted to its
+    field types (an integer written 1e3 becomes 1000); a `ConfigError` names a bad key or value."""
+    from diffalign.align.config_io import from_dict, parse_overrides
+    from diffalign.steer import METHODS
+
+    config_cls = METHODS[method][0]
+    values = {**parse_overrides(options, config_cls), **extra}
+    config = from_dict(config_cls, values)  # checks names and types, naming the key
+    return {name: getattr(config, name) for name in values}
+
+
 def method_config(method: str, budget_nfe: int | None, sampler, options: list[str], seed: int):
     """Parse `--set key=value` options onto the method's config, sized to the budget."""
-    from diffalign.align.config_io import ConfigError, from_dict, parse_overrides
-    from diffalign.steer import METHODS, make_config
+    from diffalign.align.config_io import ConfigError
+    from diffalign.steer import make_config
 
     try:
-        values = {**parse_overrides(options), "seed": seed}
-        from_dict(METHODS[method][0], values)  # checks names and types, naming the key
-        return make_config(method, budget_nfe, sampler, **values)
+        return make_config(method, budget_nfe, sampler, **checked_options(method, options, seed=seed))
     except (ConfigError, ValueError, TypeError) as err:
         fail(f"--set/--budget-nfe for {method}: {err}")
 
@@ -115,7 +125,6 @@ def eval_sample_fn(
         if reward is not None or budget_nfe is not None or options:
             fail("--steer-reward, --budget-nfe and --steer-set need --steer")
         return None
-    from diffalign.align.config_io import parse_overrides
     from diffalign.steer import steered_sample_fn
 
     if steer not in HELP:
@@ -125,7 +134,7 @@ def eval_sample_fn(
     check_sampler(steer, config)
     method_config(steer, budget_nfe, config, options or [], seed)  # fails early on a bad option or budget
     return steered_sample_fn(
-        steer, load_reward_arg(reward, device), budget_nfe, **parse_overrides(options or [])
+        steer, load_reward_arg(reward, device), budget_nfe, **checked_options(steer, options or [])
     )
 
 

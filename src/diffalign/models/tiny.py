@@ -122,15 +122,30 @@ class TinyDiffusionModel(FrozenReference):
         info_path = folder / MODEL_FILE
         if not info_path.is_file():
             raise FileNotFoundError(f"{folder}: not a diffalign tiny-model folder (no {MODEL_FILE})")
-        info = json.loads(info_path.read_text())
-        sched = dict(info["schedule"])
-        kind = sched.pop("type")
-        schedule = FlowSchedule(**sched) if kind == "FlowSchedule" else DDPMSchedule(**sched)
+        for name in ("config.json", "diffusion_pytorch_model.safetensors", TOKENIZER_FILE):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder}: the tiny-model folder has no {name}")
+        info = _read_json(info_path)
+        try:
+            sched = dict(info["schedule"])
+            kind = sched.pop("type")
+            prediction_type = info["prediction_type"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{info_path}: no schedule type or prediction_type ({error!r})") from error
+        schedules = {"FlowSchedule": FlowSchedule, "DDPMSchedule": DDPMSchedule}
+        if kind not in schedules:
+            raise ValueError(
+                f"{info_path}: unknown schedule type {kind!r}; expected one of {sorted(schedules)}"
+            )
+        try:
+            schedule = schedules[kind](**sched)
+        except TypeError as error:
+            raise ValueError(f"{info_path}: bad {kind} fields {sorted(sched)}: {error}") from error
         unet = TinyUNet.from_pretrained(folder, torch_dtype=torch.float32).to(
             device, memory_format=torch.channels_last
         )
         tokenizer = ShapesTokenizer.load(folder / TOKENIZER_FILE)
-        return cls(unet, tokenizer, info["prediction_type"], schedule, eps_skip=info.get("eps_skip", False))
+        return cls(unet, tokenizer, prediction_type, schedule, eps_skip=info.get("eps_skip", False))
 
     # --- the DiffusionModel interface ------------------------------------------------------------
 
@@ -270,3 +285,14 @@ def _strip_lora(unet: TinyUNet) -> TinyUNet:
     if hasattr(unet, "peft_config"):
         del unet.peft_config  # peft would warn of "multiple adapters" when LoRA is added again
     return unet
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`; a ValueError naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

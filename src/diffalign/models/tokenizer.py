@@ -9,7 +9,7 @@ useful about words it has never seen, and silently dropping them would hide a ty
 from __future__ import annotations
 
 import json
-import re
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +26,11 @@ def world_vocabulary() -> list[str]:
     words = ["a", "an", "and", *SHAPES, *PLURALS.values(), *NUMBER_WORDS.values(), *COLORS]
     words += ["left", "right", "of", "above", "below"]
     return [PAD, BOS, *dict.fromkeys(words)]
+
+
+def _separates(ch: str) -> bool:
+    """Whether `ch` separates words: white space, punctuation of any script, or an ASCII non-alphanumeric."""
+    return ch.isspace() or unicodedata.category(ch).startswith("P") or (ch.isascii() and not ch.isalnum())
 
 
 class UnknownWordError(ValueError):
@@ -47,7 +52,10 @@ class ShapesTokenizer:
 
     @staticmethod
     def words(prompt: str) -> list[str]:
-        return re.findall(r"[a-z0-9]+", prompt.lower())
+        """The prompt's words, lower-cased, split at spaces, punctuation (of any script) and ASCII symbols.
+        Anything else is part of a word, so a non-ASCII letter or symbol ("é", an emoji) makes an unknown
+        word instead of being silently dropped."""
+        return "".join(" " if _separates(ch) else ch for ch in prompt.lower()).split()
 
     def encode(self, prompt: str) -> list[int]:
         ids = [self.index[BOS]]

@@ -42,13 +42,31 @@ METHODS: dict[str, tuple[type, Callable[..., SteerResult]]] = {
 }
 
 
+#: method name -> the config field `make_config` sizes to the budget.
+BUDGET_FIELDS: dict[str, str] = {
+    "bon": "n",
+    "search": "num_chains",
+    "guidance": "num_samples",
+    "fk": "num_particles",
+    "svdd": "num_candidates",
+    "dno": "iterations",
+}
+
+
 def make_config(method: str, budget_nfe: int | None, sampler: SamplerConfig, **options: object):
-    """The config of `method` with `options`, sized to `budget_nfe` NFEs per prompt when given."""
+    """The config of `method` with `options`, sized to `budget_nfe` NFEs per prompt when given (the
+    budget then sets `BUDGET_FIELDS[method]`, which `options` may not set as well)."""
     if method not in METHODS:
         raise ValueError(f"unknown steering method {method!r}; choose one of {sorted(METHODS)}")
     config_cls = METHODS[method][0]
     if budget_nfe is None:
         return config_cls(**options)
+    sized = BUDGET_FIELDS[method]
+    if sized in options:
+        raise ValueError(
+            f"{sized}={options[sized]!r} and budget_nfe={budget_nfe} both set {sized} ({method}'s budget "
+            f"sizes it); give one or the other"
+        )
     return config_cls.from_budget(budget_nfe, sampler, **options)
 
 
@@ -97,6 +115,7 @@ def steered_sample_fn(
 
 __all__ = [
     "BACKWARD_COST",
+    "BUDGET_FIELDS",
     "METHODS",
     "BestOfNConfig",
     "CountingModel",

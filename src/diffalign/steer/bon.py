@@ -40,6 +40,8 @@ class BestOfNConfig:
     def __post_init__(self) -> None:
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
     @classmethod
     def from_budget(cls, budget_nfe: int, sampler: SamplerConfig, **overrides) -> BestOfNConfig:

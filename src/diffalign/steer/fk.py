@@ -91,6 +91,8 @@ class FKConfig:
                 f"resample_every must be >= 1 and resample_start >= 0, got {self.resample_every}, "
                 f"{self.resample_start}"
             )
+        if self.resample_stop is not None and self.resample_stop < 0:
+            raise ValueError(f"resample_stop must be None or >= 0, got {self.resample_stop}")
         if self.ess_threshold is not None and not 0.0 < self.ess_threshold <= 1.0:
             raise ValueError(f"ess_threshold must be None or in (0, 1], got {self.ess_threshold}")
         if self.select not in SELECTIONS:

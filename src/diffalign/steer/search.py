@@ -64,6 +64,8 @@ class SearchConfig:
             )
         if not 0.0 <= self.lam < 1.0:
             raise ValueError(f"lam must be in [0, 1), got {self.lam}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
     @classmethod
     def from_budget(cls, budget_nfe: int, sampler: SamplerConfig, **overrides) -> SearchConfig:

@@ -60,8 +60,13 @@ class SVDDConfig:
     @classmethod
     def from_budget(cls, budget_nfe: int, sampler: SamplerConfig, **overrides) -> SVDDConfig:
         """The largest M whose cost fits in `budget_nfe` NFEs per prompt."""
+        if sampler.num_steps < 2:
+            raise ValueError(
+                "budget_nfe cannot size SVDD with 1 sampling step: its only step scores the children "
+                "themselves, at no model cost; set num_candidates instead, or sample with more steps"
+            )
         per_step = plain_nfe(sampler) // sampler.num_steps
-        value_cost = max(sampler.num_steps - 1, 1) * per_step
+        value_cost = (sampler.num_steps - 1) * per_step
         m = max(budget_nfe - plain_nfe(sampler), 0) // value_cost
         if m < 2:
             raise ValueError(

@@ -4,7 +4,7 @@
 memory and precision options. See docs/diffusers.md.
 """
 
-from diffalign.models.diffusers_adapters.common import AdapterConfig, DiffusersAdapter
+from diffalign.models.diffusers_adapters.common import AdapterConfig, DamagedPipelineError, DiffusersAdapter
 from diffalign.models.diffusers_adapters.loading import ADAPTERS, UnsupportedPipelineError, load_adapter
 from diffalign.models.diffusers_adapters.sd import StableDiffusionAdapter
 from diffalign.models.diffusers_adapters.sd3 import StableDiffusion3Adapter
@@ -13,6 +13,7 @@ from diffalign.models.diffusers_adapters.sdxl import StableDiffusionXLAdapter
 __all__ = [
     "ADAPTERS",
     "AdapterConfig",
+    "DamagedPipelineError",
     "DiffusersAdapter",
     "StableDiffusion3Adapter",
     "StableDiffusionAdapter",

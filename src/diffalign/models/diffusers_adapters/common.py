@@ -97,6 +97,11 @@ class AdapterConfig:
         return DTYPES[self.dtype]
 
 
+class DamagedPipelineError(ValueError):
+    """A pipeline folder whose components are missing, unreadable, corrupt, of unknown classes, or do not
+    fit together (a flow-matching scheduler for an SD UNet, a DDPM one for an SD3 transformer)."""
+
+
 class DiffusersAdapter(FrozenReference, abc.ABC):
     """A diffusers pipeline behind the `DiffusionModel` protocol (see the module doc).
 
@@ -115,6 +120,10 @@ class DiffusersAdapter(FrozenReference, abc.ABC):
     lora_layers_argument: ClassVar[str] = "unet_lora_layers"
     #: extra keyword arguments of `DiffusionPipeline.from_pretrained` for this family.
     load_overrides: ClassVar[dict] = {}
+    #: pipeline components the adapter cannot work without (`load_adapter` checks them).
+    required_components: ClassVar[tuple[str, ...]] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    #: what this family's denoiser predicts; the scheduler's prediction type must be one of these.
+    prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
 
     def __init__(
         self, pipeline, config: AdapterConfig | None = None, device: torch.device | str = "cpu"
@@ -159,6 +168,12 @@ class DiffusersAdapter(FrozenReference, abc.ABC):
         self.prediction_type, self._schedule = schedule_from_scheduler(
             type(scheduler).__name__, scheduler.config, self.image_seq_len()
         )
+        if self.prediction_type not in self.prediction_types:
+            raise DamagedPipelineError(
+                f"{type(pipeline).__name__} with a {type(scheduler).__name__} ({self.prediction_type}): its "
+                f"{self.denoiser_name} predicts {' or '.join(self.prediction_types)}, so the scheduler is "
+                "of another model family"
+            )
         self._reference: nn.Module | None = None
         self.lora = False
         if self.config.lora_rank > 0:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from diffalign.models.diffusers_adapters.common import AdapterConfig, DiffusersAdapter
+from diffalign.models.diffusers_adapters.common import AdapterConfig, DamagedPipelineError, DiffusersAdapter
 from diffalign.models.diffusers_adapters.sd import StableDiffusionAdapter
 from diffalign.models.diffusers_adapters.sd3 import StableDiffusion3Adapter
 from diffalign.models.diffusers_adapters.sdxl import StableDiffusionXLAdapter
@@ -70,9 +70,9 @@ def pipeline_class_name(folder: Path) -> str:
     """The pipeline class a folder was saved from (model_index.json's `_class_name`)."""
     try:
         return str(json.loads((folder / PIPELINE_FILE).read_text())["_class_name"])
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(
-            f"{folder / PIPELINE_FILE}: not a readable diffusers model index ({error})"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DamagedPipelineError(
+            f"{folder / PIPELINE_FILE}: not a readable diffusers model index ({error!r})"
         ) from error
 
 
@@ -84,6 +84,27 @@ def adapter_class(folder: Path) -> type[DiffusersAdapter]:
             f"{folder}: {name} pipelines have no adapter; supported: {', '.join(ADAPTERS)}"
         )
     return ADAPTERS[name]
+
+
+def check_component_folders(folder: Path, skip: tuple[str, ...] = ()) -> None:
+    """Refuse a pipeline folder whose model_index.json names a component with no subfolder of that name
+    (diffusers' own error would not say which component is missing); components in `skip` are not loaded
+    (SD's safety checker) and may be absent."""
+    index = json.loads((folder / PIPELINE_FILE).read_text())
+    missing = [
+        f"{name} ({entry[1]})"
+        for name, entry in index.items()
+        if not name.startswith("_")
+        and name not in skip
+        and isinstance(entry, list)
+        and len(entry) == 2
+        and entry[1] is not None
+        and not (folder / name).is_dir()
+    ]
+    if missing:
+        raise DamagedPipelineError(
+            f"{folder}: {PIPELINE_FILE} names components with no subfolder: {', '.join(missing)}"
+        )
 
 
 def pipeline_resolution(folder: str | Path, config: AdapterConfig | None = None) -> int:
@@ -98,8 +119,10 @@ def pipeline_resolution(folder: str | Path, config: AdapterConfig | None = None)
         denoiser = json.loads((folder / cls.denoiser_name / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
         return int(denoiser["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"{folder}: cannot read the denoiser's or the VAE's config ({error})") from error
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DamagedPipelineError(
+            f"{folder}: cannot read the denoiser's or the VAE's config ({error})"
+        ) from error
 
 
 def load_adapter(
@@ -112,9 +135,23 @@ def load_adapter(
     if not is_pipeline_folder(folder):
         raise FileNotFoundError(f"{folder}: not a diffusers pipeline folder (no {PIPELINE_FILE})")
     cls = adapter_class(folder)
+    check_component_folders(folder, skip=tuple(cls.load_overrides))
     config = config or AdapterConfig()
-    pipeline = DiffusionPipeline.from_pretrained(
-        folder, local_files_only=True, dtype=config.torch_dtype, **cls.load_overrides
-    )
+    from safetensors import SafetensorError
+
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(
+            folder, local_files_only=True, dtype=config.torch_dtype, **cls.load_overrides
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as error:
+        raise DamagedPipelineError(
+            f"{folder}: cannot load the {pipeline_class_name(folder)}: {error}"
+        ) from error
+    missing = [name for name in cls.required_components if getattr(pipeline, name, None) is None]
+    if missing:
+        raise DamagedPipelineError(
+            f"{folder}: the pipeline has no {', '.join(missing)} (model_index.json names none, or its folder "
+            f"is empty); a {pipeline_class_name(folder)} needs {', '.join(cls.required_components)}"
+        )
     pipeline.set_progress_bar_config(disable=True)
     return cls(pipeline, config, device=device)

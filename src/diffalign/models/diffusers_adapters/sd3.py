@@ -27,6 +27,17 @@ class StableDiffusion3Adapter(DiffusersAdapter):
 
     denoiser_name: ClassVar[str] = "transformer"
     lora_layers_argument: ClassVar[str] = "transformer_lora_layers"
+    #: T5 (text_encoder_3) is optional: without it its part of the prompt embedding is zeros.
+    required_components: ClassVar[tuple[str, ...]] = (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "scheduler",
+    )
+    prediction_types: ClassVar[tuple[str, ...]] = ("flow",)
 
     @property
     def transformer(self) -> nn.Module:

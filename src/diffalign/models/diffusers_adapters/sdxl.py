@@ -13,6 +13,7 @@ the pipeline's own `encode_prompt`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,16 @@ from diffalign.models.diffusers_adapters.common import DiffusersAdapter
 
 class StableDiffusionXLAdapter(DiffusersAdapter):
     """`DiffusionModel` for `StableDiffusionXLPipeline` (see the module doc)."""
+
+    required_components: ClassVar[tuple[str, ...]] = (
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "scheduler",
+    )
 
     @property
     def unet(self) -> nn.Module:
