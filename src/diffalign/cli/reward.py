@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -46,6 +50,46 @@ def _load_pairs(opened, size: int, source: str | None = None):
         fail(str(err))
 
 
+def _check_size(size: int) -> None:
+    if size < 1:
+        fail(f"--size must be at least 1 (pixels), got {size}")
+
+
+# What `train` writes into --out (and `eval` by default): replaced together, so that a model trained
+# into the folder of an earlier one does not sit beside its stale files (an old ensemble.json would
+# shadow a new single model).
+_MODEL_ENTRY = re.compile(
+    r"config\.json|vocab\.json|model\.safetensors|ensemble\.json|member_\d+|split\.json|train\.json|eval\.json"
+)
+
+
+def _check_out_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: exists and is not a folder")
+
+
+def _write_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(staging)` into a fresh folder beside `out`, then replace the model files of `out`
+    with what it wrote: a failure while writing leaves `out` as it was, and no earlier model's file
+    stays beside the new ones (files of other names in `out` are kept)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(staging)
+        out.mkdir(exist_ok=True)
+        for old in out.iterdir():
+            if not _MODEL_ENTRY.fullmatch(old.name):
+                continue
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        for new in staging.iterdir():
+            new.replace(out / new.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 @app.command("train")
 def train_cmd(
     store: Annotated[str, typer.Option(help="The preference store (SQLite file or database URL).")],
@@ -56,18 +100,24 @@ def train_cmd(
     ensemble: Annotated[
         int, typer.Option(help="Train K members (bootstrap resamples unless --no-bootstrap; 1: one model).")
     ] = 1,
-    epochs: int = 30,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    held_out: Annotated[float, typer.Option(help="Fraction of pairs held out for early stopping.")] = 0.1,
-    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs (0: off).")] = 5,
+    # None: RewardTrainConfig's default, or the value a --set gives (an option given wins over --set)
+    epochs: Annotated[int | None, typer.Option(help="Passes over the pairs (default 30).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Pairs per step (default 64).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 0.001).")] = None,
+    held_out: Annotated[
+        float | None, typer.Option(help="Fraction of pairs held out for early stopping (default 0.1).")
+    ] = None,
+    patience: Annotated[
+        int | None, typer.Option(help="Early-stopping patience in epochs (0: off) (default 5).")
+    ] = None,
     size: Annotated[int, typer.Option(help="Resize the store's images to size x size.")] = 32,
     pretrain_steps: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="Shapes-world caption pretraining steps before the preference data (world prompts only)."
+            help="Shapes-world caption pretraining steps before the preference data (world prompts only) "
+            "(default 0)."
         ),
-    ] = 0,
+    ] = None,
     shared_pretraining: Annotated[
         bool, typer.Option(help="With --ensemble and --pretrain-steps: pretrain once for all members.")
     ] = False,
@@ -81,7 +131,9 @@ def train_cmd(
             "--set", help="A RewardTrainConfig field as key=value, e.g. model.channels=[32,64,128]."
         ),
     ] = None,
-    seed: int = 0,
+    seed: Annotated[
+        int | None, typer.Option(help="Seeds the split, initialisation and batches (default 0).")
+    ] = None,
     device: str = "auto",
 ) -> None:
     """Train a Bradley–Terry reward model on the store's pairs (ties as 0.5/0.5, as PickScore)."""
@@ -96,6 +148,8 @@ def train_cmd(
 
     if ensemble < 1:
         fail(f"--ensemble must be at least 1, got {ensemble}")
+    _check_size(size)
+    _check_out_folder(out)
     from diffalign.cli.align import load_command_config
 
     options = {
@@ -110,8 +164,10 @@ def train_cmd(
     }
     config = load_command_config(RewardTrainConfig, None, overrides, options)
     pairs = _load_pairs(_open_store(store), size)
-    if pretrain_steps:
+    if config.pretrain_steps:  # --pretrain-steps, or --set pretrain_steps=N
         _require_world_prompts(pairs, "--pretrain-steps")
+    if config.matching_weight > 0:
+        _require_world_prompts(pairs, "--set matching_weight")
     console.print(f"{len(pairs)} pairs ({int(pairs.is_tie.sum())} ties) from {store}")
 
     def log(record: dict, member: int | None = None) -> None:
@@ -144,30 +200,36 @@ def train_cmd(
             )
     except (PreferenceDataError, NonFiniteLossError) as err:
         fail(str(err))
-    model.save(out)
     held = results[0].held_out
-    (out / SPLIT_FILE).write_text(
-        json.dumps({"seed": seed, "held_out_keys": sorted(set(held.keys)) if held is not None else []}),
-        encoding="utf-8",
-    )
-    (out / TRAIN_FILE).write_text(
-        json.dumps(
-            {
-                "store": store,
-                "pairs": len(pairs),
-                "rater_conditioned": rater_conditioned,
-                "ensemble": ensemble,
-                "config": {k: v for k, v in vars(config).items() if k != "model"},
-                "model": dataclasses.asdict(config.model),
-                "shared_pretraining": shared_pretraining,
-                "bootstrap": bootstrap,
-                "history": [r.history for r in results],
-                "best_epoch": [r.best_epoch for r in results],
-            },
-            indent=1,
-        ),
-        encoding="utf-8",
-    )
+
+    def write(folder: Path) -> None:
+        model.save(folder)
+        (folder / SPLIT_FILE).write_text(
+            json.dumps(
+                {"seed": config.seed, "held_out_keys": sorted(set(held.keys)) if held is not None else []}
+            ),
+            encoding="utf-8",
+        )
+        (folder / TRAIN_FILE).write_text(
+            json.dumps(
+                {
+                    "store": store,
+                    "pairs": len(pairs),
+                    "rater_conditioned": rater_conditioned,
+                    "ensemble": ensemble,
+                    "config": {k: v for k, v in vars(config).items() if k != "model"},
+                    "model": dataclasses.asdict(config.model),
+                    "shared_pretraining": shared_pretraining,
+                    "bootstrap": bootstrap,
+                    "history": [r.history for r in results],
+                    "best_epoch": [r.best_epoch for r in results],
+                },
+                indent=1,
+            ),
+            encoding="utf-8",
+        )
+
+    _write_folder(out, write)
     console.print(f"reward model written to {out}")
 
 
@@ -178,7 +240,7 @@ def _require_world_prompts(pairs, option: str) -> None:
         try:
             parse_prompt(prompt)
         except GrammarError as err:
-            fail(f"{option} pretrains on Shapes-world renderings, but the store has other prompts: {err}")
+            fail(f"{option} trains on Shapes-world renderings, but the store has other prompts: {err}")
 
 
 def _held_out_keys(folder: Path) -> set[str]:
@@ -186,9 +248,30 @@ def _held_out_keys(folder: Path) -> set[str]:
     if not path.is_file():
         fail(f"--held-out-from {folder}: no {SPLIT_FILE} (written by `diffalign reward train`)")
     try:
-        return set(json.loads(path.read_text(encoding="utf-8"))["held_out_keys"])
+        keys = json.loads(path.read_text(encoding="utf-8"))["held_out_keys"]
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise TypeError("held_out_keys must be a list of comparison keys")
     except (ValueError, KeyError, TypeError) as err:
         fail(f"--held-out-from {folder}: bad {SPLIT_FILE}: {err}")
+    if not keys:
+        fail(f"--held-out-from {folder}: its training held no comparison out (--held-out 0, or one pair)")
+    return set(keys)
+
+
+def _vocabulary_note(model, pairs) -> str | None:
+    """A note when the store's prompts use words the model's vocabulary lacks (they read as <unk>)."""
+    members = getattr(model, "members", [model])
+    vocab = getattr(members[0], "vocab", None)
+    if vocab is None:
+        return None
+    words = [w for prompt in set(pairs.prompts) for w in vocab.split(prompt)]
+    unknown = sum(w not in vocab.index for w in words)
+    if not unknown:
+        return None
+    return (
+        f"note: {unknown} of the {len(words)} words of the store's prompts are not in the model's "
+        "vocabulary (it reads them as <unk>)"
+    )
 
 
 def _panel_and_gold(opened, pairs):
@@ -237,6 +320,13 @@ def eval_cmd(
     from diffalign.rewards.ensemble import load_reward_dir
     from diffalign.rewards.rm_metrics import evaluate_reward, panel_ceiling
 
+    _check_size(size)
+    if bins < 1:
+        fail(f"--bins must be at least 1, got {bins}")
+    if bootstrap < 1:
+        fail(f"--bootstrap must be at least 1, got {bootstrap}")
+    if out is not None and out.is_dir():
+        fail(f"--out {out}: is a folder; give the results file's path")
     try:
         model = load_reward_dir(reward, resolve_device(device))
     except (FileNotFoundError, ValueError) as err:
@@ -248,11 +338,22 @@ def eval_cmd(
         pairs = pairs.select([i for i, k in enumerate(pairs.keys) if k in keys])
         if len(pairs) == 0:
             fail(f"--held-out-from {held_out_from}: none of its held-out comparisons is in {store}")
+        found = len(set(pairs.keys))
+        if found < len(keys):
+            console.print(
+                f"note: only {found} of the {len(keys)} comparisons {held_out_from} held out are in {store}"
+            )
     if bool(pairs.is_tie.all()):
         fail(f"--store {store}: all {len(pairs)} pairs are ties; accuracy needs pairs with a winner")
     panel, gold = _panel_and_gold(opened, pairs)
     ceiling = panel_ceiling(panel, pairs) if panel is not None else None
-    report = evaluate_reward(model, pairs, gold=gold, ceiling=ceiling, n_bins=bins, n_boot=bootstrap)
+    note = _vocabulary_note(model, pairs)
+    if note is not None:
+        console.print(note)
+    try:
+        report = evaluate_reward(model, pairs, gold=gold, ceiling=ceiling, n_bins=bins, n_boot=bootstrap)
+    except ValueError as err:  # e.g. a model whose scores are NaN
+        fail(f"--reward {reward}: {err}")
     report["reward"], report["store"] = str(reward), store
     report["held_out_from"] = None if held_out_from is None else str(held_out_from)
 
@@ -303,6 +404,9 @@ def curve_cmd(
         fail(f"--sizes {sizes!r}: expected comma-separated integers")
     if not size_list or min(size_list) < 2:
         fail(f"--sizes {sizes!r}: expected sizes of at least 2 pairs")
+    _check_size(size)
+    if not 0.0 < test_fraction < 1.0:
+        fail(f"--test-fraction must be in (0, 1), got {test_fraction}")
     try:
         config = RewardTrainConfig(
             epochs=epochs, seed=seed, device=resolve_device(device), pretrain_steps=pretrain_steps
@@ -318,6 +422,12 @@ def curve_cmd(
 
     def log(row: dict) -> None:
         console.print(f"{row['size']} pairs: accuracy {row['accuracy']:.3f}")
+
+    pool = len(pairs) - len(pairs.split(test_fraction, seed=seed)[1])
+    too_large = sorted({n for n in size_list if n > pool})
+    if too_large and len(too_large) < len(set(size_list)):
+        listed = ", ".join(map(str, too_large))
+        console.print(f"note: sizes {listed} are left out: the store has {pool} pairs besides the test set")
 
     try:
         rows = data_scarcity_curve(

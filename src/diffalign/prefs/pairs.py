@@ -74,12 +74,29 @@ class PreferencePairs:
         return self.select((~self.is_tie).nonzero().flatten())
 
     def split(self, held_out: float, seed: int = 0) -> tuple[PreferencePairs, PreferencePairs]:
-        """A seeded random split into (train, held-out); `held_out` is the held-out fraction."""
+        """A seeded random split into (train, held-out); `held_out` is the held-out fraction.
+
+        The pairs of one comparison (the K-1 pairs of a ranking of K images share its key) go to the
+        same side, so no held-out comparison is also trained on: comparisons are taken whole, in the
+        seeded order of their first pair, until at least round(held_out x N) pairs (at least one) are
+        held out, and never the last one (the training side keeps a comparison). With one pair per
+        comparison (or no keys, "") this is a plain seeded split of the pairs.
+        """
         if not 0.0 < held_out < 1.0:
             raise ValueError(f"held_out must be in (0, 1), got {held_out}")
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
         n_held = max(1, round(held_out * len(self)))
-        return self.select(perm[n_held:]), self.select(perm[:n_held])
+        members: dict[object, list[int]] = {}
+        for i in perm:  # a comparison's pairs, in the order of its first pair in the permutation
+            members.setdefault(self.keys[i] or ("pair", i), []).append(i)
+        groups = list(members.values())
+        held: list[int] = []
+        for group in groups[:-1]:
+            if len(held) >= n_held:
+                break
+            held.extend(group)
+        taken = set(held)
+        return self.select([i for i in perm if i not in taken]), self.select(held)
 
     def swapped(self) -> PreferencePairs:
         """The same pairs with A and B exchanged (prob_a becomes 1 - prob_a)."""

@@ -653,6 +653,12 @@ def train_reward_model(
                 live = copy.deepcopy(model.net.state_dict())
                 model.net.load_state_dict(ema.state_dict())
             metrics = evaluate_pairs(model, held, config.eval_batch_size)
+            if not math.isfinite(metrics["loss"]):
+                # the weights the last step left score NaN or inf: nothing after this is usable
+                raise NonFiniteLossError(
+                    f"reward-model training: the held-out loss became {metrics['loss']} after epoch "
+                    f"{epoch} (step {step}); lower lr (now {config.lr})"
+                )
             record["held_out_loss"], record["held_out_accuracy"] = metrics["loss"], metrics["accuracy"]
             if metrics["loss"] < best_loss - 1e-6:
                 best_loss, best_epoch, bad_epochs = metrics["loss"], epoch, 0
@@ -678,4 +684,20 @@ def train_reward_model(
     elif ema is not None:
         model.net.load_state_dict(ema.state_dict())
     model.eval()
+    _check_finite_scores(model, train.select(range(min(len(train), config.eval_batch_size))), config)
     return TrainResult(model, history, best_epoch, stopped_early, train, held)
+
+
+def _check_finite_scores(model: LearnedReward, pairs: PreferencePairs, config: RewardTrainConfig) -> None:
+    """Refuse to return a model whose weights or scores are not finite (the step after the last
+    finite loss can still overflow them, and without a held-out set nothing else would notice)."""
+    broken = [name for name, value in model.net.state_dict().items() if not bool(torch.isfinite(value).all())]
+    if not broken:
+        ra, rb = score_pairs(model, pairs, batch_size=config.eval_batch_size)
+        if bool(torch.isfinite(ra).all() and torch.isfinite(rb).all()):
+            return
+    what = f"weights {', '.join(broken[:3])}" if broken else "scores"
+    raise NonFiniteLossError(
+        f"reward-model training: the trained model's {what} are not finite (NaN or inf); "
+        f"lower lr (now {config.lr})"
+    )

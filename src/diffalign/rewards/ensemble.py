@@ -115,7 +115,9 @@ class RewardEnsemble:
             raise FileNotFoundError(f"reward ensemble folder {str(folder)!r} has no {ENSEMBLE_FILE}")
         try:
             meta = json.loads((folder / ENSEMBLE_FILE).read_text(encoding="utf-8"))
-            names = list(meta["members"])
+            names = meta["members"]
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"'members' must be a non-empty list of member folders, got {names!r}")
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"reward ensemble folder {str(folder)!r}: bad {ENSEMBLE_FILE}: {err}") from err
         members = [LearnedReward.load(folder / n, device) for n in names]

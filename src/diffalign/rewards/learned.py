@@ -103,33 +103,42 @@ class RewardModelConfig:
         return cls(**data)
 
 
+# How prompts split into words: "unicode" takes runs of any letters and digits ("café", "猫"); "ascii",
+# the rule of the first models, only a-z and 0-9, which dropped every other letter (a prompt in Chinese
+# had no words at all). The two agree on ASCII text; a saved model records its rule (ascii if absent).
+WORD_PATTERNS = {"unicode": re.compile(r"[^\W_]+"), "ascii": re.compile(r"[a-z0-9]+")}
+
+
 class PromptVocab:
     """Word-level vocabulary: `<pad>`, `<unk>`, `<cls>`, then the words of the training prompts.
 
-    Words are lower-case runs of letters and digits; a word outside the vocabulary maps to `<unk>`,
-    so the reward still scores prompts it never saw (they just carry less information).
+    Words are lower-case runs of letters and digits (`WORD_PATTERNS`); a word outside the vocabulary
+    maps to `<unk>`, so the reward still scores prompts it never saw (they just carry less information).
     """
 
-    def __init__(self, words: Sequence[str]) -> None:
+    def __init__(self, words: Sequence[str], word_pattern: str = "unicode") -> None:
         self.words = list(words)
         if self.words[:3] != [PAD, UNK, CLS]:
             raise ValueError(f"a vocabulary must start with {PAD!r}, {UNK!r}, {CLS!r}")
         if len(set(self.words)) != len(self.words):
             raise ValueError("vocabulary words must be distinct")
+        if word_pattern not in WORD_PATTERNS:
+            raise ValueError(f"word_pattern must be one of {sorted(WORD_PATTERNS)}, got {word_pattern!r}")
+        self.word_pattern = word_pattern
         self.index = {w: i for i, w in enumerate(self.words)}
 
     def __len__(self) -> int:
         return len(self.words)
 
-    @staticmethod
-    def split(prompt: str) -> list[str]:
-        return re.findall(r"[a-z0-9]+", prompt.lower())
+    def split(self, prompt: str) -> list[str]:
+        return WORD_PATTERNS[self.word_pattern].findall(prompt.lower())
 
     @classmethod
-    def build(cls, prompts: Iterable[str]) -> PromptVocab:
+    def build(cls, prompts: Iterable[str], word_pattern: str = "unicode") -> PromptVocab:
         """The vocabulary of `prompts` (words sorted, so the same prompts give the same ids)."""
-        seen = sorted({w for p in prompts for w in cls.split(p)})
-        return cls([PAD, UNK, CLS, *seen])
+        pattern = WORD_PATTERNS[word_pattern]
+        seen = sorted({w for p in prompts for w in pattern.findall(p.lower())})
+        return cls([PAD, UNK, CLS, *seen], word_pattern)
 
     def encode(self, prompts: Sequence[str], max_words: int) -> tuple[Tensor, Tensor]:
         """Token ids [B, 1 + max_words] (a leading <cls>) and a mask (True = a real token)."""
@@ -332,7 +341,15 @@ class LearnedReward:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(
-            json.dumps({"format": FORMAT, "name": self.name, "model": self.config.to_dict()}, indent=1),
+            json.dumps(
+                {
+                    "format": FORMAT,
+                    "name": self.name,
+                    "model": self.config.to_dict(),
+                    "word_pattern": self.vocab.word_pattern,
+                },
+                indent=1,
+            ),
             encoding="utf-8",
         )
         (out / VOCAB_FILE).write_text(json.dumps(self.vocab.words), encoding="utf-8")
@@ -359,7 +376,8 @@ class LearnedReward:
             if meta.get("format") != FORMAT:
                 raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
             config = RewardModelConfig.from_dict(meta["model"])
-            vocab = PromptVocab(json.loads((folder / VOCAB_FILE).read_text(encoding="utf-8")))
+            words = json.loads((folder / VOCAB_FILE).read_text(encoding="utf-8"))
+            vocab = PromptVocab(words, str(meta.get("word_pattern", "ascii")))  # ascii: saved before the rule
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(
                 f"reward model folder {str(folder)!r}: bad {CONFIG_FILE} or {VOCAB_FILE}: {err}"

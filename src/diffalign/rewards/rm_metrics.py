@@ -177,6 +177,10 @@ def data_scarcity_curve(
     pool = pairs
     if test is None:
         pool, test = pairs.split(test_fraction, seed=config.seed)
+    if not bool((~test.is_tie).any()):  # checked before any model is trained on it
+        raise ValueError(
+            f"data_scarcity_curve: the {len(test)} test pairs hold no pair with a winner to score accuracy on"
+        )
     perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.seed + 7))
     rows = []
     for size in sorted(set(int(s) for s in sizes)):
