@@ -155,6 +155,8 @@ def test_sample_and_eval_on_the_base_models(tmp_path):
         app, ["sample", "--prompt", "a pink hexagon", "-n", 1, "--steps", 1, "--out", str(tmp_path / "h.png")]
     )
     assert unknown.exit_code == 2 and "'pink'" in unknown.output
+    none = runner.invoke(app, ["sample", "--prompt", "a circle", "-n", "0", "--out", str(tmp_path / "z.png")])
+    assert none.exit_code == 2 and "-n must be at least 1, got 0" in none.output
     wrong_sampler = runner.invoke(
         app, ["sample", "--model", "base-flow", "--prompt", "a circle", "--sampler", "ddim"]
     )

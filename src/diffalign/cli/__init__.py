@@ -210,6 +210,8 @@ def sample_cmd(
     from diffalign.models.tokenizer import UnknownWordError
     from diffalign.world.render import to_uint8
 
+    if n < 1:
+        _fail(f"-n must be at least 1, got {n}")
     m = _load(model, device)
     config = _sampler_config(sampler, steps, guidance, eta, noise_level, m)
     try:
