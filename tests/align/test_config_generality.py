@@ -190,3 +190,19 @@ def test_values_no_run_can_use_are_refused_by_the_config(cls, field, value):
     config_class()  # the defaults are fine
     with pytest.raises(ValueError, match=rf"^{field} must be"):
         config_class(**{field: value})
+
+
+def test_a_run_folder_stopped_by_a_nan_before_anything_was_saved_is_removed(tmp_path):
+    from diffalign.align.guard import NonFiniteError
+
+    out = tmp_path / "runs" / "nan"
+
+    def train() -> None:
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        raise NonFiniteError("loss", 1, None)
+
+    with pytest.raises(typer.Exit) as exit_info:
+        run_reward_trainer(out, "cpu", train, lambda last: "")
+    assert exit_info.value.exit_code == 2
+    assert not out.exists()  # nothing to resume: the rerun with a smaller rate may use the folder

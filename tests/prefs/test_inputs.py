@@ -64,6 +64,22 @@ def test_exif_orientation_is_applied_and_the_size_is_the_displayed_one(store: Pr
     assert store.load_image(sha).shape == (30, 20, 3)
 
 
+def test_a_non_square_image_is_centre_cropped_not_squashed(store: PreferenceStore) -> None:
+    wide = np.full((32, 64, 3), 255, dtype=np.uint8)
+    wide[:, :12] = (220, 20, 20)  # a red band in the left 12 columns, outside the centred 32-wide crop
+    wide[8:24, 24:40] = (20, 20, 220)  # a blue square in the middle
+    sha = stored(store, encoded(Image.fromarray(wide), "PNG"))
+    square = store.load_image(sha, size=16)
+    assert square.shape == (16, 16, 3)
+    red = (square[..., 0] > 150) & (square[..., 1] < 100)
+    assert not red.any()  # squashed, the band would fill the left 3 columns
+    blue = (square[..., 2] > 150) & (square[..., 0] < 100)
+    rows, cols = np.nonzero(blue)
+    assert abs((rows.max() - rows.min()) - (cols.max() - cols.min())) <= 1  # the square stays square
+    plain = np.asarray(Image.fromarray(wide[:, 16:48]).resize((16, 16), Image.Resampling.BICUBIC))
+    assert np.abs(square.astype(int) - plain.astype(int)).max() <= 2  # the centre, resized
+
+
 def test_transparent_pixels_are_composited_onto_white(store: PreferenceStore) -> None:
     rgba = np.zeros((4, 4, 4), dtype=np.uint8)  # transparent black
     rgba[0, 0] = (255, 0, 0, 255)  # one opaque red pixel

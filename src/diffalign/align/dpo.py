@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +61,7 @@ from diffalign.align.tracking import resolve_log_with
 from diffalign.diffusion.protocol import Conditioning
 from diffalign.diffusion.schedules import FLOW_TIME_DISTRIBUTIONS, training_target
 from diffalign.models.diffusers_adapters.common import AdapterConfig
+from diffalign.models.tokenizer import ShapesTokenizer
 from diffalign.prefs.mirror import draw_mirrors, mirror_images, mirror_prompts
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.stored_pairs import StoredImages, StoredPairs
@@ -200,6 +201,11 @@ class DPOConfig:
             )
         if self.sft_weight < 0:
             raise ValueError(f"sft_weight must be >= 0, got {self.sft_weight}")
+        if self.sft_weight > 0 and self.method != "dpo":
+            raise ValueError(
+                f"sft_weight is a term of the DPO loss (on the pairs' winners); method {self.method!r} has "
+                f"none, so sft_weight={self.sft_weight} would be ignored: leave it at 0"
+            )
         if self.reference is not None and self.lora_rank > 0:
             raise ValueError(
                 "reference needs full fine-tuning (lora_rank=0): with LoRA the reference is the model "
@@ -212,6 +218,40 @@ class DPOConfig:
 
 class PreferenceDataError(ValueError):
     """The preference data cannot train this method (empty, only ties, wrong image size)."""
+
+
+def check_prompts(
+    model, prompts: Sequence[str], keys: Sequence[str] | None = None, name: str = "", source: str = ""
+) -> None:
+    """Refuse, before anything trains, a prompt that `model`'s tokenizer cannot read (a word outside a
+    tiny model's Shapes-world vocabulary, too many words), naming the first example that has it (its
+    comparison key when there is one; `source` says where the examples came from) and how many examples
+    do. `name` is the model as the user gave it. Only tiny models' tokenizers refuse
+    text; a diffusers pipeline's read any (truncating long prompts), so nothing is checked for them.
+
+    Raises:
+        PreferenceDataError: the prompt, the example and the tokenizer's reason.
+    """
+    tokenizer = getattr(model, "tokenizer", None)
+    if not isinstance(tokenizer, ShapesTokenizer):
+        return
+    seen: set[str] = set()
+    for i, prompt in enumerate(prompts):
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        try:
+            tokenizer.encode(prompt)
+        except ValueError as err:
+            key = keys[i] if keys is not None and i < len(keys) else ""
+            where = f"comparison {key}" if key else f"example {i}"
+            where = f"{source}, {where}" if source else where
+            uses = sum(p == prompt for p in prompts)
+            model_name = f"the model {name!r}" if name else "the model"
+            raise PreferenceDataError(
+                f"{where} ({uses} example{'s' if uses != 1 else ''} with this prompt): {model_name} cannot "
+                f"read its prompt: {err}"
+            ) from err
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -556,6 +596,14 @@ def train_dpo(
             f"the preference images are {tuple(data.images.shape[1:])} but the model {config.model!r} "
             f"works on {tuple(model.image_shape)}; load the store with size={model.image_shape[-1]}"
         )
+    kept = ~pairs.is_tie
+    check_prompts(
+        model,
+        [p for p, k in zip(pairs.prompts, kept.tolist(), strict=True) if k],
+        [key for key, k in zip(pairs.keys, kept.tolist(), strict=True) if k],
+        config.model,
+        source=f"store {data_spec['store']}" if data_spec and data_spec.get("store") else "",
+    )
     beta = resolved_beta(config, model.prediction_type)
     record = {
         "trainer": config.method,

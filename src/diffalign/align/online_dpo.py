@@ -24,7 +24,7 @@ whole round, data parallel or sharded (`runtime.sharding=fsdp`; `diffalign.align
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.records import CHOICE_IMAGE, CHOICE_TIE, NewComparison
 from diffalign.prefs.simulate import SEED_STRIDE, check_share, encode_png, pair_prompts, simulate_preferences
 from diffalign.prefs.store import PreferenceStore
+from diffalign.world.raters import PanelConfig, RaterPanel
 
 REWARD_SOURCE = "online-reward"
 
@@ -53,9 +54,11 @@ class OnlineDPOConfig:
         rounds: sampling-labelling-training rounds.
         pairs_per_round: pairs sampled and labelled in each round (the feedback budget is
             rounds * pairs_per_round labels).
-        labeller: "panel" (the Shapes world's simulated raters, `diffalign.world.raters.RaterPanel()`)
-            or a reward spec for `diffalign.rewards.registry.load_reward` (e.g. a reward-model folder,
-            "shapes:faithfulness").
+        labeller: "panel" (the Shapes world's simulated raters, `diffalign.world.raters.RaterPanel()`),
+            "panel:GROUP" (only that group's raters), "panel@PANEL.yaml" / "panel:GROUP@PANEL.yaml" (a
+            panel file's raters, `diffalign.panels`), or a reward spec for
+            `diffalign.rewards.registry.load_reward` (e.g. a reward-model folder, "shapes:faithfulness",
+            "file.py:function").
         tie_margin: with a reward labeller, pairs whose rewards differ by at most this are ties (left
             out of training, kept in the store).
         reference_every: refresh the reference to the current policy every this many rounds (1: each
@@ -176,13 +179,58 @@ def label_with_reward(
     return {"sampled": len(todo), "ties": ties}
 
 
-def load_labeller(config: OnlineDPOConfig) -> Callable | None:
-    """The reward that labels the pairs, or None for the simulated panel (`labeller="panel"`)."""
-    if config.labeller == "panel":
-        return None
-    from diffalign.rewards.registry import load_reward
+def is_panel_labeller(labeller: str) -> bool:
+    """Whether `labeller` names simulated raters: "panel", "panel:GROUP", "panel@FILE", "panel:GROUP@FILE"."""
+    return labeller == "panel" or labeller.startswith(("panel:", "panel@"))
 
-    return load_reward(config.labeller)
+
+def load_labelling_panel(labeller: str) -> RaterPanel:
+    """The simulated raters of a panel labeller (`is_panel_labeller`): the default panel, or the panel
+    file's after '@' (`diffalign.panels`); with ':GROUP' only that group's raters (as many raters as
+    the whole panel, the other settings kept).
+
+    Raises:
+        RewardSpecError: no file after '@', a bad panel file, or a group the panel does not have.
+    """
+    from diffalign.align.config_io import ConfigError
+    from diffalign.panels import load_panel_config
+    from diffalign.rewards.registry import RewardSpecError
+
+    head, at, panel_file = labeller.partition("@")
+    _, colon, group = head.partition(":")
+    if colon and not group.strip():
+        raise RewardSpecError(f"labeller {labeller!r}: no group after ':' (give panel:GROUP)")
+    group = group.strip()
+    if at and not panel_file.strip():
+        raise RewardSpecError(f"labeller {labeller!r}: no panel file after '@' (give panel@PANEL.yaml)")
+    try:
+        panel = load_panel_config(panel_file.strip()) if at else PanelConfig()
+    except (ConfigError, OSError) as err:
+        raise RewardSpecError(f"labeller {labeller!r}: {err}") from err
+    if group:
+        names = [g.name for g in panel.groups]
+        if group not in names:
+            raise RewardSpecError(
+                f"labeller {labeller!r}: the panel has no group {group!r}; its groups are {', '.join(names)}"
+            )
+        panel = replace(panel, groups=[g for g in panel.groups if g.name == group])
+    return RaterPanel(panel)
+
+
+def load_labeller(config: OnlineDPOConfig) -> Callable | None:
+    """The reward that labels the pairs, or None for simulated raters (`is_panel_labeller`).
+
+    Raises:
+        RewardSpecError: a reward spec that names nothing usable, or a module that cannot be imported.
+    """
+    if is_panel_labeller(config.labeller):
+        return None
+    from diffalign.rewards.registry import RewardSpecError, load_reward
+
+    try:
+        return load_reward(config.labeller)
+    except ImportError as err:  # `module:function` naming a module that is not there
+        raise RewardSpecError(f"labeller {config.labeller!r}: {err}") from err
 
 
 def label_round(
@@ -196,16 +244,19 @@ def label_round(
     prompts: Sequence[str] | None = None,
     share: tuple[int, int] = (0, 1),
     model_name: str | None = None,
+    panel: RaterPanel | None = None,
 ) -> None:
     """Sample `n_pairs` pairs with `model` (the config's sampler) and label them into `store`: by the
-    simulated panel when `reward` is None (`simulate_preferences`), else by `reward`
-    (`label_with_reward`, the config's tie margin); `share` as there."""
+    simulated raters `panel` (default: the default panel) when `reward` is None
+    (`simulate_preferences`), else by `reward` (`label_with_reward`, the config's tie margin); `share`
+    as there."""
     sampler = sampler_for(model, config.sample_steps, config.guidance)
     if reward is None:
         simulate_preferences(
             model,
             store,
             n_pairs,
+            panel=panel,
             prompts=prompts,
             sampler_config=sampler,
             seed=seed,
@@ -265,6 +316,7 @@ def train_online_dpo(
     record = {"trainer": "online-dpo", "config": to_dict(config)}
     prompts = read_prompts(config.prompts) if config.prompts else None
     reward = load_labeller(config)
+    panel = load_labelling_panel(config.labeller) if reward is None else None
     source = "simulated" if reward is None else REWARD_SOURCE
     seed = config.dpo.runtime.seed
 
@@ -282,6 +334,7 @@ def train_online_dpo(
             prompts=prompts,
             share=process_share(accelerator),
             model_name=f"round-{index:02d}",
+            panel=panel,
         )
         accelerator.wait_for_everyone()  # every process's share is in the store
         rounds = range(index + 1) if config.accumulate else [index]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from diffalign.align.config_io import to_dict
-from diffalign.align.dpo import DPOConfig, PreferenceDataError
+from diffalign.align.dpo import DPOConfig, PreferenceDataError, check_prompts
 from diffalign.align.online_dpo import sampler_for
 from diffalign.align.rounds import check_round_fields, gather_in_order, process_share, run_rounds
 from diffalign.diffusion.sampling import sample
@@ -172,6 +172,7 @@ def train_spin(
                 f"the real images are {tuple(real.images.shape[1:])} but the model works on "
                 f"{tuple(model.image_shape)}"
             )
+        check_prompts(model, real.prompts, name=config.dpo.model, source=f"real examples from {real.source}")
         base = (1000 * seed + index) * SEED_STRIDE
         rank, processes = process_share(accelerator)
         mine = range(rank, len(real.prompts), processes)

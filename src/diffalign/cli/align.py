@@ -155,19 +155,21 @@ def measured(out: Path, device: str):
 @contextmanager
 def discard_unstarted_run(out: Path):
     """Remove the run folder `out` when the training call inside fails with a bad-input error
-    (ValueError, FileNotFoundError: a config that cannot run, found only once the run had begun) and
-    the folder is one this call created that holds no checkpoint, metrics line or model yet: such a
-    folder could neither be resumed nor reused (a fresh run refuses a folder holding a run). Only the
-    main process (`RANK` 0) removes it; a folder that existed before is always kept."""
+    (ValueError, FileNotFoundError: a config that cannot run, found only once the run had begun) or a
+    NaN/inf before its first checkpoint (NonFiniteError), and the folder is one this call created that
+    holds no checkpoint, metrics line or model yet: such a folder could neither be resumed nor reused (a
+    fresh run refuses a folder holding a run). Only the main process (`RANK` 0) removes it; a folder
+    that existed before is always kept."""
     import os
     import shutil
 
+    from diffalign.align.guard import NonFiniteError
     from diffalign.align.run_dir import RunDir
 
     existed = out.exists()
     try:
         yield
-    except (ValueError, FileNotFoundError):
+    except (ValueError, FileNotFoundError, NonFiniteError):
         run = RunDir(out)
         metrics = run.metrics_path.is_file() and run.metrics_path.stat().st_size > 0
         written = run.latest_checkpoint() is not None or metrics or run.model_dir.exists()
@@ -213,6 +215,8 @@ def run_reward_trainer(
         fail(f"--reward: {err}")
     except (FileNotFoundError, UnsupportedModelError, RewardSpecError, PromptSourceError) as err:
         fail(str(err))
+    except ImportError as err:  # a `module:function` reward whose module cannot be imported
+        fail(f"--reward: {err}")
     except (RunDirError, NonFiniteError, ValueError) as err:
         fail(str(err))
     lines = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
@@ -301,7 +305,8 @@ def kto_cmd(
 LabellerOpt = Annotated[
     str | None,
     typer.Option(
-        help="Who labels the pairs: 'panel' (simulated raters) or a reward spec (default: the config's)."
+        help="Who labels the pairs: 'panel' (simulated raters), 'panel:GROUP' (one group's raters), "
+        "'panel@PANEL.yaml' (a panel file's raters) or a reward spec (default: the config's)."
     ),
 ]
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image as PILImage
-from PIL import UnidentifiedImageError
+from PIL import ImageOps, UnidentifiedImageError
 from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -590,12 +590,14 @@ class PreferenceStore:
         return data
 
     def load_image(self, sha256: str, size: int | None = None) -> np.ndarray:
-        """An image as uint8 [H, W, 3] RGB, as a viewer shows it (`displayed_rgb`), resized to
-        size x size (bicubic) when asked."""
+        """An image as uint8 [H, W, 3] RGB, as a viewer shows it (`displayed_rgb`), brought to
+        size x size when asked: scaled (bicubic) so its shorter side is `size`, then its centre cropped,
+        as Diffusion-DPO's and CLIP's preprocessing do (a non-square image is not squashed; a square one
+        is simply resized)."""
         with PILImage.open(io.BytesIO(self.image_bytes(sha256))) as im:
             rgb = displayed_rgb(im)
             if size is not None and rgb.size != (size, size):
-                rgb = rgb.resize((size, size), PILImage.Resampling.BICUBIC)
+                rgb = ImageOps.fit(rgb, (size, size), PILImage.Resampling.BICUBIC, centering=(0.5, 0.5))
             return np.asarray(rgb, dtype=np.uint8).copy()
 
     def _pair_rows(self, include_ties: bool, source: str | None) -> StoredPairs:
