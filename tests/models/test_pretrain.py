@@ -89,3 +89,37 @@ def test_learning_rate_schedule():
     assert learning_rate(110, cfg) == pytest.approx(0.1)
     const = PretrainConfig(lr=1.0, warmup_steps=10, lr_schedule="constant")
     assert learning_rate(1000, const) == 1.0
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("architecture", "unet-zz"),  # was a KeyError
+        ("steps", 0),  # wrote an untrained model as if trained
+        ("batch_size", 0),  # failed in torch.multinomial
+        ("lr_schedule", "linear"),  # failed only when the warm-up ended
+        ("log_every", 0),  # a ZeroDivisionError after the first step
+        ("lr", float("nan")),
+        ("ema_decay", 1.0),
+        ("canvas_size", 30),  # the UNet cannot halve it twice
+        ("snapshot_steps", [10]),  # beyond steps=6: silently never written
+    ],
+)
+def test_a_config_that_cannot_run_is_refused_before_anything_is_written(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        pretrain(_config(**{field: value}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_names_a_bad_option_with_exit_code_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffalign.cli import app
+
+    for option in (["--architecture", "unet-zz"], ["--steps", "0"], ["--batch-size", "0"]):
+        result = CliRunner().invoke(
+            app, ["pretrain", "--out", str(tmp_path / "run"), "--device", "cpu", *option]
+        )
+        assert result.exit_code == 2, result.output
+        assert option[0].removeprefix("--").replace("-", "_") in result.output
+    assert not (tmp_path / "run").exists()

@@ -1,16 +1,19 @@
 import copy
+import math
 import random
+import time
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from diffalign.world.detector import detect, load_image
 from diffalign.world.geneval import evaluate, relative_position, score_image
-from diffalign.world.grammar import all_metadata
-from diffalign.world.palette import CATEGORIES, COLORS, RELATIONS, SHAPES
+from diffalign.world.grammar import all_metadata, parse_prompt
+from diffalign.world.palette import CATEGORIES, COLORS, PALETTE, RELATIONS, SHAPES
+from diffalign.world.raters import RaterPanel
 from diffalign.world.render import render_batch, render_scene
 from diffalign.world.scene import Scene, SceneObject, sample_scenes, templates_from_metadata
 
@@ -198,3 +201,46 @@ def test_load_image_reads_16_bit_grey_and_exif_rotation_as_a_viewer_shows_them(t
     stored.save(rotated, exif=exif, quality=95)
     shown = load_image(rotated)
     assert np.abs(shown - upright / 255.0).mean() < 0.02  # the picture as displayed, not as stored
+
+
+def _pil_polygon(points, size: int, color: str = "green", supersample: int = 4) -> Image.Image:
+    """A polygon (points in fractions of the canvas) drawn by PIL, anti-aliased by supersampling."""
+    big = Image.new("RGB", (size * supersample, size * supersample), "white")
+    scale = size * supersample
+    ImageDraw.Draw(big).polygon([(x * scale, y * scale) for x, y in points], fill=PALETTE[color])
+    return big.resize((size, size), Image.Resampling.BOX)
+
+
+@pytest.mark.parametrize("degrees", [10, 20, 30, 60, 80])
+def test_a_square_drawn_at_any_rotation_is_a_square(degrees):
+    turn, half = math.radians(degrees), 0.18
+    corners = [(-half, -half), (half, -half), (half, half), (-half, half)]
+    c, s = math.cos(turn), math.sin(turn)
+    image = _pil_polygon([(0.5 + x * c - y * s, 0.5 + x * s + y * c) for x, y in corners], 64)
+    assert [o.shape for o in detect(image)] == ["square"]
+    assert score_image(image, parse_prompt("a green square")).correct
+
+
+def test_a_large_object_cut_by_the_border_of_a_large_image_is_read_quickly():
+    # a triangle much taller than the canvas is high, its top and bottom cut off (minutes before)
+    image = _pil_polygon([(0.5, -0.2), (-0.1, 1.2), (1.1, 1.2)], 512, "purple", supersample=1)
+    start = time.perf_counter()
+    objects = detect(image)
+    assert time.perf_counter() - start < 30
+    assert [(o.shape, o.color) for o in objects] == [("triangle", "purple")]
+
+
+def test_load_image_reads_integer_levels_and_refuses_what_is_not_an_image():
+    rgb = render_scene(Scene((SceneObject("circle", "blue", 0.5, 0.5, 0.2),)), 32)
+    for levels in (rgb.astype(np.int64), torch.from_numpy(rgb.astype(np.int32)).permute(2, 0, 1)):
+        assert np.allclose(load_image(levels), rgb / 255)
+    assert np.allclose(load_image(rgb.astype(np.uint16) * 257), rgb / 255)
+    assert (
+        RaterPanel().features(torch.from_numpy(rgb).long().permute(2, 0, 1)[None], ["a blue circle"]).correct
+    )
+    with pytest.raises(ValueError, match="0-255"):
+        load_image(rgb.astype(np.int64) * 4)
+    with pytest.raises(ValueError, match="NaN"):
+        load_image(np.full((8, 8, 3), np.nan))
+    with pytest.raises(ValueError, match="empty"):
+        load_image(np.zeros((0, 0, 3), dtype=np.uint8))

@@ -66,3 +66,26 @@ def test_write_dataset(tmp_path):
     lines = (out / "examples.jsonl").read_text().splitlines()
     assert images.shape == (300, 32, 32, 3) and images.dtype == np.uint8
     assert len(lines) == 300
+
+
+def test_sizes_and_counts_that_cannot_be_drawn_are_refused(tmp_path):
+    import pytest
+
+    from diffalign.world.dataset import DatasetConfig, ShapesGenerator, write_dataset
+    from diffalign.world.render import render_scene
+    from diffalign.world.scene import Scene, SceneObject
+
+    scene = Scene((SceneObject("circle", "red", 0.5, 0.5, 0.2),))
+    for size in (0, -5):  # 0 drew an empty image, -5 failed inside torch
+        with pytest.raises(ValueError, match="canvas size"):
+            render_scene(scene, size)
+    with pytest.raises(ValueError, match="canvas size"):
+        ShapesGenerator(DatasetConfig(canvas_size=0))
+    with pytest.raises(ValueError, match="canvas size"):
+        write_dataset(tmp_path / "zero", 2, config=DatasetConfig(canvas_size=0))
+    with pytest.raises(ValueError, match="number of examples"):
+        write_dataset(tmp_path / "negative", -2)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        write_dataset(tmp_path / "file", 2)
+    assert not (tmp_path / "zero").exists() and not (tmp_path / "negative").exists()

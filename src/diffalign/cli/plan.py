@@ -61,11 +61,25 @@ def _pairs(store: str | None, config):
 
 
 def _two(text: str, option: str) -> tuple[int, int]:
-    """short,long from an option's text; a clear error naming the option otherwise."""
+    """short,long (1 <= short < long) from an option's text; a clear error naming the option otherwise."""
     parts = text.split(",")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         fail(f"{option}: expected two whole numbers short,long, got {text!r}")
-    return int(parts[0]), int(parts[1])
+    short, long = int(parts[0]), int(parts[1])
+    if not 1 <= short < long:
+        fail(f"{option}: the measuring runs need 1 <= short < long, got {text!r}")
+    return short, long
+
+
+def _check_json_out(path: Path | None) -> None:
+    """Refuse a --json path that cannot be written before anything is measured."""
+    if path is None:
+        return
+    if path.is_dir():
+        fail(f"--json {path}: a folder; give a file name such as {path / 'plan.json'}")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        fail(f"--json {path}: {blocking} is a file, not a folder")
 
 
 def _number(value: float | None, spec: str, unit: str = "") -> str:
@@ -132,6 +146,11 @@ def plan_cmd(
     from diffalign.planning.trainers import PAIR_METHODS, run_length, trainer_runner
 
     cfg = _config(method, config, overrides, model, reward, prompts, device)
+    _check_json_out(json_out)
+    if measure:  # read before anything is loaded or run
+        _two(measure_steps, "--measure-steps")
+        if method in ("online-dpo", "spin"):
+            _two(measure_items, "--measure-items")
     if sum((measure, seconds_per_step is not None, gpu_table is not None)) != 1:
         fail("plan: give exactly one of --measure, --seconds-per-step and --gpu-table")
     if gpu_table is not None and method != "dpo":

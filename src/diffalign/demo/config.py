@@ -100,5 +100,18 @@ class DemoConfig:
                 raise ValueError(f"demo config: {name} must be >= 1, got {getattr(self, name)}")
         if self.grpo_group < 2:
             raise ValueError(f"demo config: grpo_group must be >= 2 (a group), got {self.grpo_group}")
-        if self.rm_pretrain_steps < 0 or self.threads < 0:
-            raise ValueError("demo config: rm_pretrain_steps and threads must be >= 0")
+        for name in ("rm_pretrain_steps", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"demo config: {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("grpo_lr", "draft_lr", "dpo_lr"):
+            if not getattr(self, name) > 0:  # a negative rate climbs the loss; 0 trains nothing
+                raise ValueError(f"demo config: {name} must be > 0, got {getattr(self, name)}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(
+                    f"demo config: device must be cpu, cuda[:N] or auto, got {self.device!r}"
+                ) from None

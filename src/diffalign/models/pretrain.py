@@ -97,6 +97,46 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     snapshot_steps: list[int] = field(default_factory=list)
 
+    def check(self) -> None:
+        """Raise ValueError naming the first field a run cannot use (before any folder is written)."""
+        from diffalign.diffusion.schedules import FLOW_TIME_DISTRIBUTIONS
+        from diffalign.models.tiny import ARCHITECTURES
+
+        choices = {
+            "parameterization": ("epsilon", "flow"),
+            "architecture": tuple(ARCHITECTURES),
+            "lr_schedule": ("cosine", "constant"),
+            "flow_timesteps": tuple(FLOW_TIME_DISTRIBUTIONS),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "data_pool", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        for name in ("weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {getattr(self, name)}")
+        for name in ("lr_min_ratio", "prompt_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.canvas_size < 4 or self.canvas_size % 4:
+            raise ValueError(
+                f"canvas_size must be a multiple of 4 (the UNet halves it twice), got {self.canvas_size}"
+            )
+        outside = [s for s in self.snapshot_steps if not 1 <= s <= self.steps]
+        if outside:
+            raise ValueError(
+                f"snapshot_steps must be in 1..steps ({self.steps}); these never come: {outside}"
+            )
+
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or inf loss; the last good checkpoint is kept."""
@@ -162,7 +202,12 @@ def pretrain(
         time_limit: stop after this many seconds of training, with a checkpoint and the model folder
             (meant for the constant learning-rate schedule).
     """
+    config.check()
+    if time_limit is not None and not (math.isfinite(time_limit) and time_limit > 0):
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a run folder")
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)

@@ -16,6 +16,7 @@ are not single rows of the table; measure them (`--measure`) or give their figur
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from diffalign.planning.measure import StepCost
@@ -63,7 +64,7 @@ def dpo_step_cost(
     """
     if variant not in VARIANTS:
         raise ValueError(f"--gpu-variant must be one of {VARIANTS}, got {variant!r}")
-    if pairs_per_step < 1 or accumulation < 1 or fixed_seconds < 0:
+    if pairs_per_step < 1 or accumulation < 1 or not (math.isfinite(fixed_seconds) and fixed_seconds >= 0):
         raise ValueError(
             f"plan: pairs per step and accumulation must be >= 1 and fixed seconds >= 0, got "
             f"{pairs_per_step}, {accumulation}, {fixed_seconds}"
@@ -90,7 +91,7 @@ def dpo_step_cost(
         peak = record.get("peak_gib")
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"--gpu-table {path}: its DPO record lacks a readable field ({err})") from None
-    if not seconds > 0:
+    if not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"--gpu-table {path}: its DPO step's time is not positive ({record['ms']!r} ms)")
     device = str(results.get("device", "an unnamed device"))
     parameters = results.get("unet_parameters")

@@ -14,6 +14,7 @@ trainer counts.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,9 +77,11 @@ class StepCost:
         """Per-step figures given by hand (e.g. from the GPU benchmark's table)."""
         if method not in LENGTH_FIELDS:
             raise ValueError(f"plan: no trainer named {method!r}; choose one of {sorted(LENGTH_FIELDS)}")
-        if seconds_per_step <= 0 or fixed_seconds < 0:
+        finite = math.isfinite(seconds_per_step) and math.isfinite(fixed_seconds)
+        if not finite or seconds_per_step <= 0 or fixed_seconds < 0:
             raise ValueError(
-                f"plan: seconds per step must be > 0 and fixed seconds >= 0, got {seconds_per_step}, "
+                f"plan: seconds per step must be a number > 0 and fixed seconds a number >= 0, got "
+                f"{seconds_per_step}, "
                 f"{fixed_seconds}"
             )
         return cls(

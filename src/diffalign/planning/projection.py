@@ -17,6 +17,7 @@ the model and its micro-batch), which the assumptions say.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from diffalign.planning.measure import StepCost
@@ -51,8 +52,8 @@ class RunShape:
         if not 0 < self.efficiency <= 1:
             raise ValueError(f"plan: efficiency must be in (0, 1], got {self.efficiency}")
         for name in ("price_per_device_hour", "preference_pairs", "labels_per_pair", "price_per_label"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"plan: {name} must be >= 0, got {getattr(self, name)}")
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"plan: {name} must be a number >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -108,6 +109,13 @@ def project(cost: StepCost, shape: RunShape) -> Projection:
             f"{shape.devices} devices data-parallel with the same global batch at {shape.efficiency:.0%} "
             "scaling efficiency; the fixed part does not shrink; peak memory is per device and does not "
             "shrink"
+        )
+    figures = {"wall time": one, "device-hours": device_hours, "compute cost": compute}
+    figures |= {"annotation cost": annotation, "total cost": compute + annotation}
+    overflowing = [name for name, value in figures.items() if not math.isfinite(value)]
+    if overflowing:
+        raise ValueError(
+            f"plan: the projection overflows ({', '.join(overflowing)}); check the figures given"
         )
     if queries is None:
         assumptions.append("reward queries not counted (a preference-pair trainer, or figures given by hand)")

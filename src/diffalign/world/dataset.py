@@ -68,6 +68,8 @@ class ShapesGenerator:
     def __init__(self, config: DatasetConfig | None = None, device: torch.device | str = "cpu") -> None:
         self.config = config or DatasetConfig()
         self.device = torch.device(device)
+        if self.config.canvas_size < 1:
+            raise ValueError(f"canvas size must be at least 1 pixel, got {self.config.canvas_size}")
         unknown = set(self.config.category_weights) - set(CATEGORIES)
         if unknown:
             raise ValueError(f"category_weights: unknown task(s) {sorted(unknown)}; expected {CATEGORIES}")
@@ -108,9 +110,13 @@ def write_dataset(
     device: str = "cpu",
 ) -> Path:
     """Write n examples: images.npy (uint8 [n, H, W, 3]) and examples.jsonl (prompt, tag, scene)."""
+    if n < 0:
+        raise ValueError(f"the number of examples must be >= 0, got {n}")
+    gen = ShapesGenerator(config, device)  # checks the config before the folder is made
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    gen = ShapesGenerator(config, device)
     size = gen.config.canvas_size
     images = np.lib.format.open_memmap(
         out / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3)

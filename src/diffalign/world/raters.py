@@ -334,7 +334,8 @@ def images_to_rgb(images: Tensor | np.ndarray | Sequence) -> list[np.ndarray]:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
         array = images.detach().cpu()
-        array = array.numpy() if array.dtype == torch.uint8 else array.double().clamp(0, 1).numpy()
+        # integer levels go to load_image as they are (it checks their range); floats are clipped to [0, 1]
+        array = array.double().clamp(0, 1).numpy() if array.is_floating_point() else array.numpy()
         return [load_image(a) for a in array]
     if isinstance(images, np.ndarray) and images.ndim == 4:
         return [load_image(a) for a in images]

@@ -76,6 +76,8 @@ def coverage(batch: SceneBatch, canvas_size: int = DEFAULT_CANVAS_SIZE) -> Tenso
     Each object's SDF is evaluated only on a square window around it (the window is the same for
     every object of the batch and holds the largest bounding circle), then scattered into the canvas.
     """
+    if canvas_size < 1:
+        raise ValueError(f"canvas size must be at least 1 pixel, got {canvas_size}")
     device = batch.x.device
     b, k = batch.shape.shape
     s = float(canvas_size)
