@@ -279,3 +279,26 @@ def test_eval_with_a_reward_model_folder_on_the_default_device(tmp_path):
     suite = json.loads((out / "results.json").read_text())["suite"]
     assert np.isfinite(suite["rewards"][str(tmp_path / "rm")]["mean"])
     assert suite["win_rate"]["win_rate"] == 0.5  # the model against itself, judged by the reward model
+
+
+def test_world_commands_refuse_what_cannot_be_drawn(tmp_path):
+    for args, message in (
+        (["world", "render", "--prompt", "a circle", "-n", "0"], "-n must be at least 1, got 0"),
+        (["world", "render", "--prompt", "a circle", "--size", "0"], "--size must be at least 1"),
+        (["world", "render", "--prompt", "a circle", "--out", str(tmp_path)], "a folder"),
+        (["world", "generate", "--out", str(tmp_path / "d"), "-n", "-2"], "-n must be at least 1, got -2"),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), (args, result.output)
+    nested = tmp_path / "new" / "folder" / "s.png"
+    result = runner.invoke(app, ["world", "render", "--prompt", "a circle", "-n", "2", "--out", str(nested)])
+    assert result.exit_code == 0 and nested.is_file()
+
+
+def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path):
+    from diffalign.prefs.store import PreferenceStore, StoreError
+
+    bogus = tmp_path / "notes.txt"
+    bogus.write_text("not a database, just some text that is long enough to have a header page" * 20)
+    with pytest.raises(StoreError, match="cannot open the preference store"):
+        PreferenceStore.open(bogus)

@@ -98,6 +98,13 @@ def shapeseval_score(
 # --- world --------------------------------------------------------------------------------------
 
 
+def _check_drawable(n: int, size: int) -> None:
+    if n < 1:
+        _fail(f"-n must be at least 1, got {n}")
+    if size < 1:
+        _fail(f"--size must be at least 1, got {size}")
+
+
 @world_app.command("render")
 def world_render(
     prompt: Annotated[str, typer.Option(help="A Shapes-world prompt, e.g. 'a circle left of a square'.")],
@@ -114,10 +121,14 @@ def world_render(
     from diffalign.world.render import render_batch, to_uint8
     from diffalign.world.scene import sample_scenes, templates_from_metadata
 
+    _check_drawable(n, size)
+    if out.is_dir():
+        _fail(f"--out {out}: a folder; give a file such as {out / 'scene.png'}")
     try:
         meta = parse_prompt(prompt)
     except GrammarError as err:
         _fail(str(err))
+    out.parent.mkdir(parents=True, exist_ok=True)
     scenes = sample_scenes(
         templates_from_metadata([meta]),
         torch.zeros(n, dtype=torch.long),
@@ -139,8 +150,12 @@ def world_generate(
 
     from diffalign.world.dataset import DatasetConfig, write_dataset
 
+    _check_drawable(n, size)
     start = time.time()
-    write_dataset(out, n, seed=seed, config=DatasetConfig(canvas_size=size))
+    try:
+        write_dataset(out, n, seed=seed, config=DatasetConfig(canvas_size=size))
+    except ValueError as err:
+        _fail(str(err))
     elapsed = time.time() - start
     console.print(f"wrote {n} examples to {out} in {elapsed:.1f} s ({n / elapsed:.0f} examples/s)")
 

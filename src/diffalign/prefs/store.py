@@ -36,7 +36,7 @@ from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
 from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError
 
 from diffalign.images import displayed_rgb
 from diffalign.prefs.pairs import PreferencePairs
@@ -402,7 +402,7 @@ class PreferenceStore:
                 version = conn.execute(
                     select(StoreMeta.value).where(StoreMeta.key == "schema_version")
                 ).scalar()
-        except OperationalError as err:
+        except DatabaseError as err:  # OperationalError, and "file is not a database"
             raise StoreError(f"cannot open the preference store {self.describe()}: {err.orig}") from err
         if version is None:
             raise StoreError(f"{self.describe()} is not a diffalign preference store (no schema version)")
