@@ -61,7 +61,7 @@ from diffalign.align.tracking import resolve_log_with
 from diffalign.diffusion.protocol import Conditioning
 from diffalign.diffusion.schedules import FLOW_TIME_DISTRIBUTIONS, training_target
 from diffalign.models.diffusers_adapters.common import AdapterConfig
-from diffalign.models.tokenizer import ShapesTokenizer
+from diffalign.models.tokenizer import first_unreadable
 from diffalign.prefs.mirror import draw_mirrors, mirror_images, mirror_prompts
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.stored_pairs import StoredImages, StoredPairs
@@ -232,26 +232,19 @@ def check_prompts(
     Raises:
         PreferenceDataError: the prompt, the example and the tokenizer's reason.
     """
-    tokenizer = getattr(model, "tokenizer", None)
-    if not isinstance(tokenizer, ShapesTokenizer):
+    found = first_unreadable(model, prompts)
+    if found is None:
         return
-    seen: set[str] = set()
-    for i, prompt in enumerate(prompts):
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        try:
-            tokenizer.encode(prompt)
-        except ValueError as err:
-            key = keys[i] if keys is not None and i < len(keys) else ""
-            where = f"comparison {key}" if key else f"example {i}"
-            where = f"{source}, {where}" if source else where
-            uses = sum(p == prompt for p in prompts)
-            model_name = f"the model {name!r}" if name else "the model"
-            raise PreferenceDataError(
-                f"{where} ({uses} example{'s' if uses != 1 else ''} with this prompt): {model_name} cannot "
-                f"read its prompt: {err}"
-            ) from err
+    i, prompt, err = found
+    key = keys[i] if keys is not None and i < len(keys) else ""
+    where = f"comparison {key}" if key else f"example {i}"
+    where = f"{source}, {where}" if source else where
+    uses = sum(p == prompt for p in prompts)
+    model_name = f"the model {name!r}" if name else "the model"
+    raise PreferenceDataError(
+        f"{where} ({uses} example{'s' if uses != 1 else ''} with this prompt): {model_name} cannot "
+        f"read its prompt: {err}"
+    ) from err
 
 
 # --- data ------------------------------------------------------------------------------------------

@@ -328,25 +328,18 @@ def eval_cmd(
 
 
 def _check_prompts_encode(m, metadata, prompts_file) -> None:
-    """Encode every distinct prompt once before sampling: a word the model's tokenizer does not know (a
+    """Tokenise every distinct prompt before sampling: a word the model's tokenizer does not know (a
     GenEval "a photo of ..." for a Shapes-world model) is named with its line, not met mid-sampling."""
-    import torch
-
-    from diffalign.models.tokenizer import UnknownWordError
+    from diffalign.models.tokenizer import first_unreadable
     from diffalign.world.shapeseval import load_shapeseval
 
-    seen: set[str] = set()
-    for number, line in enumerate(metadata if metadata is not None else load_shapeseval(), start=1):
-        prompt = line["prompt"]
-        if prompt in seen:
-            continue
-        seen.add(prompt)
-        try:
-            with torch.no_grad():
-                m.encode_prompts([prompt])
-        except (UnknownWordError, ValueError) as err:
-            where = f"--prompts {prompts_file}, prompt {number}" if prompts_file else f"prompt {number}"
-            _fail(f"{where} ({prompt!r}): {err}")
+    lines = metadata if metadata is not None else load_shapeseval()
+    found = first_unreadable(m, [line["prompt"] for line in lines])
+    if found is not None:
+        index, prompt, err = found
+        number = index + 1
+        where = f"--prompts {prompts_file}, prompt {number}" if prompts_file else f"prompt {number}"
+        _fail(f"{where} ({prompt!r}): {err}")
 
 
 def _suite_measures(device, rewards, baseline, judge, kl_base, panel_file=None) -> dict:

@@ -90,3 +90,23 @@ class ShapesTokenizer:
     def load(cls, path: str | Path) -> ShapesTokenizer:
         data = json.loads(Path(path).read_text())
         return cls(data["vocabulary"], data["max_length"])
+
+
+def first_unreadable(model, prompts: Sequence[str]) -> tuple[int, str, ValueError] | None:
+    """(index, prompt, the tokenizer's error) of the first of `prompts` that `model`'s tokenizer cannot
+    read, or None. Only a tiny model's `ShapesTokenizer` refuses text (an unknown word, too many words);
+    a diffusers pipeline's tokenizers read any prompt (truncating long ones), so nothing is checked for
+    it. Each distinct prompt is tokenised once; no network runs."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if not isinstance(tokenizer, ShapesTokenizer):
+        return None
+    seen: set[str] = set()
+    for index, prompt in enumerate(prompts):
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        try:
+            tokenizer.encode(prompt)
+        except ValueError as err:
+            return index, prompt, err
+    return None
