@@ -55,12 +55,9 @@ def stratified_bootstrap_ci(
         raise ValueError("stratified_bootstrap_ci needs at least one group")
     _check_settings(n_boot, level, "stratified_bootstrap_ci")
     rng = np.random.default_rng(seed)
-    per_group = []
-    for name, values in groups.items():
-        x = _values(values, f"stratified_bootstrap_ci, group {name!r}")
-        per_group.append(x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1))
-    overall = np.mean(per_group, axis=0)
-    if all(np.ptp(np.asarray(groups[name], dtype=np.float64)) == 0 for name in groups):
-        point = float(np.mean([np.asarray(v, dtype=np.float64)[0] for v in groups.values()]))
+    arrays = [_values(values, f"stratified_bootstrap_ci, group {name!r}") for name, values in groups.items()]
+    if all(np.ptp(x) == 0 for x in arrays):  # every group constant: the interval is the point
+        point = float(np.mean([x[0] for x in arrays]))
         return point, point
-    return _interval(overall, level)
+    per_group = [x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1) for x in arrays]
+    return _interval(np.mean(per_group, axis=0), level)
