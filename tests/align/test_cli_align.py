@@ -81,3 +81,32 @@ def test_errors_name_the_problem(tmp_path, eps_model_dir):
     assert tie_only.exit_code == 2 and "only ties" in tie_only.output
     no_model = invoke("dpo", "--store", store, "--out", out, "--model", tmp_path / "nomodel")
     assert no_model.exit_code == 2 and "nomodel" in no_model.output
+
+
+def test_a_method_other_than_the_commands_is_refused(tmp_path, eps_model_dir):
+    store = _store(tmp_path / "prefs.db")
+    out = tmp_path / "run"
+    base = ("dpo", "--store", store, "--out", out, "--model", eps_model_dir, "--device", "cpu", *FAST)
+    override = invoke(*base, "method=kto")
+    assert override.exit_code == 2 and "method='kto' conflicts with the command" in override.output
+    assert "override 'method=kto'" in override.output and not out.exists()
+    cfg = tmp_path / "kto.yaml"
+    cfg.write_text("beta: 100\nmethod: kto\n")
+    from_file = invoke(*base, "--config", cfg)
+    assert from_file.exit_code == 2 and f"config file {cfg}, line 2" in from_file.output
+    cfg.write_text("beta: 100\nmethod: dpo\n")  # naming the command's own method is fine
+    assert invoke(*base, "--config", cfg).exit_code == 0
+    grpo = invoke("grpo", "--out", tmp_path / "grpo", "--model", eps_model_dir, "method=ddpo")
+    assert grpo.exit_code == 2 and "method='ddpo' conflicts with the command, which runs method='grpo'" in (
+        grpo.output
+    )
+
+
+def test_soft_labels_train_the_ties(tmp_path, eps_model_dir):
+    store = _store(tmp_path / "prefs.db", ties=2)
+    out = tmp_path / "run"
+    args = ("dpo", "--store", store, "--out", out, "--model", eps_model_dir, "--device", "cpu", *FAST)
+    result = invoke(*args, "soft_labels=true")
+    assert result.exit_code == 0, result.output
+    assert "2 ties trained at 1/2 (soft_labels)" in result.output
+    assert all(r["decisive_share"] < 1 for r in read_metrics(out / "metrics.jsonl"))

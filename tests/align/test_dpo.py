@@ -312,3 +312,96 @@ def test_mirror_relations_flips_winner_and_loser_alike_and_exchanges_the_words(r
     assert torch.allclose(batch.x_t, expected.x_t, atol=1e-6)
     assert torch.equal(batch.cond.tensors["input_ids"], expected.cond.tensors["input_ids"])
     assert not torch.allclose(batch.x_t, pair_batch(model, data, plain).x_t)
+
+
+def test_soft_labels_keep_ties_at_one_half_and_smoothing_softens_every_label():
+    pairs = make_pairs(10, ties=4)
+    hard = training_data(pairs)
+    assert hard.labels is None and len(hard) == 6 and hard.ties_dropped == 4 and hard.ties_kept == 0
+    soft = training_data(pairs, soft_labels=True)
+    assert len(soft) == 10 and soft.ties_dropped == 0 and soft.ties_kept == 4
+    assert soft.labels.tolist() == [1.0] * 6 + [0.5] * 4
+    assert torch.equal(soft.images[9], pairs.images_a[9]) and torch.equal(soft.others[9], pairs.images_b[9])
+    assert torch.equal(soft.images[1], pairs.images_b[1])  # B won pair 1: still the winner first
+    smooth = training_data(pairs, soft_labels=True, label_smoothing=0.1)
+    assert smooth.labels.tolist() == pytest.approx([0.9] * 6 + [0.5] * 4)
+    hard_smooth = training_data(pairs, label_smoothing=0.1)
+    assert len(hard_smooth) == 6 and hard_smooth.labels.tolist() == pytest.approx([0.9] * 6)
+    # the labels are part of the data a resumed run must match; the paper's data keeps its fingerprint
+    assert len({hard.fingerprint, soft.fingerprint, smooth.fingerprint, hard_smooth.fingerprint}) == 4
+    assert training_data(make_pairs(10, ties=4)).fingerprint == hard.fingerprint
+    with pytest.raises(PreferenceDataError, match="only ties"):  # ties alone teach nothing
+        training_data(make_pairs(3, ties=3), soft_labels=True)
+
+
+def test_fractional_labels_keep_their_share_with_soft_labels():
+    from diffalign.prefs.pairs import PreferencePairs
+
+    base = make_pairs(3)
+    pairs = PreferencePairs(base.prompts, base.images_a, base.images_b, torch.tensor([0.7, 0.2, 0.5]))
+    soft = training_data(pairs, soft_labels=True)
+    assert soft.labels.tolist() == pytest.approx([0.7, 0.8, 0.5])
+    assert torch.equal(soft.images[0], pairs.images_a[0]) and torch.equal(soft.images[1], pairs.images_b[1])
+    hard = training_data(pairs)  # the paper's: the favoured image wins outright, the tie is left out
+    assert len(hard) == 2 and hard.labels is None and torch.equal(hard.images[1], pairs.images_b[1])
+
+
+def test_soft_label_options_are_dpo_only_and_checked():
+    with pytest.raises(ValueError, match="label_smoothing"):
+        config("unused", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        config("unused", label_smoothing=-0.1)
+    with pytest.raises(ValueError, match="no pair label"):
+        config("unused", method="kto", soft_labels=True)
+    with pytest.raises(ValueError, match="no pair label"):
+        config("unused", method="kto", label_smoothing=0.1)
+
+
+def test_soft_label_micro_batch_metrics_and_sft_skip_the_ties(eps_model_dir):
+    model = load_model(str(eps_model_dir))
+    model.freeze_reference()
+    with torch.no_grad():  # a policy that differs from the reference, so err != ref
+        for p in model.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    data = training_data(make_pairs(8, ties=3), soft_labels=True)
+    draw = draw_step(model, config("unused"), len(data), step=0, global_size=8)
+    batch = pair_batch(model, data, draw)
+    labels = data.labels[draw.indices]
+    assert (labels == 0.5).any() and (labels == 1.0).any()
+    loss, metrics = dpo_module.dpo_micro_loss(model, model.unet, batch, 300.0, 0.5, labels)
+    err, ref = dpo_module._errors(model, model.unet, batch)
+    out = diffusion_dpo_loss(err[:8], err[8:], ref[:8], ref[8:], 300.0, labels)
+    decisive = (labels != 0.5).float()
+    expected = out.loss + 0.5 * 0.5 * 300.0 * ((err[:8] - ref[:8]) * decisive).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    line = dict(zip(dpo_module.SOFT_DPO_METRICS, metrics.tolist()))
+    dpo_module.finish_soft_metrics(line)
+    assert line["decisive_share"] == pytest.approx(float(decisive.mean()))
+    assert line["implicit_acc"] == pytest.approx(float(out.implicit_acc))
+    assert line["reward_margin"] == pytest.approx(float(out.reward_margin.detach()), rel=1e-5)
+    ties = labels == 0.5
+    assert line["tie_abs_margin"] == pytest.approx(float(out.inside[ties].detach().abs().mean()), rel=1e-5)
+
+
+def test_soft_label_run_trains_on_ties_logs_per_decisive_pair_and_resumes(tmp_path, eps_model_dir):
+    pairs = make_pairs(24, ties=8)
+    cfg = config(
+        eps_model_dir, steps=5, log_every=2, checkpoint_every=3, soft_labels=True, label_smoothing=0.05
+    )
+    whole = train_dpo(cfg, pairs, tmp_path / "whole")
+    record = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert record["data"]["ties_kept"] == 8 and record["data"]["examples"] == 24
+    lines = _lines(tmp_path / "whole")
+    assert all(0 < r["decisive_share"] < 1 and r["tie_abs_margin"] >= 0 for r in lines)
+    assert all(0 <= r["implicit_acc"] <= 1 for r in lines)
+    train_dpo(cfg, pairs, tmp_path / "parts", stop_after=4)
+    resumed = train_dpo(cfg, pairs, tmp_path / "parts", resume=True)
+    assert _lines(tmp_path / "whole") == _lines(tmp_path / "parts")
+    for (name, a), b in zip(whole.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        assert torch.equal(a, b), name
+    # the same data and seed without the ties trains other weights
+    plain = train_dpo(config(eps_model_dir, steps=5, log_every=2), pairs, tmp_path / "plain")
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(whole.unet.state_dict().values(), plain.unet.state_dict().values())
+    )

@@ -82,3 +82,46 @@ def test_kto_loss_equals_hand_computation():
     # a positive batch-mean log-ratio becomes the (detached) reference point
     shifted = diffusion_kto_loss(err - 0.2, ref, liked, beta)
     assert float(shifted.reference_point) == pytest.approx(0.2 - 0.0 + sum(g) / 3, rel=1e-5)
+
+
+def test_soft_label_dpo_loss_is_the_bradley_terry_cross_entropy():
+    err_w = torch.tensor([0.10, 0.30, 0.20, 0.25])
+    err_l = torch.tensor([0.20, 0.10, 0.22, 0.05])
+    ref_w = torch.tensor([0.15, 0.20, 0.20, 0.10])
+    ref_l = torch.tensor([0.12, 0.25, 0.20, 0.10])
+    labels = torch.tensor([1.0, 0.5, 0.9, 0.2])
+    beta = 10.0
+    out = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, beta, labels)
+    inside = [-0.5 * beta * ((w - lo) - (rw - rl)) for w, lo, rw, rl in zip(err_w, err_l, ref_w, ref_l)]
+    inside = [float(x) for x in inside]
+    # -(p log sigmoid(x) + (1 - p) log sigmoid(-x)) = p softplus(-x) + (1 - p) softplus(x), per pair
+    by_hand = [p * _softplus(-x) + (1 - p) * _softplus(x) for p, x in zip(labels.tolist(), inside)]
+    assert out.losses.tolist() == pytest.approx(by_hand, rel=1e-5)
+    assert float(out.loss) == pytest.approx(sum(by_hand) / 4, rel=1e-5)
+    # ... which is torch's binary cross-entropy with logits against the soft labels
+    bce = F.binary_cross_entropy_with_logits(out.inside, labels, reduction="none")
+    assert torch.allclose(out.losses, bce, atol=1e-6)
+    # label 1 is the paper's loss exactly
+    hard = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, beta)
+    assert float(out.losses[0]) == float(hard.losses[0])
+    # accuracy and margin over the decisive pairs (0, 2, 3), each signed towards its preferred image
+    assert out.decisive.tolist() == [True, False, True, True]
+    right = [inside[0] > 0, inside[2] > 0, inside[3] < 0]
+    assert float(out.implicit_acc) == pytest.approx(sum(right) / 3)
+    assert float(out.reward_margin) == pytest.approx((inside[0] + inside[2] - inside[3]) / 3, rel=1e-5)
+
+
+def test_a_tie_holds_the_reference_preference_and_bad_labels_are_refused():
+    ref_w, ref_l = torch.tensor([0.2, 0.3]), torch.tensor([0.1, 0.4])
+    err_w, err_l = ref_w.clone().requires_grad_(), ref_l.clone().requires_grad_()
+    tie = torch.tensor([0.5, 0.5])
+    diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, 50.0, tie).loss.backward()
+    assert err_w.grad.abs().max() == 0 and err_l.grad.abs().max() == 0  # at the reference: no pull
+    moved = diffusion_dpo_loss(ref_w - 0.01, ref_l, ref_w, ref_l, 50.0, tie)
+    flipped = diffusion_dpo_loss(ref_w + 0.01, ref_l, ref_w, ref_l, 50.0, tie)
+    assert float(moved.loss) > math.log(2) and float(moved.loss) == pytest.approx(float(flipped.loss))
+    assert math.isnan(float(diffusion_dpo_loss(ref_w, ref_l, ref_w, ref_l, 50.0, tie).implicit_acc))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        diffusion_dpo_loss(ref_w, ref_l, ref_w, ref_l, 50.0, torch.tensor([1.5, 0.5]))
+    with pytest.raises(ValueError, match="labels has shape"):
+        diffusion_dpo_loss(ref_w, ref_l, ref_w, ref_l, 50.0, torch.tensor([1.0]))

@@ -136,6 +136,16 @@ def test_cli_arguments_out_of_range_are_errors_not_tracebacks(tmp_path):
         (("eval", "--reward", model, "--store", store, "--bootstrap", "0"), "--bootstrap must be at least 1"),
         (("eval", "--reward", model, "--store", store, "--out", tmp_path), "is a folder"),
         (("curve", "--store", store, "--sizes", "2", "--test-fraction", "0"), "--test-fraction must be in"),
+        # flags that would change nothing are refused, not passed over
+        (("train", "--store", store, "--out", tmp_path / "x", "--no-bootstrap"), "needs --ensemble K > 1"),
+        (
+            ("train", "--store", store, "--out", tmp_path / "x", "--shared-pretraining"),
+            "needs --ensemble K > 1",
+        ),
+        (
+            ("train", "--store", store, "--out", tmp_path / "x", "--ensemble", "2", "--shared-pretraining"),
+            "--pretrain-steps N > 0",
+        ),
     ]
     for args, message in cases:
         result = _cli(*args)

@@ -80,6 +80,11 @@ def test_evaluate_reward_with_the_truth_as_reward():
     report = evaluate_reward(brightness, pairs, gold=brightness, ceiling={"oracle": 1.0})
     assert report["accuracy"] == 1.0 and report["spearman_gold"] == pytest.approx(1.0)
     assert report["ceiling"] == {"oracle": 1.0} and report["pairs"] == 100
+    tied = PreferencePairs(pairs.prompts, pairs.images_a, pairs.images_b, pairs.prob_a.clone())
+    tied.prob_a[:10] = 0.5
+    report = evaluate_reward(brightness, tied)
+    # ties count as pairs (ECE and the BT loss use them), not for the accuracy
+    assert (report["pairs"], report["ties"], report["accuracy_pairs"]) == (100, 10, 90)
     ra, _ = reward_margins(brightness, pairs)
     assert torch.allclose(ra, pairs.images_a.float().mean(dim=(1, 2, 3)) / 255)
 

@@ -232,6 +232,19 @@ def to_dict(config: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+_MISSING = object()
+
+
+def _get_dotted(tree: dict, key: str) -> Any:
+    """The value at dotted `key` in nested dicts, or `_MISSING`."""
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     if not all(parts):
@@ -367,9 +380,13 @@ def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
     options: Mapping[str, Any] | None = None,
+    fixed: Mapping[str, Any] | None = None,
 ) -> T:
     """The config `cls` from defaults, then the YAML file at `path`, then `key=value` overrides, then
     `options` ({dotted key: value}, taken as given, e.g. a command's --model; None values left out).
+    `fixed` ({dotted key: value}) are values the caller decides, such as the method a command trains:
+    set like `options`, but a file or override giving such a key another value is refused rather than
+    silently replaced.
 
     Raises:
         ConfigError: naming where the bad value came from (the file and line, or the override) and the key.
@@ -392,7 +409,15 @@ def load_config(
         parsed = parse_overrides([item], cls)
         values = _merge(values, parsed)
         sources.update(_sources(parsed, f"override {item!r}"))
-    for key, value in (options or {}).items():
+    for key, value in (fixed or {}).items():
+        given = _get_dotted(values, key)
+        if given is not _MISSING and given != value:
+            raise ConfigError(
+                f"{_origin(key, sources) or key}: {key}={given!r} conflicts with the command, which runs "
+                f"{key}={value!r}; drop it or run that command instead",
+                key,
+            )
+    for key, value in {**(options or {}), **(fixed or {})}.items():
         if value is not None:
             parsed = {}
             _set_dotted(parsed, key, value)

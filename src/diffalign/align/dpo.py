@@ -18,10 +18,11 @@ encoders (`model.encode_prompts`), one micro-batch at a time.
 in small modules: `runtime` (Accelerate, seeding, the data-sharding rule), `run_dir` (the run folder,
 atomic checkpoints), `tracking` (metrics.jsonl, trackers, progress bar), `guard` (NaN/inf stop).
 Every step's examples, noise, timesteps and prompt dropout are a function of (seed, step) only, so a
-resumed run reproduces the uninterrupted run step for step. Ties carry no preference and are left out.
+resumed run reproduces the uninterrupted run step for step. Ties are left out, as in the paper, unless
+`soft_labels` trains every pair towards its preference probability (ties at 1/2; `losses.py`), and
+`label_smoothing` is conservative DPO's for noisy labels.
 Online DPO (`online_dpo.py`) and SPIN-Diffusion (`spin.py`) run this trainer once per round on pairs
 made by the current model (`rounds.py`), with `DPOConfig.reference` pointing at an earlier iterate.
-What this module leaves out: the soft-label (tie) variant of the loss.
 """
 
 from __future__ import annotations
@@ -117,7 +118,17 @@ class DPOConfig:
         sft_weight: lambda of a supervised term on the winners, lambda * 0.5 beta * mean(err_w - ref_w),
             added to the DPO loss (as RPO, Pang et al. 2024, adds the winners' NLL) against DPO's
             tendency to raise both errors; 0 (the default) is plain Diffusion-DPO. DPO's own weight on
-            err_w is 0.5 beta * sigmoid(-inside), 0.25 beta at the start.
+            err_w is 0.5 beta * sigmoid(-inside), 0.25 beta at the start. With `soft_labels`, ties
+            have no winner and add 0 to the mean.
+        soft_labels: False (the paper's): ties are left out and every other pair trains its winner
+            with label 1. True: every pair trains towards its preference probability with the
+            Bradley-Terry cross-entropy (`losses.py`): a tie at 1/2, which holds the policy's
+            preference between its two images at the reference's (PickScore's treatment of
+            Pick-a-Pic's ties), and a pair given as a fraction (votes pooled outside diffalign) at that
+            fraction. DPO only.
+        label_smoothing: eps in [0, 0.5): every label p becomes p (1 - 2 eps) + eps, so a winner's 1
+            becomes 1 - eps (conservative DPO, Mitchell 2023, for labels flipped with probability eps;
+            ties stay 1/2). 0 (the default) is the paper's loss. DPO only.
         mirror_relations: mirror each example at random (`diffalign.prefs.mirror`): a pair's winner
             and loser (or a KTO image) flipped left-right with probability 0.5, with 'left'/'right'
             exchanged in the prompt, and independently upside down, with 'above'/'below' and
@@ -154,6 +165,8 @@ class DPOConfig:
     flow_timesteps: str = "logit_normal"
     timestep_range: tuple[float, float] = (0.0, 1.0)
     sft_weight: float = 0.0
+    soft_labels: bool = False
+    label_smoothing: float = 0.0
     mirror_relations: bool = False
     lora_rank: int = 0
     lora_alpha: float = 0.0
@@ -205,6 +218,16 @@ class DPOConfig:
             raise ValueError(
                 f"sft_weight is a term of the DPO loss (on the pairs' winners); method {self.method!r} has "
                 f"none, so sft_weight={self.sft_weight} would be ignored: leave it at 0"
+            )
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(
+                f"label_smoothing must be in [0, 0.5) (the probability that a label is flipped), got "
+                f"{self.label_smoothing}"
+            )
+        if self.method != "dpo" and (self.soft_labels or self.label_smoothing > 0):
+            raise ValueError(
+                f"soft_labels and label_smoothing are options of the DPO loss (pairs); method "
+                f"{self.method!r} trains single liked/disliked images and has no pair label to soften"
             )
         if self.reference is not None and self.lora_rank > 0:
             raise ValueError(
@@ -267,6 +290,9 @@ class TrainingData:
         ties_dropped: ties left out of the pairs.
         fingerprint: sha256 of the examples (a resumed run refuses other data): of the pixels in
             memory, of the images' content hashes for stored images.
+        labels: [N] float32 probability that `images[i]` is preferred to `others[i]` (DPO with
+            `soft_labels` or `label_smoothing`; 1/2 for a tie), or None: every label 1.
+        ties_kept: ties trained at 1/2 (`soft_labels`).
     """
 
     prompts: list[str]
@@ -276,32 +302,58 @@ class TrainingData:
     liked: Tensor | None
     ties_dropped: int
     fingerprint: str
+    labels: Tensor | None = None
+    ties_kept: int = 0
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
 
-def training_data(pairs: PreferencePairs | StoredPairs, method: str = "dpo") -> TrainingData:
-    """Winners and losers of the non-tied pairs (DPO), or the same images as liked / disliked (KTO).
-    `StoredPairs` keep their images in the store until a batch reads them.
+def pair_labels(prob_a: Tensor, soft_labels: bool, label_smoothing: float) -> Tensor | None:
+    """[N] probability that each pair's first training image (its image A where A wins or ties, else
+    B) is preferred: max(p, 1 - p) with `soft_labels`, else 1, then smoothed to
+    p (1 - 2 eps) + eps; None when every label is exactly 1 (the paper's loss)."""
+    p = prob_a.float()
+    labels = torch.maximum(p, 1 - p) if soft_labels else torch.ones_like(p)
+    if label_smoothing > 0:
+        labels = labels * (1 - 2 * label_smoothing) + label_smoothing
+    return None if bool((labels == 1).all()) else labels
 
-    Raises `PreferenceDataError` for empty or tie-only data."""
+
+def training_data(
+    pairs: PreferencePairs | StoredPairs,
+    method: str = "dpo",
+    *,
+    soft_labels: bool = False,
+    label_smoothing: float = 0.0,
+) -> TrainingData:
+    """Winners and losers of the non-tied pairs (DPO), or the same images as liked / disliked (KTO).
+    With `soft_labels` (DPO) ties are kept, image A first, and `labels` holds every pair's
+    probability (`DPOConfig.soft_labels`, `label_smoothing`). `StoredPairs` keep their images in the
+    store until a batch reads them.
+
+    Raises `PreferenceDataError` for empty or tie-only data (ties alone teach nothing: the soft loss's
+    gradient is zero while the policy is the reference)."""
     if len(pairs) == 0:
         raise PreferenceDataError("the preference data is empty: DPO needs pairs with a winner")
     ties = int(pairs.is_tie.sum())
-    kept = pairs.without_ties()
-    if len(kept) == 0:
+    if ties == len(pairs):
         raise PreferenceDataError(
             f"the preference data holds only ties ({ties} pairs): DPO and KTO need pairs with a winner"
         )
+    keep_ties = soft_labels and method == "dpo"
+    kept = pairs if keep_ties else pairs.without_ties()
+    labels = pair_labels(kept.prob_a, soft_labels, label_smoothing) if method == "dpo" else None
     prompts = list(dict.fromkeys(kept.prompts))
     lookup = {p: i for i, p in enumerate(prompts)}
     index = torch.tensor([lookup[p] for p in kept.prompts], dtype=torch.long)
     digest = hashlib.sha256()
     digest.update(method.encode())
     digest.update("\n".join(kept.prompts).encode())
+    if labels is not None:
+        digest.update(labels.numpy().tobytes())
     if isinstance(kept, StoredPairs):
-        a_wins = (kept.prob_a > 0.5).tolist()
+        a_wins = (kept.prob_a >= 0.5).tolist()
         pairs_ab = zip(kept.hashes_a, kept.hashes_b, a_wins, strict=True)
         winner_hashes, loser_hashes = zip(*[(a, b) if w else (b, a) for a, b, w in pairs_ab], strict=True)
         digest.update(f"stored images at {kept.size} px\n".encode())
@@ -309,14 +361,17 @@ def training_data(pairs: PreferencePairs | StoredPairs, method: str = "dpo") -> 
         winners, losers = kept.column(winner_hashes), kept.column(loser_hashes)
         both = kept.column(winner_hashes + loser_hashes) if method != "dpo" else None
     else:
-        a_wins = (kept.prob_a > 0.5)[:, None, None, None]
+        a_wins = (kept.prob_a >= 0.5)[:, None, None, None]
         winners = torch.where(a_wins, kept.images_a, kept.images_b).to(torch.uint8)
         losers = torch.where(a_wins, kept.images_b, kept.images_a).to(torch.uint8)
         digest.update(winners.contiguous().numpy().tobytes())
         digest.update(losers.contiguous().numpy().tobytes())
         both = None
     if method == "dpo":
-        return TrainingData(prompts, index, winners, losers, None, ties, digest.hexdigest())
+        dropped = 0 if keep_ties else ties
+        return TrainingData(
+            prompts, index, winners, losers, None, dropped, digest.hexdigest(), labels, ties - dropped
+        )
     n = len(kept)
     liked = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
     return TrainingData(
@@ -473,6 +528,12 @@ def image_batch(model, data: TrainingData, draw: StepDraw) -> tuple[DenoisingBat
 # --- losses of one micro-batch ---------------------------------------------------------------------
 
 DPO_METRICS = ("loss", "implicit_acc", "reward_margin", "err_w", "err_l", "ref_err_w", "ref_err_l")
+#: With soft labels the micro-batches' `implicit_acc` and `reward_margin` entries are sums over the
+#: decisive pairs divided by the micro-batch size, and these two more are kept: the share of decisive
+#: pairs and the summed |inside| of the ties over the micro-batch size. `finish_soft_metrics` turns the
+#: window's means into per-decisive-pair and per-tie values (ratios of means: exact over micro-batches
+#: of equal size).
+SOFT_DPO_METRICS = (*DPO_METRICS, "decisive_share", "tie_abs_margin")
 KTO_METRICS = ("loss", "implicit_acc", "reference_point", "err", "ref_err")
 
 
@@ -484,28 +545,52 @@ def _errors(model, unet, batch: DenoisingBatch) -> tuple[Tensor, Tensor]:
 
 
 def dpo_micro_loss(
-    model, unet, batch: DenoisingBatch, beta: float, sft_weight: float = 0.0
+    model, unet, batch: DenoisingBatch, beta: float, sft_weight: float = 0.0, labels: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(loss, metrics [len(DPO_METRICS)]) of one DPO micro-batch (winners first, losers second); with
-    `sft_weight` > 0 the winners' supervised term of `DPOConfig.sft_weight` is added."""
+    """(loss, metrics) of one DPO micro-batch (winners first, losers second): metrics
+    [len(DPO_METRICS)], or [len(SOFT_DPO_METRICS)] when `labels` (the pairs' soft labels, see
+    `training_data`) are given. With `sft_weight` > 0 the winners' supervised term of
+    `DPOConfig.sft_weight` is added (ties have no winner: their terms are 0)."""
     err, ref = _errors(model, unet, batch)
     half = err.shape[0] // 2
-    out = diffusion_dpo_loss(err[:half], err[half:], ref[:half], ref[half:], beta)
+    out = diffusion_dpo_loss(err[:half], err[half:], ref[:half], ref[half:], beta, labels)
     loss = out.loss
     if sft_weight > 0:
-        loss = loss + sft_weight * 0.5 * beta * (err[:half] - ref[:half]).mean()
+        gap = err[:half] - ref[:half]
+        if labels is not None:
+            gap = gap * out.decisive
+        loss = loss + sft_weight * 0.5 * beta * gap.mean()
+    if labels is None:
+        acc, margin, extra = out.implicit_acc, out.reward_margin.detach(), []
+    else:
+        decisive = out.decisive.float()
+        signed = out.signed_inside.detach()
+        acc = ((signed > 0).float() * decisive).mean()
+        margin = (signed * decisive).mean()
+        extra = [decisive.mean(), (signed.abs() * (1 - decisive)).mean()]
     metrics = torch.stack(
         [
             loss.detach(),
-            out.implicit_acc,
-            out.reward_margin.detach(),
+            acc,
+            margin,
             err[:half].detach().mean(),
             err[half:].detach().mean(),
             ref[:half].mean(),
             ref[half:].mean(),
+            *extra,
         ]
     )
     return loss, metrics
+
+
+def finish_soft_metrics(line: dict) -> dict:
+    """Turn a soft-label metrics line's window means (`SOFT_DPO_METRICS`) into implicit accuracy and
+    reward margin per decisive pair and |inside| per tie (None where the window had none)."""
+    share = line["decisive_share"]
+    for key in ("implicit_acc", "reward_margin"):
+        line[key] = line[key] / share if share > 0 else None
+    line["tie_abs_margin"] = line["tie_abs_margin"] / (1 - share) if share < 1 else None
+    return line
 
 
 def kto_micro_loss(model, unet, batch: DenoisingBatch, liked: Tensor, beta: float, config: DPOConfig):
@@ -577,7 +662,9 @@ def train_dpo(
         ValueError: `runtime.sharding=fsdp` with one process or LoRA.
     """
     run = RunDir(run_dir)
-    data = training_data(pairs, config.method)
+    data = training_data(
+        pairs, config.method, soft_labels=config.soft_labels, label_smoothing=config.label_smoothing
+    )
 
     # 1. Accelerate, seeding, the model and its reference.
     accelerator = make_accelerator(config.runtime, resolve_log_with(config.log_with), run.logs_dir)
@@ -589,7 +676,7 @@ def train_dpo(
             f"the preference images are {tuple(data.images.shape[1:])} but the model {config.model!r} "
             f"works on {tuple(model.image_shape)}; load the store with size={model.image_shape[-1]}"
         )
-    kept = ~pairs.is_tie
+    kept = torch.ones(len(pairs), dtype=torch.bool) if data.ties_kept else ~pairs.is_tie
     check_prompts(
         model,
         [p for p, k in zip(pairs.prompts, kept.tolist(), strict=True) if k],
@@ -606,6 +693,7 @@ def train_dpo(
             **(data_spec or {}),
             "examples": len(data),
             "ties_dropped": data.ties_dropped,
+            "ties_kept": data.ties_kept,
             "fingerprint": data.fingerprint,
         },
         "resolved": {"beta": beta},
@@ -618,7 +706,8 @@ def train_dpo(
     num_processes = accelerator.num_processes
     accumulation = config.runtime.gradient_accumulation_steps
     global_size = config.batch_size * num_processes * accumulation
-    names = DPO_METRICS if config.method == "dpo" else KTO_METRICS
+    soft = data.labels is not None
+    names = (SOFT_DPO_METRICS if soft else DPO_METRICS) if config.method == "dpo" else KTO_METRICS
     window = {"sums": torch.zeros(len(names) + 1), "micro": 0, "steps": 0}  # + grad_norm
     start = 0
     checkpoint = None
@@ -679,8 +768,9 @@ def train_dpo(
                 with accelerator.accumulate(unet):
                     with accelerator.autocast():
                         if config.method == "dpo":
+                            labels = None if not soft else data.labels[mine.indices].to(device)
                             loss, metrics = dpo_micro_loss(
-                                model, unet, pair_batch(model, data, mine), beta, config.sft_weight
+                                model, unet, pair_batch(model, data, mine), beta, config.sft_weight, labels
                             )
                         else:
                             batch, liked = image_batch(model, data, mine)
@@ -708,6 +798,8 @@ def train_dpo(
                 record_line = {"step": done, "lr": optimizer.param_groups[0]["lr"]}
                 record_line.update({k: float(mean[i]) / n_micro for i, k in enumerate(names)})
                 record_line["grad_norm"] = float(mean[len(names)]) / n_steps
+                if soft and config.method == "dpo":
+                    finish_soft_metrics(record_line)
                 record_line["seconds_per_step"] = (time.perf_counter() - started) / max(1, done - start)
                 tracker.log(record_line)
                 if on_log is not None and accelerator.is_main_process:

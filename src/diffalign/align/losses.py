@@ -19,6 +19,17 @@ beta ~ 100 (FLUX needed ~2000): velocity errors are on a different scale from no
 not transfer between parameterisations. The per-pair -logsigmoid comes first and the mean second;
 `-logsigmoid(mean(inside))` is a different (wrong) loss (diffusers issue #6702).
 
+Soft labels: with p_i the probability that pair i's first image is preferred, the per-pair loss is the
+Bradley-Terry cross-entropy
+
+    loss_i = -(p_i * logsigmoid(inside_i) + (1 - p_i) * logsigmoid(-inside_i))
+
+which is the paper's loss at p_i = 1. p_i = 1/2 trains a tie as PickScore trains on Pick-a-Pic's ties
+(its gradient, (sigmoid(inside) - 1/2) d inside, holds the policy's preference between the two images
+at the reference's: a tie teaches "neither", not nothing); p_i = 1 - eps is conservative DPO's label
+smoothing for labels flipped with probability eps (Mitchell 2023, "A note on DPO with noisy
+preferences"; the `label_smoothing` of common DPO trainers).
+
 Diffusion-KTO (Li et al. 2024, "Aligning Diffusion Models by Optimizing Human Utility",
 arXiv:2404.04465, eq. 8; jacklishufan/diffusion-kto): per image, with a like (y = +1) or dislike (-1),
 
@@ -53,6 +64,8 @@ class DPOLossOutput:
             prefers the winner more than the reference does.
         reward_w: [B] implicit reward of the winner, -0.5 beta (err_w - ref_w).
         reward_l: [B] implicit reward of the loser, -0.5 beta (err_l - ref_l); inside = reward_w - reward_l.
+        labels: [B] the soft labels the loss was computed with (probability that the first image is
+            preferred), or None for the paper's hard labels (every first image preferred).
     """
 
     loss: Tensor
@@ -60,38 +73,72 @@ class DPOLossOutput:
     inside: Tensor
     reward_w: Tensor
     reward_l: Tensor
+    labels: Tensor | None = None
+
+    @property
+    def decisive(self) -> Tensor:
+        """[B] bool: pairs with a preferred image (every pair with hard labels; not the ties)."""
+        if self.labels is None:
+            return torch.ones_like(self.inside, dtype=torch.bool)
+        return self.labels != 0.5
+
+    @property
+    def signed_inside(self) -> Tensor:
+        """[B] inside signed towards each pair's preferred image (inside itself with hard labels)."""
+        if self.labels is None:
+            return self.inside
+        return torch.where(self.labels < 0.5, -self.inside, self.inside)
 
     @property
     def implicit_acc(self) -> Tensor:
-        """Share of pairs with inside > 0 (the policy ranks the pair right relative to the reference)."""
-        return (self.inside > 0).float().mean()
+        """Share of the decisive pairs the policy ranks right relative to the reference (signed
+        inside > 0); NaN when no pair is decisive."""
+        if self.labels is None:
+            return (self.inside > 0).float().mean()
+        decisive = self.decisive.float()
+        return ((self.signed_inside > 0).float() * decisive).sum() / decisive.sum()
 
     @property
     def reward_margin(self) -> Tensor:
-        """Mean of reward_w - reward_l (= mean inside)."""
-        return self.inside.mean()
+        """Mean signed inside (reward of the preferred image minus the other's) over the decisive
+        pairs; NaN when no pair is decisive."""
+        if self.labels is None:
+            return self.inside.mean()
+        decisive = self.decisive.float()
+        return (self.signed_inside * decisive).sum() / decisive.sum()
 
 
 def diffusion_dpo_loss(
-    err_w: Tensor, err_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float
+    err_w: Tensor, err_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float, labels: Tensor | None = None
 ) -> DPOLossOutput:
     """Diffusion-DPO (Wallace et al. 2023, eq. 14), per pair then the mean; see the module doc.
 
     Args:
-        err_w, err_l: [B] policy errors on the winners and the losers.
+        err_w, err_l: [B] policy errors on the winners and the losers (with soft labels: on the
+            first and the second image of each pair).
         ref_w, ref_l: [B] reference errors on the same inputs (no gradient needed).
         beta: the KL weight in the 0.5 * beta convention (module doc).
+        labels: [B] probability in [0, 1] that the first image is preferred (the module doc's soft
+            labels: 1/2 for a tie, 1 - eps with label smoothing); None is the paper's loss, every
+            label 1.
     """
-    for name, value in (("err_l", err_l), ("ref_w", ref_w), ("ref_l", ref_l)):
-        if value.shape != err_w.shape:
+    for name, value in (("err_l", err_l), ("ref_w", ref_w), ("ref_l", ref_l), ("labels", labels)):
+        if value is not None and value.shape != err_w.shape:
             raise ValueError(
                 f"diffusion_dpo_loss: {name} has shape {tuple(value.shape)}, err_w {tuple(err_w.shape)}"
             )
+    if labels is not None and not bool(((labels >= 0) & (labels <= 1)).all()):
+        raise ValueError("diffusion_dpo_loss: labels are probabilities and must lie in [0, 1]")
     reward_w = -0.5 * beta * (err_w - ref_w)
     reward_l = -0.5 * beta * (err_l - ref_l)
     inside = -0.5 * beta * ((err_w - err_l) - (ref_w - ref_l))
-    losses = -F.logsigmoid(inside)  # logsigmoid, never log(sigmoid): no NaN for large |inside|
-    return DPOLossOutput(losses.mean(), losses, inside, reward_w.detach(), reward_l.detach())
+    # logsigmoid, never log(sigmoid): no NaN for large |inside|
+    if labels is None:
+        losses = -F.logsigmoid(inside)
+    else:
+        labels = labels.to(inside.dtype)
+        losses = -(labels * F.logsigmoid(inside) + (1 - labels) * F.logsigmoid(-inside))
+    return DPOLossOutput(losses.mean(), losses, inside, reward_w.detach(), reward_l.detach(), labels)
 
 
 @dataclass

@@ -346,7 +346,8 @@ def train_online_dpo(
             "labelled": len(own),
             "ties": int(own.is_tie.sum()),
             "labels_so_far": (index + 1) * config.pairs_per_round,
-            "train_pairs": len(pairs),
+            # the pairs DPO trains on: ties count only when `dpo.soft_labels` keeps them
+            "train_pairs": len(pairs) if config.dpo.soft_labels else len(pairs) - int(pairs.is_tie.sum()),
         }
         return pairs, facts
 

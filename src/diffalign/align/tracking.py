@@ -124,7 +124,11 @@ class Tracker:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json_line(record) + "\n")
             if self.progress is not None:
-                shown = [f"{k} {v:.4g}" for k, v in record.items() if k in ("loss", "implicit_acc")]
+                shown = [
+                    f"{k} {v:.4g}"
+                    for k, v in record.items()
+                    if k in ("loss", "implicit_acc") and v is not None
+                ]
                 self.progress.update(self.task, completed=record["step"], info="  ".join(shown))
         if self.accelerator.log_with:
             scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}

@@ -47,14 +47,18 @@ StreamOpt = Annotated[
 ]
 
 
-def load_command_config(cls, config_file: Path | None, overrides: list[str] | None, options: dict):
+def load_command_config(
+    cls, config_file: Path | None, overrides: list[str] | None, options: dict, method: str | None = None
+):
     """The config `cls` from the YAML file, the key=value overrides, then the command's options
-    ({dotted key: value}, taken as given, not parsed as YAML; None values are left out): a bad key or
-    value exits with its message."""
+    ({dotted key: value}, taken as given, not parsed as YAML; None values are left out) and the
+    command's `method` (a file or override naming another method is refused): a bad key or value exits
+    with its message."""
     from diffalign.align.config_io import ConfigError, load_config
 
+    fixed = {"method": method} if method is not None else None
     try:
-        return load_config(cls, config_file, overrides or [], options)
+        return load_config(cls, config_file, overrides or [], options, fixed)
     except ConfigError as err:
         fail(str(err))
 
@@ -79,7 +83,7 @@ def _run(
     from diffalign.prefs.store import PreferenceStore, StoreError
 
     config = load_command_config(
-        DPOConfig, config_file, overrides, {"method": method, "model": model, "runtime.device": device}
+        DPOConfig, config_file, overrides, {"model": model, "runtime.device": device}, method
     )
     try:
         size = model_image_size(config.model, config.pipeline)
@@ -97,8 +101,9 @@ def _run(
         fail(f"--store {store}: {err}")
     read = "read as batches need them" if stream else "in memory"
     ties = int(pairs.is_tie.sum())
+    what = "trained at 1/2 (soft_labels)" if config.soft_labels else "left out"
     console.print(
-        f"{method}: {len(pairs) - ties} pairs with a winner from {store} ({read}; {ties} ties left out); "
+        f"{method}: {len(pairs) - ties} pairs with a winner from {store} ({read}; {ties} ties {what}); "
         f"run folder {out}"
     )
     try:
@@ -121,9 +126,9 @@ def _run(
         lines = read_metrics(metrics_path)
         if lines:
             last = lines[-1]
-            console.print(
-                f"step {last['step']}: loss {last['loss']:.4f}, implicit accuracy {last['implicit_acc']:.3f}"
-            )
+            acc = last.get("implicit_acc")
+            shown = f", implicit accuracy {acc:.3f}" if acc is not None else ""
+            console.print(f"step {last['step']}: loss {last['loss']:.4f}{shown}")
     report_run_end(out)
 
 
@@ -181,14 +186,8 @@ def discard_unstarted_run(out: Path):
 
 def reward_trainer_config(cls, method: str, overrides, model, reward, prompts, config_file, device):
     """The config of a reward trainer (RL, reward backprop) from its command's options."""
-    options = {
-        "method": method,
-        "model": model,
-        "reward": reward,
-        "prompts": prompts,
-        "runtime.device": device,
-    }
-    return load_command_config(cls, config_file, overrides, options)
+    options = {"model": model, "reward": reward, "prompts": prompts, "runtime.device": device}
+    return load_command_config(cls, config_file, overrides, options, method)
 
 
 def run_reward_trainer(
@@ -281,7 +280,7 @@ def dpo_cmd(
     source: SourceOpt = None,
     stream: StreamOpt = False,
 ) -> None:
-    """Diffusion-DPO (Wallace et al. 2023) on the store's pairs (ties left out)."""
+    """Diffusion-DPO (Wallace et al. 2023) on the store's pairs (ties left out unless soft_labels=true)."""
     _run("dpo", store, out, model, config, overrides, resume, device, source, stream, extend)
 
 

@@ -32,16 +32,16 @@ def _config(method: str, config_file, overrides, model, reward, prompts, device)
 
         options = {"dpo.model": model, "dpo.runtime.device": device}
         return load_command_config(SPINConfig, config_file, overrides, options)
-    options: dict = {"method": method, "model": model, "runtime.device": device}
+    options: dict = {"model": model, "runtime.device": device}
     if method in PAIR_METHODS:
-        return load_command_config(DPOConfig, config_file, overrides, options)
+        return load_command_config(DPOConfig, config_file, overrides, options, method)
     options |= {"reward": reward, "prompts": prompts}
     if method in PG_METHODS:
-        return load_command_config(PGConfig, config_file, overrides, options)
+        return load_command_config(PGConfig, config_file, overrides, options, method)
     if method in NFT_METHODS:
-        return load_command_config(NFTConfig, config_file, overrides, options)
+        return load_command_config(NFTConfig, config_file, overrides, options, method)
     if method in BACKPROP_METHODS:
-        return load_command_config(BackpropConfig, config_file, overrides, options)
+        return load_command_config(BackpropConfig, config_file, overrides, options, method)
     fail(f"plan: no trainer named {method!r}; choose one of {sorted(LENGTH_FIELDS)}")
 
 

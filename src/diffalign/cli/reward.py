@@ -163,6 +163,14 @@ def train_cmd(
         "pretrain_steps": pretrain_steps,
     }
     config = load_command_config(RewardTrainConfig, None, overrides, options)
+    # options that would change nothing are refused rather than passed over in silence
+    if not bootstrap and ensemble == 1:
+        fail("--no-bootstrap chooses how an ensemble's members are fitted: it needs --ensemble K > 1")
+    if shared_pretraining and (ensemble == 1 or not config.pretrain_steps):
+        fail(
+            "--shared-pretraining pretrains once for all of an ensemble's members: it needs --ensemble K > 1 "
+            "and --pretrain-steps N > 0"
+        )
     pairs = _load_pairs(_open_store(store), size)
     if config.pretrain_steps:  # --pretrain-steps, or --set pretrain_steps=N
         _require_world_prompts(pairs, "--pretrain-steps")
@@ -361,7 +369,10 @@ def eval_cmd(
     table.add_column("metric")
     table.add_column("value", justify="right")
     lo, hi = report["ci95"]
-    table.add_row("pairwise accuracy (non-tie)", f"{report['accuracy']:.3f}  [{lo:.3f}, {hi:.3f}]")
+    table.add_row(
+        f"pairwise accuracy ({report['accuracy_pairs']} non-tie pairs)",
+        f"{report['accuracy']:.3f}  [{lo:.3f}, {hi:.3f}]",
+    )
     if ceiling is not None:
         table.add_row("raters: two-rater agreement", f"{ceiling['two_rater']:.3f}")
         table.add_row("raters: oracle ceiling", f"{ceiling['oracle']:.3f}")

@@ -137,13 +137,17 @@ def evaluate_reward(
     by_group: bool = True,
 ) -> dict:
     """The full report on held-out `pairs`: accuracy with its CI, ECE, BT loss, optional Spearman with
-    a gold utility, and the raters' agreement ceiling (`ceiling`, e.g. from `panel_ceiling`) beside it."""
+    a gold utility, and the raters' agreement ceiling (`ceiling`, e.g. from `panel_ceiling`) beside it.
+    `pairs` counts every pair and `ties` the tied ones (ECE and the BT loss use all of them);
+    `accuracy_pairs` the non-tie pairs the accuracy is taken over."""
     from diffalign.rewards.bt_training import bt_loss
 
     r_a, r_b = reward_margins(reward, pairs, by_group=by_group)
     margin = r_a - r_b
-    report: dict = {"pairs": len(pairs), "ties": int(pairs.is_tie.sum())}
-    report.update(pairwise_accuracy(margin, pairs.prob_a, n_boot=n_boot))
+    accuracy = pairwise_accuracy(margin, pairs.prob_a, n_boot=n_boot)
+    # "pairs" counts every pair, ties too (ECE and the BT loss use them); accuracy only the others
+    report: dict = {"pairs": len(pairs), "ties": int(pairs.is_tie.sum()), "accuracy_pairs": accuracy["pairs"]}
+    report.update({k: v for k, v in accuracy.items() if k != "pairs"})
     report["ece"] = expected_calibration_error(torch.sigmoid(margin), pairs.prob_a, n_bins=n_bins)
     report["ece_bins"] = n_bins
     report["bt_loss"] = float(bt_loss(margin, pairs.prob_a))
