@@ -22,3 +22,12 @@ def displayed_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         im = Image.alpha_composite(Image.new("RGBA", im.size, _WHITE), im.convert("RGBA"))
     return im.convert("RGB")
+
+
+def fit_square(im: Image.Image, size: int) -> Image.Image:
+    """`im` brought to size x size as Diffusion-DPO's and CLIP's preprocessing do: scaled (bicubic) so its
+    shorter side is `size`, then its centre cropped; a non-square image is not squashed, and an image
+    already of that size is returned as it is."""
+    if im.size == (size, size):
+        return im
+    return ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC, centering=(0.5, 0.5))

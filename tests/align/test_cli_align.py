@@ -110,3 +110,35 @@ def test_soft_labels_train_the_ties(tmp_path, eps_model_dir):
     assert result.exit_code == 0, result.output
     assert "2 ties trained at 1/2 (soft_labels)" in result.output
     assert all(r["decisive_share"] < 1 for r in read_metrics(out / "metrics.jsonl"))
+
+
+def test_kto_from_a_ratings_file(tmp_path, eps_model_dir):
+    pairs = make_pairs(4)
+    lines = []
+    for i in range(4):
+        for side, images in (("a", pairs.images_a), ("b", pairs.images_b)):
+            name = f"{i}{side}.png"
+            (tmp_path / name).write_bytes(encode_png(images[i]))
+            liked = (pairs.prob_a[i] == 1.0) == (side == "a")
+            lines.append(
+                f'{{"prompt": "{pairs.prompts[i]}", "image": "{name}", "liked": {str(bool(liked)).lower()}}}'
+            )
+    ratings = tmp_path / "ratings.jsonl"
+    ratings.write_text("\n".join(lines[:7]) + "\n", encoding="utf-8")  # one image left unrated
+    out = tmp_path / "kto"
+    args = ("kto", "--out", out, "--model", eps_model_dir, "--device", "cpu", *FAST)
+    result = invoke(*args, "--ratings", ratings)
+    assert result.exit_code == 0, result.output
+    assert "3 liked and 4 disliked images" in result.output and "= 0.75" in result.output
+    assert load_model(str(out)).prediction_type == "epsilon"
+    store = _store(tmp_path / "prefs.db")
+    both = invoke(*args, "--ratings", ratings, "--store", store)
+    assert both.exit_code == 2 and "exactly one source of feedback" in both.output
+    neither = invoke(*args)
+    assert neither.exit_code == 2 and "exactly one source of feedback" in neither.output
+    ratings.write_text(
+        lines[0] + '\n{"prompt": "a circle", "image": "0a.png", "liked": "sure"}\n', encoding="utf-8"
+    )
+    bad = invoke("kto", "--out", tmp_path / "bad", "--model", eps_model_dir, "--ratings", ratings)
+    assert bad.exit_code == 2 and "line 2: 'liked' must be true or false" in bad.output
+    assert not (tmp_path / "bad").exists()

@@ -405,3 +405,56 @@ def test_soft_label_run_trains_on_ties_logs_per_decisive_pair_and_resumes(tmp_pa
         not torch.equal(a, b)
         for a, b in zip(whole.unet.state_dict().values(), plain.unet.state_dict().values())
     )
+
+
+def _ratings(n: int = 12, seed: int = 0):
+    from diffalign.prefs.ratings import ImageRatings
+
+    pairs = make_pairs(n // 2, seed=seed)
+    ratings = ImageRatings.from_pairs(pairs)
+    # unpaired: not every liked image has a disliked one of its prompt (the last two are dropped)
+    keep = list(range(n - 2))
+    return ImageRatings(
+        [ratings.prompts[i] for i in keep],
+        ratings.images[keep],
+        ratings.liked[keep],
+        [f"ratings.jsonl line {i + 1}" for i in keep],
+    )
+
+
+def test_kto_trains_on_unpaired_ratings_and_resumes(tmp_path, eps_model_dir):
+    ratings = _ratings()
+    cfg = config(eps_model_dir, method="kto", steps=5, log_every=2, checkpoint_every=3)
+    whole = train_dpo(cfg, ratings, tmp_path / "whole", data_spec={"ratings": "r.jsonl"})
+    record = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert record["data"]["ratings"] == "r.jsonl" and record["data"]["examples"] == 10
+    assert (record["data"]["liked"], record["data"]["disliked"]) == (6, 4)
+    base = load_model(str(eps_model_dir))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(whole.unet.state_dict().values(), base.unet.state_dict().values())
+    )
+    train_dpo(cfg, ratings, tmp_path / "parts", stop_after=4)
+    resumed = train_dpo(cfg, ratings, tmp_path / "parts", resume=True)
+    assert _lines(tmp_path / "whole") == _lines(tmp_path / "parts")
+    for (name, a), b in zip(whole.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(RunDirError, match=r"data\.fingerprint"):  # other ratings
+        train_dpo(cfg, _ratings(seed=3), tmp_path / "parts", resume=True, data_spec={"ratings": "r.jsonl"})
+
+
+def test_ratings_refused_by_dpo_and_an_unreadable_prompt_named_by_line(tmp_path, eps_model_dir):
+    from diffalign.prefs.ratings import ImageRatings
+
+    ratings = _ratings()
+    with pytest.raises(PreferenceDataError, match="compare no two images"):
+        train_dpo(config(eps_model_dir), ratings, tmp_path / "dpo")
+    odd = ImageRatings(
+        ["a red circle", "a photo of a cat"],
+        ratings.images[:2],
+        ratings.liked[:2],
+        ["r.jsonl line 1", "r.jsonl line 2"],
+    )
+    with pytest.raises(PreferenceDataError, match=r"r\.jsonl line 2 \(1 example with this prompt\)"):
+        train_dpo(config(eps_model_dir, method="kto"), odd, tmp_path / "kto")
+    assert not (tmp_path / "kto" / "checkpoints").exists()

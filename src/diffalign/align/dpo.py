@@ -5,7 +5,8 @@ images of a pair are noised with the *same* noise, at the *same* timestep, under
 dropout; policy and reference predict the target (noise, v or flow velocity) for both; the loss
 (`diffalign.align.losses.diffusion_dpo_loss`) rewards the policy for lowering the winner's error more
 than the loser's, relative to the reference. Diffusion-KTO (Li et al. 2024, arXiv:2404.04465) trains on
-single images marked liked or disliked (here: the winners and losers of the pairs, taken apart).
+single images marked liked or disliked: the winners and the losers of pairs, taken apart, or unpaired
+feedback (`diffalign.prefs.ratings.ImageRatings`, read from a JSONL or CSV file of rated images).
 
 The reference is the model as loaded (`reference_predict`): a frozen copy for full fine-tuning, the
 network with its LoRA adapters switched off when `lora_rank > 0` (no second copy). It is fixed before
@@ -65,6 +66,7 @@ from diffalign.models.diffusers_adapters.common import AdapterConfig
 from diffalign.models.tokenizer import first_unreadable
 from diffalign.prefs.mirror import draw_mirrors, mirror_images, mirror_prompts
 from diffalign.prefs.pairs import PreferencePairs
+from diffalign.prefs.ratings import ImageRatings
 from diffalign.prefs.stored_pairs import StoredImages, StoredPairs
 
 METHODS = ("dpo", "kto")
@@ -244,12 +246,18 @@ class PreferenceDataError(ValueError):
 
 
 def check_prompts(
-    model, prompts: Sequence[str], keys: Sequence[str] | None = None, name: str = "", source: str = ""
+    model,
+    prompts: Sequence[str],
+    keys: Sequence[str] | None = None,
+    name: str = "",
+    source: str = "",
+    places: Sequence[str] | None = None,
 ) -> None:
     """Refuse, before anything trains, a prompt that `model`'s tokenizer cannot read (a word outside a
     tiny model's Shapes-world vocabulary, too many words), naming the first example that has it (its
     comparison key when there is one; `source` says where the examples came from) and how many examples
-    do. `name` is the model as the user gave it. Only tiny models' tokenizers refuse
+    do. `name` is the model as the user gave it; `places`, where given, name the examples instead
+    ("ratings.jsonl line 4"). Only tiny models' tokenizers refuse
     text; a diffusers pipeline's read any (truncating long prompts), so nothing is checked for them.
 
     Raises:
@@ -262,6 +270,8 @@ def check_prompts(
     key = keys[i] if keys is not None and i < len(keys) else ""
     where = f"comparison {key}" if key else f"example {i}"
     where = f"{source}, {where}" if source else where
+    if places is not None and i < len(places) and places[i]:
+        where = places[i]
     uses = sum(p == prompt for p in prompts)
     model_name = f"the model {name!r}" if name else "the model"
     raise PreferenceDataError(
@@ -320,8 +330,25 @@ def pair_labels(prob_a: Tensor, soft_labels: bool, label_smoothing: float) -> Te
     return None if bool((labels == 1).all()) else labels
 
 
+def ratings_training_data(ratings: ImageRatings, method: str = "kto") -> TrainingData:
+    """KTO's examples from unpaired feedback: each rated image liked or disliked as rated.
+
+    Raises `PreferenceDataError` for DPO (ratings have no pairs) or no ratings."""
+    if method != "kto":
+        raise PreferenceDataError(
+            f"per-image ratings compare no two images: method {method!r} trains on pairs; use KTO "
+            "(`diffalign align kto --ratings`)"
+        )
+    if len(ratings) == 0:
+        raise PreferenceDataError("the ratings are empty: KTO needs liked or disliked images")
+    prompts = list(dict.fromkeys(ratings.prompts))
+    lookup = {p: i for i, p in enumerate(prompts)}
+    index = torch.tensor([lookup[p] for p in ratings.prompts], dtype=torch.long)
+    return TrainingData(prompts, index, ratings.images, None, ratings.liked, 0, ratings.fingerprint())
+
+
 def training_data(
-    pairs: PreferencePairs | StoredPairs,
+    pairs: PreferencePairs | StoredPairs | ImageRatings,
     method: str = "dpo",
     *,
     soft_labels: bool = False,
@@ -332,8 +359,12 @@ def training_data(
     probability (`DPOConfig.soft_labels`, `label_smoothing`). `StoredPairs` keep their images in the
     store until a batch reads them.
 
+    `ImageRatings` (unpaired feedback) go to `ratings_training_data` (KTO only).
+
     Raises `PreferenceDataError` for empty or tie-only data (ties alone teach nothing: the soft loss's
     gradient is zero while the policy is the reference)."""
+    if isinstance(pairs, ImageRatings):
+        return ratings_training_data(pairs, method)
     if len(pairs) == 0:
         raise PreferenceDataError("the preference data is empty: DPO needs pairs with a winner")
     ties = int(pairs.is_tie.sum())
@@ -621,7 +652,7 @@ def resolved_beta(config: DPOConfig, prediction_type: str) -> float:
 
 def train_dpo(
     config: DPOConfig,
-    pairs: PreferencePairs | StoredPairs,
+    pairs: PreferencePairs | StoredPairs | ImageRatings,
     run_dir: str | Path,
     resume: bool = False,
     stop_after: int | None = None,
@@ -640,9 +671,10 @@ def train_dpo(
 
     Args:
         config: the run's config.
-        pairs: the preference pairs (ties are left out); images must have the model's size.
-            `StoredPairs` (`PreferenceStore.pair_references`) read each batch's images from the store
-            when it is drawn, for preference sets larger than memory.
+        pairs: the preference pairs (ties are left out unless `soft_labels`); images must have the
+            model's size. `StoredPairs` (`PreferenceStore.pair_references`) read each batch's images
+            from the store when it is drawn, for preference sets larger than memory. KTO also takes
+            `ImageRatings` (unpaired like/dislike feedback, `diffalign.prefs.ratings`).
         run_dir: the run folder.
         resume: continue from the latest checkpoint in `run_dir`; refuses a different config or data.
         stop_after: stop (with a checkpoint) after this many steps in total, as an interruption would.
@@ -676,14 +708,17 @@ def train_dpo(
             f"the preference images are {tuple(data.images.shape[1:])} but the model {config.model!r} "
             f"works on {tuple(model.image_shape)}; load the store with size={model.image_shape[-1]}"
         )
-    kept = torch.ones(len(pairs), dtype=torch.bool) if data.ties_kept else ~pairs.is_tie
-    check_prompts(
-        model,
-        [p for p, k in zip(pairs.prompts, kept.tolist(), strict=True) if k],
-        [key for key, k in zip(pairs.keys, kept.tolist(), strict=True) if k],
-        config.model,
-        source=f"store {data_spec['store']}" if data_spec and data_spec.get("store") else "",
-    )
+    if isinstance(pairs, ImageRatings):
+        check_prompts(model, pairs.prompts, name=config.model, places=pairs.where)
+    else:
+        kept = torch.ones(len(pairs), dtype=torch.bool) if data.ties_kept else ~pairs.is_tie
+        check_prompts(
+            model,
+            [p for p, k in zip(pairs.prompts, kept.tolist(), strict=True) if k],
+            [key for key, k in zip(pairs.keys, kept.tolist(), strict=True) if k],
+            config.model,
+            source=f"store {data_spec['store']}" if data_spec and data_spec.get("store") else "",
+        )
     beta = resolved_beta(config, model.prediction_type)
     record = {
         "trainer": config.method,
@@ -694,6 +729,11 @@ def train_dpo(
             "examples": len(data),
             "ties_dropped": data.ties_dropped,
             "ties_kept": data.ties_kept,
+            **(
+                {}
+                if data.liked is None
+                else {"liked": int(data.liked.sum()), "disliked": int((~data.liked).sum())}
+            ),
             "fingerprint": data.fingerprint,
         },
         "resolved": {"beta": beta},

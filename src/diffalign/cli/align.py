@@ -65,7 +65,7 @@ def load_command_config(
 
 def _run(
     method: str,
-    store: str,
+    store: str | None,
     out: Path,
     model: str | None,
     config_file: Path | None,
@@ -75,12 +75,13 @@ def _run(
     source: str | None,
     stream: bool = False,
     extend: bool = False,
+    ratings: Path | None = None,
 ) -> None:
     from diffalign.align.dpo import DPOConfig, PreferenceDataError, train_dpo
     from diffalign.align.guard import NonFiniteError
     from diffalign.align.run_dir import RunDirError
     from diffalign.models.registry import UnsupportedModelError, model_image_size
-    from diffalign.prefs.store import PreferenceStore, StoreError
+    from diffalign.prefs.store import StoreError
 
     config = load_command_config(
         DPOConfig, config_file, overrides, {"model": model, "runtime.device": device}, method
@@ -89,6 +90,53 @@ def _run(
         size = model_image_size(config.model, config.pipeline)
     except (FileNotFoundError, UnsupportedModelError, ValueError) as err:
         fail(str(err))
+    if ratings is not None:
+        pairs, data_spec = _read_ratings(ratings, size, config), {"ratings": str(ratings)}
+    else:
+        pairs, data_spec = _read_store(method, store, size, config, out, source, stream)
+    try:
+        with measured(out, config.runtime.device), discard_unstarted_run(out):
+            train_dpo(
+                config, pairs, out, resume=resume, data_spec=data_spec, show_progress=True, extend=extend
+            )
+    except (PreferenceDataError, RunDirError, NonFiniteError, StoreError, ValueError) as err:
+        fail(f"{err}")
+    from diffalign.align.tracking import read_metrics
+
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.is_file():
+        lines = read_metrics(metrics_path)
+        if lines:
+            last = lines[-1]
+            acc = last.get("implicit_acc")
+            shown = f", implicit accuracy {acc:.3f}" if acc is not None else ""
+            console.print(f"step {last['step']}: loss {last['loss']:.4f}{shown}")
+    report_run_end(out)
+
+
+def _read_ratings(path: Path, size: int, config):
+    """Unpaired like/dislike feedback for KTO (`diffalign.prefs.ratings`), with its balance printed."""
+    from diffalign.prefs.ratings import RatingsError, read_ratings
+
+    try:
+        ratings = read_ratings(path, size)
+    except RatingsError as err:
+        fail(f"--ratings: {err}")
+    liked, disliked = ratings.counts
+    weighted = config.kto_lambda_desirable * liked
+    balance = weighted / (config.kto_lambda_undesirable * disliked) if disliked else float("inf")
+    console.print(
+        f"kto: {liked} liked and {disliked} disliked images from {path}; lambda_D n_D / lambda_U n_U = "
+        f"{balance:.2f} (KTO's authors advise 1 to 4/3: set kto_lambda_desirable / kto_lambda_undesirable "
+        "to bring it there)"
+    )
+    return ratings
+
+
+def _read_store(method: str, store: str, size: int, config, out: Path, source: str | None, stream: bool):
+    """The store's pairs (in memory, or read as batches need them) and the data spec of the run."""
+    from diffalign.prefs.store import PreferenceStore, StoreError
+
     if "://" not in store and not Path(store).is_file():
         fail(f"--store {store}: no such preference store (create one with `diffalign prefs import|simulate`)")
     try:
@@ -106,30 +154,7 @@ def _run(
         f"{method}: {len(pairs) - ties} pairs with a winner from {store} ({read}; {ties} ties {what}); "
         f"run folder {out}"
     )
-    try:
-        with measured(out, config.runtime.device), discard_unstarted_run(out):
-            train_dpo(
-                config,
-                pairs,
-                out,
-                resume=resume,
-                data_spec={"store": str(store), "source": source, "stream": stream},
-                show_progress=True,
-                extend=extend,
-            )
-    except (PreferenceDataError, RunDirError, NonFiniteError, StoreError, ValueError) as err:
-        fail(f"{err}")
-    from diffalign.align.tracking import read_metrics
-
-    metrics_path = out / "metrics.jsonl"
-    if metrics_path.is_file():
-        lines = read_metrics(metrics_path)
-        if lines:
-            last = lines[-1]
-            acc = last.get("implicit_acc")
-            shown = f", implicit accuracy {acc:.3f}" if acc is not None else ""
-            console.print(f"step {last['step']}: loss {last['loss']:.4f}{shown}")
-    report_run_end(out)
+    return pairs, {"store": str(store), "source": source, "stream": stream}
 
 
 @contextmanager
@@ -286,8 +311,17 @@ def dpo_cmd(
 
 @app.command("kto")
 def kto_cmd(
-    store: StoreOpt,
     out: OutOpt,
+    store: Annotated[
+        str | None, typer.Option(help="A preference store (SQLite file or database URL): its pairs.")
+    ] = None,
+    ratings: Annotated[
+        Path | None,
+        typer.Option(
+            help="Unpaired feedback instead of a store: a .jsonl or .csv file of rated images (prompt, "
+            "image, liked)."
+        ),
+    ] = None,
     overrides: OverridesArg = None,
     model: ModelOpt = None,
     config: ConfigOpt = None,
@@ -297,8 +331,13 @@ def kto_cmd(
     source: SourceOpt = None,
     stream: StreamOpt = False,
 ) -> None:
-    """Diffusion-KTO (Li et al. 2024): the store's winners as liked, losers as disliked images."""
-    _run("kto", store, out, model, config, overrides, resume, device, source, stream, extend)
+    """Diffusion-KTO (Li et al. 2024): single images liked or disliked, from --ratings (unpaired
+    feedback), or the store's winners as liked and losers as disliked."""
+    if (store is None) == (ratings is None):
+        fail("give exactly one source of feedback: --store PREFS (pairs) or --ratings FILE (rated images)")
+    if ratings is not None and (source is not None or stream):
+        fail("--source and --stream read a preference store; --ratings files are read whole")
+    _run("kto", store, out, model, config, overrides, resume, device, source, stream, extend, ratings)
 
 
 LabellerOpt = Annotated[

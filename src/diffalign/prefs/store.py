@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image as PILImage
-from PIL import ImageOps, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError
 
-from diffalign.images import displayed_rgb
+from diffalign.images import displayed_rgb, fit_square
 from diffalign.prefs.pairs import PreferencePairs
 from diffalign.prefs.records import (
     CHOICE_IMAGE,
@@ -596,8 +596,8 @@ class PreferenceStore:
         is simply resized)."""
         with PILImage.open(io.BytesIO(self.image_bytes(sha256))) as im:
             rgb = displayed_rgb(im)
-            if size is not None and rgb.size != (size, size):
-                rgb = ImageOps.fit(rgb, (size, size), PILImage.Resampling.BICUBIC, centering=(0.5, 0.5))
+            if size is not None:
+                rgb = fit_square(rgb, size)
             return np.asarray(rgb, dtype=np.uint8).copy()
 
     def _pair_rows(self, include_ties: bool, source: str | None) -> StoredPairs:
