@@ -194,6 +194,33 @@ def test_plan_command(model_dir, tmp_path):
     assert unknown.exit_code != 0 and "no trainer named 'ppo'" in unknown.output
 
 
+def test_plan_measures_kto_on_a_ratings_file(model_dir, tmp_path):
+    from PIL import Image
+
+    lines = []
+    for i in range(4):
+        Image.new("RGB", (16, 16), (40 * i, 200, 90)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"prompt": "a red circle", "image": f"{i}.png", "liked": i % 2 == 0}))
+    (tmp_path / "r.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    args = [
+        "plan",
+        "kto",
+        "--measure",
+        "--measure-steps",
+        "1,2",
+        "--model",
+        str(model_dir),
+        "--device",
+        "cpu",
+    ]
+    small = ["batch_size=2", "log_with=none", "checkpoint_every=0", "steps=10"]
+    result = CliRunner().invoke(app, [*args, "--ratings", str(tmp_path / "r.jsonl"), *small])
+    assert result.exit_code == 0, result.output
+    assert "measuring kto" in result.output
+    dpo = CliRunner().invoke(app, ["plan", "dpo", *args[2:], "--ratings", str(tmp_path / "r.jsonl"), *small])
+    assert dpo.exit_code != 0 and "rated images train kto only" in dpo.output
+
+
 def test_a_pipeline_run_is_measured_like_a_tiny_one(tmp_path):
     """`plan --measure` on a diffusers pipeline: the same trainer, its UNet's rows counted exactly."""
     from tests.models.tiny_pipelines import build_sd

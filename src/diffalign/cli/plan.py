@@ -45,12 +45,20 @@ def _config(method: str, config_file, overrides, model, reward, prompts, device)
     fail(f"plan: no trainer named {method!r}; choose one of {sorted(LENGTH_FIELDS)}")
 
 
-def _pairs(store: str | None, config):
+def _pairs(store: str | None, config, ratings: Path | None = None):
     from diffalign.models.registry import model_image_size
+    from diffalign.prefs.ratings import RatingsError, read_ratings
     from diffalign.prefs.store import PreferenceStore, StoreError
 
+    if ratings is not None:
+        if config.method != "kto" or store is not None:
+            fail("--ratings: rated images train kto only, in place of --store")
+        try:
+            return read_ratings(ratings, model_image_size(config.model, config.pipeline))
+        except RatingsError as err:
+            fail(f"--ratings: {err}")
     if store is None:
-        fail("plan: --measure of a DPO-family run needs --store (the pairs it trains on)")
+        fail("plan: --measure of a DPO-family run needs --store (the pairs it trains on; kto: or --ratings)")
     if "://" not in store and not Path(store).is_file():
         fail(f"--store {store}: no such preference store")
     size = model_image_size(config.model, config.pipeline)
@@ -101,6 +109,9 @@ def plan_cmd(
     config: ConfigOpt = None,
     store: Annotated[
         str | None, typer.Option(help="The preference store a DPO-family run trains on.")
+    ] = None,
+    ratings: Annotated[
+        Path | None, typer.Option(help="kto: a file of rated images it trains on instead of --store.")
     ] = None,
     measure: Annotated[bool, typer.Option(help="Time a few real steps of the run on this machine.")] = False,
     measure_steps: Annotated[str, typer.Option(help="The two measuring run lengths, short,long.")] = "1,3",
@@ -172,7 +183,7 @@ def plan_cmd(
                 cost = measure_online_dpo(cfg, device_name, short, long, few, more)
         elif measure:
             short, long = _two(measure_steps, "--measure-steps")
-            data = _pairs(store, cfg) if method in PAIR_METHODS else None
+            data = _pairs(store, cfg, ratings) if method in PAIR_METHODS else None
             console.print(f"measuring {method}: runs of {short} and {long} steps on this machine")
             cost = measure_step_cost(
                 method,

@@ -8,6 +8,7 @@ from pathlib import Path
 from diffalign.evaluate.costs import CostMeter
 from diffalign.planning.measure import LENGTH_FIELDS
 from diffalign.prefs.pairs import PreferencePairs
+from diffalign.prefs.ratings import ImageRatings
 
 PG_METHODS = ("ddpo", "dpok", "grpo")
 NFT_METHODS = ("nft",)
@@ -21,13 +22,13 @@ def run_length(method: str, config: object) -> int:
 
 
 def trainer_runner(
-    method: str, config: object, pairs: PreferencePairs | None = None
+    method: str, config: object, pairs: PreferencePairs | ImageRatings | None = None
 ) -> Callable[[Path, int, CostMeter], None]:
     """`run(run_dir, stop_after, meter)` for `measure_step_cost`: the real trainer with `config`,
     stopped after `stop_after` steps; reward-based trainers get their reward counted by `meter`."""
     if method in PAIR_METHODS:
         if pairs is None:
-            raise ValueError(f"plan: {method} needs preference pairs (--store)")
+            raise ValueError(f"plan: {method} needs preference pairs (--store) or, for kto, --ratings")
         from diffalign.align.dpo import train_dpo
 
         def run_pairs(run_dir: Path, stop_after: int, meter: CostMeter) -> None:
