@@ -136,6 +136,25 @@ def test_online_dpo_with_a_reward_labeller(tmp_path, eps_model_dir):
         )
 
 
+def test_online_dpo_trains_its_labellers_ties_with_soft_labels(tmp_path, eps_model_dir):
+    labeller = _reward_file(tmp_path)
+    train_online_dpo(online(eps_model_dir, rounds=1, labeller=labeller), tmp_path / "probe")
+    gaps = sorted(
+        abs(c.meta["rewards"][0] - c.meta["rewards"][1])
+        for c in PreferenceStore.open(tmp_path / "probe" / "prefs.db").comparisons()
+    )
+    margin = (gaps[2] + gaps[3]) / 2  # half the round's pairs become ties
+    lines = {}
+    for soft in (False, True):
+        run = tmp_path / f"soft-{soft}"
+        dpo = config(eps_model_dir, **ROUND, soft_labels=soft)
+        train_online_dpo(online(eps_model_dir, rounds=1, labeller=labeller, tie_margin=margin, dpo=dpo), run)
+        lines[soft] = rounds_lines(run)[0]
+    assert lines[False]["ties"] == lines[True]["ties"] == 3
+    assert lines[False]["train_pairs"] == 3 and lines[True]["train_pairs"] == 6
+    assert 0 < lines[True]["final"]["decisive_share"] < 1 and "decisive_share" not in lines[False]["final"]
+
+
 def test_reward_labelling_shares_make_the_whole_round_between_them(tmp_path, eps_model_dir):
     """A process's share of reward-labelled pairs (pair i on process i % N): two shares write the pairs
     one process writes, with the same rewards and choices (one pair a sampling call: the same pixels)."""
