@@ -55,11 +55,14 @@ def test_csv_ratings_with_quoted_fields_and_words_for_the_label(tmp_path):
     _image(tmp_path / "b.png", seed=1)
     path = tmp_path / "ratings.csv"
     path.write_text(
-        'image,prompt,liked\na.png,"a circle, red",Like\n\nb.png,"two\nlines",DOWN\n', encoding="utf-8"
+        'image,prompt,liked\na.png,"a circle, red",Like\n\nb.png,"two\nlines",DOWN\nb.png,c, 1.0 \n',
+        encoding="utf-8",
     )
     ratings = read_ratings(path, size=8)
-    assert ratings.prompts == ["a circle, red", "two\nlines"] and ratings.liked.tolist() == [True, False]
-    assert ratings.where == [f"{path} line 2", f"{path} line 4"] and ratings.images.shape[-1] == 8
+    assert ratings.prompts == ["a circle, red", "two\nlines", "c"]
+    assert ratings.liked.tolist() == [True, False, True]
+    assert ratings.where == [f"{path} line 2", f"{path} line 4", f"{path} line 6"]
+    assert ratings.images.shape[-1] == 8
 
 
 @pytest.mark.parametrize(
@@ -67,6 +70,8 @@ def test_csv_ratings_with_quoted_fields_and_words_for_the_label(tmp_path):
     [
         ('{"prompt": "a", "image": "a.png", "liked": "maybe"}\n', "line 1: 'liked' must be true or false"),
         ('{"prompt": "a", "image": "a.png", "liked": 2}\n', "'liked' must be true or false"),
+        ('{"prompt": "a", "image": "a.png", "liked": 0.5}\n', "'liked' must be true or false"),
+        ('{"prompt": "a", "image": "a.png", "liked": null}\n', "'liked' must be true or false"),
         ('\n{"prompt": "", "image": "a.png", "liked": true}\n', "line 2: 'prompt' must be non-empty"),
         ('{"prompt": "a", "image": "gone.png", "liked": true}\n', "gone.png is not a file"),
         ('{"prompt": "a", "image": "bad.png", "liked": true}\n', "bad.png is not an image PIL can read"),

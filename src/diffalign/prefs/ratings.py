@@ -10,16 +10,19 @@ such feedback from a file, one rated image a record, image paths relative to the
 
 * CSV (`.csv`) with a header holding the columns `prompt`, `image` and `liked`.
 
-`liked` is true or false; 1 and 0, and in CSV also `yes`/`no`, `like`/`dislike` and `up`/`down` (any
-case), are read the same. Every image is read as a viewer shows it (`diffalign.images.displayed_rgb`) and
-brought to the model's size as the preference store's images are (`fit_square`). The whole file is
-checked before anything trains: a record that cannot be used is an error naming the file and line (CSV:
-the line of the record's first field). The ratings are held in memory; the preference store holds
-comparisons, and its pairs become KTO's likes and dislikes the paper's way (`ImageRatings.from_pairs`).
+`liked` is true or false; 1 and 0 (1.0 and 0.0 too), and the words `yes`/`no`, `like`/`dislike` and
+`up`/`down` (any case), are read the same. Every image is read as a viewer shows it
+(`diffalign.images.displayed_rgb`) and brought to the model's size as the preference store's images are
+(`fit_square`). The whole file is checked before anything trains: a record that cannot be used is an
+error naming the file and line (CSV: the line of the record's first field). The ratings are held in
+memory as uint8 images (there is no streaming form, as there is for a store's pairs); the preference
+store holds comparisons, and its pairs become KTO's likes and dislikes the paper's way
+(`ImageRatings.from_pairs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -192,10 +195,14 @@ def _prompt(value: object, place: str) -> str:
 def _liked(value: object, place: str) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE | _FALSE:
+            return word in _TRUE
+        with contextlib.suppress(ValueError):  # "1.0" as a spreadsheet writes it
+            value = float(word)
+    if isinstance(value, int | float) and value in (0, 1):  # 1 and 1.0 alike
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
     raise RatingsError(f"{place}: 'liked' must be true or false (or 1/0), got {value!r}")
 
 
