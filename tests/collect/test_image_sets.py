@@ -106,7 +106,7 @@ def test_a_manifest_resolves_paths_against_its_folder_and_skips_copies(tmp_path)
             r"m\.jsonl line 1: 'prompt' must be non-empty",
         ),
         ("[1, 2]", r"m\.jsonl line 1: expected an object"),
-        ("{oops", r"m\.jsonl line 1: not JSON"),
+        ("{oops", r"m\.jsonl line 1: not valid JSON"),
         ('{"prompt": "x", "images": ["out/0.png"]}', "no prompt with two or more images"),
     ],
 )

@@ -64,7 +64,10 @@ def test_geneval_metadata_jsonl_reads_prompts_and_tags(tmp_path):
     out.write_text(to_jsonl(lines), encoding="utf-8")
     ours = read_prompt_set(out)
     assert ours.prompts == [m["prompt"] for m in lines] and "color_attr" in ours.categories
-    for body, message in [('{"prompt": "ok"}\n{"tag": "x"}\n', "line 2"), ("not json\n", "line 1: not JSON")]:
+    for body, message in [
+        ('{"prompt": "ok"}\n{"tag": "x"}\n', "line 2"),
+        ("not json\n", "line 1: not valid JSON"),
+    ]:
         path.write_text(body, encoding="utf-8")
         with pytest.raises(PromptSetError, match=message):
             read_prompt_set(path)

@@ -77,7 +77,7 @@ def test_csv_ratings_with_quoted_fields_and_words_for_the_label(tmp_path):
         ('{"prompt": "a", "image": "bad.png", "liked": true}\n', "bad.png is not an image PIL can read"),
         ('{"prompt": "a", "image": 3, "liked": true}\n', "'image' must be a file path"),
         ("[1, 2]\n", "expected an object"),
-        ("{not json\n", "line 1: not JSON"),
+        ("{not json\n", "line 1: not valid JSON"),
         ("\n\n", "no ratings"),
     ],
 )

@@ -33,6 +33,7 @@ from PIL import Image
 
 from diffalign.collect.queue import PairTask
 from diffalign.images import displayed_rgb
+from diffalign.jsonl import json_lines
 from diffalign.rewards.ensemble import RewardEnsemble
 
 _PROMPT_DIR = re.compile(r"\d+")
@@ -111,14 +112,7 @@ def _manifest_sets(path: Path) -> list[ImageSet]:
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: {err}") from err
     sets = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not JSON ({err.msg})") from err
+    for where, record in json_lines(lines, str(path)):
         if not isinstance(record, dict) or not isinstance(record.get("images"), list):
             raise ValueError(f"{where}: expected an object with 'prompt' and a list 'images'")
         paths = []

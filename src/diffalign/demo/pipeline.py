@@ -42,6 +42,7 @@ from diffalign.devices import resolve_device
 from diffalign.diffusion.sampling import SamplerConfig
 from diffalign.evaluate.costs import CostMeter
 from diffalign.evaluate.features import load_feature_net
+from diffalign.jsonl import json_lines
 from diffalign.models.registry import load_model
 from diffalign.prefs.simulate import simulate_preferences
 from diffalign.prefs.store import PreferenceStore
@@ -126,16 +127,10 @@ def curves_source(run_dir: Path) -> list[dict]:
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: cannot read the training log ({err})") from None
     records = []
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+    for where, record in json_lines(text.split("\n"), str(path)):
         step = record.get("step") if isinstance(record, dict) else None
         if isinstance(step, bool) or not isinstance(step, int | float):
-            raise ValueError(f"{path} line {number}: expected a metrics record with a numeric 'step'")
+            raise ValueError(f"{where}: expected a metrics record with a numeric 'step'")
         records.append(record)
     return records
 

@@ -23,6 +23,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffalign.jsonl import json_lines
+
 HPSV2_STYLES: tuple[str, ...] = ("anime", "concept-art", "paintings", "photo")
 KINDS: tuple[str, ...] = ("parti", "drawbench", "hpsv2", "geneval", "text")
 
@@ -144,18 +146,10 @@ def read_geneval_metadata(path: str | Path) -> PromptSet:
     except (OSError, UnicodeDecodeError) as err:
         raise PromptSetError(f"{path}: cannot read ({err})") from err
     prompts, tags = [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PromptSetError(f"{path}, line {number}: not JSON ({err})") from err
+    for where, record in json_lines(lines, str(path), PromptSetError):
         prompt = record.get("prompt") if isinstance(record, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
-            raise PromptSetError(
-                f"{path}, line {number}: expected an object with a non-empty 'prompt' string"
-            )
+            raise PromptSetError(f"{where}: expected an object with a non-empty 'prompt' string")
         prompts.append(prompt.strip())
         tags.append(str(record.get("tag", "") or ""))
     if not prompts:

@@ -26,7 +26,6 @@ import contextlib
 import csv
 import hashlib
 import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from PIL import Image
 from torch import Tensor
 
 from diffalign.images import displayed_rgb, fit_square
+from diffalign.jsonl import json_lines
 from diffalign.prefs.pairs import PreferencePairs
 
 COLUMNS = ("prompt", "image", "liked")
@@ -149,14 +149,7 @@ def read_ratings(path: str | Path, size: int) -> ImageRatings:
 
 
 def _jsonl_records(text: str, path: Path) -> Iterator[tuple[str, dict]]:
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        place = f"{path} line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RatingsError(f"{place}: not JSON ({err.msg})") from err
+    for place, record in json_lines(text.split("\n"), str(path), RatingsError):
         if not isinstance(record, dict):
             raise RatingsError(f"{place}: expected an object with {', '.join(COLUMNS)}")
         yield place, record

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import re
 from collections.abc import Iterable
 from typing import Any
 
+from diffalign.jsonl import json_lines
 from diffalign.world.palette import (
     CATEGORIES,
     COLORS,
@@ -259,17 +259,7 @@ def read_metadata_jsonl(lines: Iterable[str], source: str = "<input>") -> list[M
     order mark before the first line is skipped; blank lines are skipped.
     """
     out = []
-    for number, line in enumerate(lines, start=1):
-        if number == 1:
-            line = line.removeprefix("\ufeff")
-        if not line.strip():
-            continue
-        where = f"{source} line {number}"
-        try:
-            meta = json.loads(line)
-        except json.JSONDecodeError as err:
-            hint = "; JSON lines hold one object per line, not an array" if line.lstrip()[:1] == "[" else ""
-            raise GrammarError(f"{where}: not valid JSON ({err.msg}){hint}") from None
+    for where, meta in json_lines(lines, source, GrammarError):
         if isinstance(meta, list):
             raise GrammarError(
                 f"{where}: a JSON array; the file must be JSON lines, one metadata object per line"
