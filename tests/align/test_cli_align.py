@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -131,11 +132,17 @@ def test_kto_from_a_ratings_file(tmp_path, eps_model_dir):
     assert result.exit_code == 0, result.output
     assert "3 liked and 4 disliked images" in result.output and "= 0.75" in result.output
     assert load_model(str(out)).prediction_type == "epsilon"
-    store = _store(tmp_path / "prefs.db")
-    both = invoke(*args, "--ratings", ratings, "--store", store)
-    assert both.exit_code == 2 and "exactly one source of feedback" in both.output
+    store = _store(tmp_path / "prefs.db")  # 8 pairs: 8 liked and 8 disliked images
+    both = invoke(*args[:2], tmp_path / "both", *args[3:], "--ratings", ratings, "--store", store)
+    assert both.exit_code == 0, both.output
+    assert "kto: 23 images in all, 11 liked" in both.output
+    record = json.loads((tmp_path / "both" / "config.json").read_text())
+    assert record["data"]["store"] == str(store) and record["data"]["ratings"] == str(ratings)
+    assert (record["data"]["liked"], record["data"]["disliked"]) == (11, 12)
     neither = invoke(*args)
-    assert neither.exit_code == 2 and "exactly one source of feedback" in neither.output
+    assert neither.exit_code == 2 and "give a source of feedback" in neither.output
+    streamed = invoke(*args, "--ratings", ratings, "--stream")
+    assert streamed.exit_code == 2 and "--stream" in streamed.output
     ratings.write_text(
         lines[0] + '\n{"prompt": "a circle", "image": "0a.png", "liked": "sure"}\n', encoding="utf-8"
     )

@@ -118,5 +118,10 @@ def test_pairs_become_likes_and_dislikes_as_kto_trains_on_them():
     from_pairs = training_data(pairs, "kto")
     assert len(ratings) == 8 and ratings.counts == (4, 4)
     assert torch.equal(ratings.images, from_pairs.images) and torch.equal(ratings.liked, from_pairs.liked)
+    both = ImageRatings.concat([ratings, ratings])
+    assert len(both) == 16 and both.counts == (8, 8) and both.prompts[8:] == ratings.prompts
+    small = ImageRatings(["a"], torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.ones(1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="different sizes"):
+        ImageRatings.concat([ratings, small])
     with pytest.raises(ValueError, match="3 prompts but 2 images"):
         ImageRatings(["a"] * 3, torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.ones(3, dtype=torch.bool))

@@ -90,10 +90,17 @@ def _run(
         size = model_image_size(config.model, config.pipeline)
     except (FileNotFoundError, UnsupportedModelError, ValueError) as err:
         fail(str(err))
-    if ratings is not None:
-        pairs, data_spec = _read_ratings(ratings, size, config), {"ratings": str(ratings)}
-    else:
+    data_spec: dict = {}
+    if store is not None:
         pairs, data_spec = _read_store(method, store, size, config, out, source, stream)
+    if ratings is not None:
+        rated = _read_ratings(ratings, size, config)
+        if store is not None:  # KTO on both: the store's pairs taken apart, then the rated images
+            from diffalign.prefs.ratings import ImageRatings
+
+            rated = ImageRatings.concat([ImageRatings.from_pairs(pairs), rated])
+            console.print(f"kto: {len(rated)} images in all, {rated.counts[0]} liked")
+        pairs, data_spec = rated, {**data_spec, "ratings": str(ratings)}
     try:
         with measured(out, config.runtime.device), discard_unstarted_run(out):
             train_dpo(
@@ -318,8 +325,8 @@ def kto_cmd(
     ratings: Annotated[
         Path | None,
         typer.Option(
-            help="Unpaired feedback instead of a store: a .jsonl or .csv file of rated images (prompt, "
-            "image, liked)."
+            help="Unpaired feedback, beside or instead of --store: a .jsonl or .csv file of rated images "
+            "(prompt, image, liked)."
         ),
     ] = None,
     overrides: OverridesArg = None,
@@ -331,12 +338,14 @@ def kto_cmd(
     source: SourceOpt = None,
     stream: StreamOpt = False,
 ) -> None:
-    """Diffusion-KTO (Li et al. 2024): single images liked or disliked, from --ratings (unpaired
-    feedback), or the store's winners as liked and losers as disliked."""
-    if (store is None) == (ratings is None):
-        fail("give exactly one source of feedback: --store PREFS (pairs) or --ratings FILE (rated images)")
-    if ratings is not None and (source is not None or stream):
-        fail("--source and --stream read a preference store; --ratings files are read whole")
+    """Diffusion-KTO (Li et al. 2024): single images liked or disliked: the store's winners as liked and
+    losers as disliked, the images of --ratings (unpaired feedback) as rated, or both together."""
+    if store is None and ratings is None:
+        fail("give a source of feedback: --store PREFS (pairs), --ratings FILE (rated images), or both")
+    if ratings is not None and stream:
+        fail("--stream reads a store's images as batches need them; with --ratings every image is held")
+    if store is None and source is not None:
+        fail("--source selects a store's comparisons: it needs --store")
     _run("kto", store, out, model, config, overrides, resume, device, source, stream, extend, ratings)
 
 

@@ -107,6 +107,19 @@ class ImageRatings:
             [f"comparison {k}" if k else "" for k in kept.keys] * 2,
         )
 
+    @classmethod
+    def concat(cls, parts: list[ImageRatings]) -> ImageRatings:
+        """The ratings of every part, in order (images of one size)."""
+        sizes = {tuple(part.images.shape[1:]) for part in parts}
+        if len(sizes) > 1:
+            raise ValueError(f"ImageRatings.concat: images of different sizes {sorted(sizes)}")
+        return cls(
+            [p for part in parts for p in part.prompts],
+            torch.cat([part.images for part in parts]),
+            torch.cat([part.liked for part in parts]),
+            [w for part in parts for w in part.where],
+        )
+
     def fingerprint(self) -> str:
         """sha256 of the prompts, pixels and labels (a resumed run refuses other ratings)."""
         digest = hashlib.sha256(b"ratings\n")
