@@ -34,6 +34,7 @@ from PIL import Image
 from diffalign.collect.queue import PairTask
 from diffalign.images import displayed_rgb
 from diffalign.jsonl import json_lines
+from diffalign.prefs.records import prompt_text
 from diffalign.rewards.ensemble import RewardEnsemble
 
 _PROMPT_DIR = re.compile(r"\d+")
@@ -71,14 +72,6 @@ def read_image_sets(source: str | Path) -> list[ImageSet]:
     return usable
 
 
-def _prompt_text(value: object, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: 'prompt' must be non-empty text, got {value!r}")
-    if "\x00" in value:
-        raise ValueError(f"{where}: the prompt has a NUL character")
-    return value.strip()
-
-
 def _folder_sets(root: Path) -> list[ImageSet]:
     sets = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and _PROMPT_DIR.fullmatch(p.name)):
@@ -98,7 +91,7 @@ def _folder_sets(root: Path) -> list[ImageSet]:
             if samples.is_dir()
             else []
         )
-        sets.append(ImageSet(_prompt_text(record.get("prompt"), str(meta_path)), paths, str(sub)))
+        sets.append(ImageSet(prompt_text(record.get("prompt"), str(meta_path)), paths, str(sub)))
     if not sets:
         raise ValueError(
             f"{root}: no prompt folders (expected DIR/00000/metadata.jsonl and DIR/00000/samples/)"
@@ -123,7 +116,7 @@ def _manifest_sets(path: Path) -> list[ImageSet]:
             if not file.is_file():
                 raise ValueError(f"{where}: images[{k}] {file} is not a file")
             paths.append(file)
-        sets.append(ImageSet(_prompt_text(record.get("prompt"), where), paths, where))
+        sets.append(ImageSet(prompt_text(record.get("prompt"), where), paths, where))
     return sets
 
 

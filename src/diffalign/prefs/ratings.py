@@ -38,6 +38,7 @@ from torch import Tensor
 from diffalign.images import displayed_rgb, fit_square
 from diffalign.jsonl import json_lines
 from diffalign.prefs.pairs import PreferencePairs
+from diffalign.prefs.records import prompt_text
 
 COLUMNS = ("prompt", "image", "liked")
 _TRUE = {"true", "1", "yes", "like", "liked", "up"}
@@ -151,7 +152,7 @@ def read_ratings(path: str | Path, size: int) -> ImageRatings:
     records = _jsonl_records(text, path) if suffix == ".jsonl" else _csv_records(text, path)
     prompts, images, liked, where = [], [], [], []
     for place, record in records:
-        prompts.append(_prompt(record.get("prompt"), place))
+        prompts.append(prompt_text(record.get("prompt"), place, RatingsError))
         images.append(_image(record.get("image"), path.parent, size, place))
         liked.append(_liked(record.get("liked"), place))
         where.append(place)
@@ -188,14 +189,6 @@ def _csv_records(text: str, path: Path) -> Iterator[tuple[str, dict]]:
             yield place, dict(zip(header, row, strict=True))
     except csv.Error as err:
         raise RatingsError(f"{path} line {reader.line_num}: {err}") from err
-
-
-def _prompt(value: object, place: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise RatingsError(f"{place}: 'prompt' must be non-empty text, got {value!r}")
-    if "\x00" in value:
-        raise RatingsError(f"{place}: the prompt has a NUL character")
-    return value.strip()
 
 
 def _liked(value: object, place: str) -> bool:

@@ -18,6 +18,16 @@ CHOICE_SKIP = "skip"
 CHOICES = (CHOICE_IMAGE, CHOICE_TIE, CHOICE_SKIP)
 
 
+def prompt_text(value: object, where: str, error: type[ValueError] = ValueError) -> str:
+    """A prompt read from a file, stripped: non-empty text without a NUL character (PostgreSQL's text
+    cannot hold one; a NUL in a prompt is a damaged file), else `error` naming `where`."""
+    if not isinstance(value, str) or not value.strip():
+        raise error(f"{where}: 'prompt' must be non-empty text, got {value!r}")
+    if "\x00" in value:
+        raise error(f"{where}: the prompt has a NUL character")
+    return value.strip()
+
+
 @dataclass
 class NewComparison:
     """One comparison to write: a prompt, two or more encoded images, and what the rater chose.
