@@ -94,7 +94,7 @@ def _run(
     if store is not None:
         pairs, data_spec = _read_store(method, store, size, config, out, source, stream)
     if ratings is not None:
-        rated = _read_ratings(ratings, size, config)
+        rated = _read_ratings(ratings, size, config, out)
         if store is not None:  # KTO on both: the store's pairs taken apart, then the rated images
             from diffalign.prefs.ratings import ImageRatings
 
@@ -121,7 +121,7 @@ def _run(
     report_run_end(out)
 
 
-def _read_ratings(path: Path, size: int, config):
+def _read_ratings(path: Path, size: int, config, out: Path):
     """Unpaired like/dislike feedback for KTO (`diffalign.prefs.ratings`), with its balance printed."""
     from diffalign.prefs.ratings import RatingsError, read_ratings
 
@@ -135,7 +135,7 @@ def _read_ratings(path: Path, size: int, config):
     console.print(
         f"kto: {liked} liked and {disliked} disliked images from {path}; lambda_D n_D / lambda_U n_U = "
         f"{balance:.2f} (KTO's authors advise 1 to 4/3: set kto_lambda_desirable / kto_lambda_undesirable "
-        "to bring it there)"
+        f"to bring it there); run folder {out}"
     )
     return ratings
 

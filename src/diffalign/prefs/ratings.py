@@ -151,10 +151,10 @@ def read_ratings(path: str | Path, size: int) -> ImageRatings:
         raise RatingsError(f"{path}: {err}") from err
     records = _jsonl_records(text, path) if suffix == ".jsonl" else _csv_records(text, path)
     prompts, images, liked, where = [], [], [], []
-    for place, record in records:
+    for place, record in records:  # the cheap fields first, the image last
         prompts.append(prompt_text(record.get("prompt"), place, RatingsError))
-        images.append(_image(record.get("image"), path.parent, size, place))
         liked.append(_liked(record.get("liked"), place))
+        images.append(_image(record.get("image"), path.parent, size, place))
         where.append(place)
     if not prompts:
         raise RatingsError(f"{path}: no ratings (expected records with {', '.join(COLUMNS)})")
