@@ -82,12 +82,27 @@ def test_training_data_from_references_matches_memory_and_fingerprints_by_hash(t
     assert training_data(refs).fingerprint != training_data(store.pair_references(size=8)).fingerprint
 
 
-@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_soft_labels_from_references_match_memory(tmp_path):
+    store = _store(tmp_path / "p.db")
+    refs, in_memory = store.pair_references(size=CANVAS), store.pairs(size=CANVAS)
+    lazy = training_data(refs, soft_labels=True, label_smoothing=0.1)
+    eager = training_data(in_memory, soft_labels=True, label_smoothing=0.1)
+    assert len(lazy) == len(eager) == 10 and lazy.ties_kept == eager.ties_kept == 2
+    assert torch.equal(lazy.labels, eager.labels) and sorted(set(lazy.labels.tolist())) == pytest.approx(
+        [0.5, 0.9]
+    )
+    assert torch.equal(lazy.images[torch.arange(10)], eager.images)
+    assert torch.equal(lazy.others[torch.arange(10)], eager.others)
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto", "dpo-soft"])
 def test_streamed_training_equals_in_memory_training_and_reads_only_the_batches(
     tmp_path, eps_model_dir, method
 ):
     store = _store(tmp_path / "p.db")
-    cfg = config(eps_model_dir, method=method, steps=3, batch_size=4)
+    soft = {"soft_labels": True} if method == "dpo-soft" else {}
+    method = method.removesuffix("-soft")
+    cfg = config(eps_model_dir, method=method, steps=3, batch_size=4, **soft)
     eager = train_dpo(cfg, store.pairs(size=CANVAS), tmp_path / "eager")
     refs = store.pair_references(size=CANVAS)
     counting = CountingReads(store)
